@@ -1,0 +1,72 @@
+"""Scaled dot-product attention, with the fastest kernel the platform has.
+
+- GPU, bf16/fp16, head_dim a multiple of 8 and <= 128: cuDNN flash attention through
+  `jax.nn.dot_product_attention(implementation="cudnn")`.
+- Everywhere else (CPU, TPU, fp32 on GPU): an XLA einsum path with the numerics of transformers'
+  eager attention: logits accumulated in fp32, softmax in fp32, probabilities cast back to the
+  value dtype. GQA is computed by grouping query heads, never by copying K/V.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+@functools.lru_cache(maxsize=None)
+def _backend() -> str:
+  return jax.default_backend()
+
+
+def resolve(impl: str, dtype, head_dim: int) -> str:
+  """Turns 'auto' into the kernel this platform, dtype and shape can use."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {impl!r} is not one of {IMPLEMENTATIONS}")
+  cudnn_ok = (_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+              and head_dim % 8 == 0 and head_dim <= 128)
+  if impl == "cudnn" and not cudnn_ok:
+    raise ValueError(f"cuDNN attention needs a GPU, bf16/fp16 and head_dim % 8 == 0 <= 128 "
+                     f"(backend={_backend()}, dtype={jnp.dtype(dtype).name}, head_dim={head_dim}); use 'auto'")
+  if impl == "auto":
+    return "cudnn" if cudnn_ok else "xla"
+  return impl
+
+
+def _xla_attention(q, k, v, mask, is_causal, scale):
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  G = N // K
+  qg = q.reshape(B, T, K, G, H)
+  logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  allowed = None
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    # [B|1, N|1, T, S] -> [B|1, K|1, G|1, T, S] to line up with the grouped logits.
+    allowed = mask.reshape(mask.shape[0], K, G, *mask.shape[2:]) if mask.shape[1] == N else mask[:, :, None]
+  if is_causal:
+    causal = jnp.tril(jnp.ones((T, S), bool), k=S - T)[None, None, None]
+    allowed = causal if allowed is None else jnp.logical_and(allowed, causal)
+  if allowed is not None:
+    # A finite minimum (not -inf) keeps fully-masked rows (padding) finite, as transformers does.
+    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(B, T, N, H).astype(q.dtype)
+
+
+def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, impl: str = "auto",
+                          scale: float | None = None):
+  """q [B, T, N, H]; k, v [B, S, K, H] with N % K == 0; mask bool, broadcastable to [B, N, T, S].
+
+  `is_causal` aligns the last query with the last key (T <= S), as a KV-cache append needs.
+  """
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  kind = resolve(impl, q.dtype, q.shape[-1])
+  if kind == "cudnn" and not (is_causal and q.shape[1] != k.shape[1]):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale,
+                                        implementation="cudnn")
+  return _xla_attention(q, k, v, mask, is_causal, scale)

@@ -1,0 +1,296 @@
+"""Qwen2.5-VL in Flax (Linen): vision tower, patch merger, Qwen2 decoder, M-RoPE.
+
+Numerics follow transformers' `modeling_qwen2_5_vl.py` (the reference for every number); the
+layout follows what jit and a mesh want:
+- the vision tower runs images as a batch [images, patches, dim], each padded to a bucket size,
+  and replaces transformers' window permutation by segment masks (frame / window id), so every
+  shape is static and nothing is permuted back;
+- layers are stacked with `nn.scan` (one compiled layer, leading 'layers' axis on every weight);
+- every parameter carries logical axis names (dcsft_jax.mesh holds the rules);
+- position ids (3-axis M-RoPE) and the vision layout are computed on the host (models/rope.py).
+
+Inputs of `Qwen25VL.__call__`:
+  input_ids [B, L] int32; positions [3, B, L] int32;
+  images: None or {'pixel_values' [I, P, C*T*p*p], 'pos_hw' [I, P, 2], 'frame_seg' [I, P],
+          'window_seg' [I, P]} (rope.vision_layout); the valid merged tokens of all images, in
+          order, fill the <|image_pad|> positions in row-major order, as transformers' masked_scatter;
+  attention_mask [B, L] (optional; right padding needs none under the causal mask).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dcsft_jax.models import attention as attn_lib
+from dcsft_jax.models import rope
+from dcsft_jax.models.config import Qwen25VLConfig, TextConfig, VisionConfig
+
+Dtype = Any
+
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VISION_LORA_TARGETS = ("qkv", "proj", "gate_proj", "up_proj", "down_proj")
+MERGER_LORA_TARGETS = ("mlp_0", "mlp_2")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """Low-rank adapters on the linear layers (ms-swift's all-linear with r32/alpha64 by default)."""
+  rank: int = 32
+  alpha: float = 64.0
+  dropout: float = 0.05
+  language: bool = True   # the decoder's attention and MLP projections
+  vision: bool = False    # the ViT blocks' qkv/proj/MLP
+  merger: bool = False    # the aligner (patch merger MLP)
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+  dtype: Dtype = jnp.float32          # compute dtype
+  param_dtype: Dtype = jnp.float32    # master weights
+  attention: str = "auto"             # auto | xla | cudnn (models/attention.py)
+  remat: bool = False                 # recompute each layer in the backward pass
+  lora: LoraSpec | None = None
+  deterministic: bool = True          # False enables LoRA dropout (needs a 'dropout' rng)
+
+
+def _init(scale=0.02):
+  return nn.initializers.normal(stddev=scale)
+
+
+class RMSNorm(nn.Module):
+  """w * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(in_dtype): the cast comes before the scale."""
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * y.astype(x.dtype)
+
+
+class Linear(nn.Module):
+  """y = x @ W (+ b) (+ dropout(x) @ A @ B * alpha/r). Kernels are [in, out] (HF weight transposed)."""
+  features: int
+  axes: tuple[str, str]
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  lora: LoraSpec | None = None
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.with_logical_partitioning(_init(), self.axes),
+                        (x.shape[-1], self.features), self.param_dtype)
+    x = x.astype(self.dtype)
+    y = jnp.dot(x, kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+                        (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    if self.lora is not None:
+      r = self.lora.rank
+      a = self.param("lora_a", nn.with_logical_partitioning(
+          nn.initializers.variance_scaling(1.0, "fan_in", "uniform"), (self.axes[0], "lora_rank")),
+          (x.shape[-1], r), self.param_dtype)
+      b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", self.axes[1])),
+                     (r, self.features), self.param_dtype)
+      h = nn.Dropout(self.lora.dropout, deterministic=self.deterministic)(x)
+      y = y + jnp.dot(jnp.dot(h, a.astype(self.dtype)), b.astype(self.dtype)) * jnp.asarray(self.lora.scale, self.dtype)
+    return y
+
+
+def _constrain(x, names):
+  return nn.with_logical_constraint(x, names)
+
+
+# ------------------------------------------------------------------------------------- vision
+class VisionBlock(nn.Module):
+  cfg: VisionConfig
+  opts: ModelOptions
+
+  @nn.compact
+  def __call__(self, x, is_full, cos, sin, mask_full, mask_window):
+    c, o = self.cfg, self.opts
+    lora = o.lora if (o.lora is not None and o.lora.vision) else None
+    lin = lambda n, f, axes: Linear(f, axes, use_bias=True, dtype=o.dtype, param_dtype=o.param_dtype,
+                                    lora=lora, deterministic=o.deterministic, name=n)
+    I, P, D = x.shape
+    H, hd = c.num_heads, c.head_dim
+    h = RMSNorm(1e-6, o.dtype, o.param_dtype, name="norm1")(x)
+    qkv = lin("qkv", 3 * D, ("embed", "heads"))(h).reshape(I, P, 3, H, hd)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # Vision RoPE is applied in fp32 and cast back (transformers' apply_rotary_pos_emb_vision).
+    q = rope.apply_rope(q.astype(jnp.float32), cos, sin).astype(o.dtype)
+    k = rope.apply_rope(k.astype(jnp.float32), cos, sin).astype(o.dtype)
+    mask = jnp.where(is_full, mask_full, mask_window)
+    a = attn_lib.dot_product_attention(q, k, v, mask=mask, impl=o.attention)
+    x = x + lin("proj", D, ("heads", "embed"))(a.reshape(I, P, D))
+    h = RMSNorm(1e-6, o.dtype, o.param_dtype, name="norm2")(x)
+    g = lin("gate_proj", c.intermediate_size, ("embed", "mlp"))(h)
+    u = lin("up_proj", c.intermediate_size, ("embed", "mlp"))(h)
+    x = x + lin("down_proj", D, ("mlp", "embed"))(nn.silu(g) * u)
+    return _constrain(x, ("activation_batch", "activation_length", "activation_embed")), None
+
+
+class VisionTower(nn.Module):
+  cfg: VisionConfig
+  opts: ModelOptions
+
+  @nn.compact
+  def __call__(self, pixel_values, pos_hw, frame_seg, window_seg):
+    """-> merged tokens [I, P/4, out_hidden_size] and their validity [I, P/4]."""
+    c, o = self.cfg, self.opts
+    I, P, _ = pixel_values.shape
+    # Conv3d with kernel == stride is a matmul over the flattened (C, T, p, p) patch.
+    x = Linear(c.hidden_size, ("patch", "embed"), dtype=o.dtype, param_dtype=o.param_dtype,
+               name="patch_embed")(pixel_values)
+    cos, sin = rope.vision_cos_sin(pos_hw, c.head_dim, c.rope_theta)
+    same = lambda s: (s[:, :, None] == s[:, None, :])[:, None]       # [I, 1, P, P]
+    mask_full, mask_window = same(frame_seg), same(window_seg)
+    is_full = jnp.asarray(np.isin(np.arange(c.depth), np.asarray(c.fullatt_block_indexes)))
+    block = nn.remat(VisionBlock, prevent_cse=False) if o.remat else VisionBlock
+    blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                     length=c.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = blocks(c, o, name="blocks")(x, is_full, cos, sin, mask_full, mask_window)
+    x = RMSNorm(1e-6, o.dtype, o.param_dtype, name="ln_q")(x)
+    x = x.reshape(I, P // c.merge_unit, c.merge_unit * c.hidden_size)
+    lora = o.lora if (o.lora is not None and o.lora.merger) else None
+    kw = dict(use_bias=True, dtype=o.dtype, param_dtype=o.param_dtype, lora=lora, deterministic=o.deterministic)
+    x = Linear(c.merge_unit * c.hidden_size, ("mlp", "embed"), name="mlp_0", **kw)(x)
+    x = nn.gelu(x, approximate=False)
+    x = Linear(c.out_hidden_size, ("embed", "mlp"), name="mlp_2", **kw)(x)
+    valid = frame_seg[:, ::c.merge_unit] >= 0
+    return x, valid
+
+
+# ------------------------------------------------------------------------------------- text
+class DecoderLayer(nn.Module):
+  cfg: TextConfig
+  opts: ModelOptions
+
+  @nn.compact
+  def __call__(self, h, cache, cos, sin, mask, cache_index):
+    """h [B, L, D]; cache None or {'k','v'} [B, S, KV, hd] for this layer, written at cache_index."""
+    c, o = self.cfg, self.opts
+    lora = o.lora if (o.lora is not None and o.lora.language) else None
+    lin = lambda n, f, axes, bias: Linear(f, axes, use_bias=bias, dtype=o.dtype, param_dtype=o.param_dtype,
+                                          lora=lora, deterministic=o.deterministic, name=n)
+    B, L, D = h.shape
+    N, K, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    x = RMSNorm(c.rms_norm_eps, o.dtype, o.param_dtype, name="input_layernorm")(h)
+    q = lin("q_proj", N * hd, ("embed", "heads"), True)(x).reshape(B, L, N, hd)
+    k = lin("k_proj", K * hd, ("embed", "kv_heads"), True)(x).reshape(B, L, K, hd)
+    v = lin("v_proj", K * hd, ("embed", "kv_heads"), True)(x).reshape(B, L, K, hd)
+    q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+    new_cache = None
+    if cache is None:
+      a = attn_lib.dot_product_attention(q, k, v, mask=mask, is_causal=True, impl=o.attention)
+    else:
+      ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+      cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+      new_cache = {"k": ck, "v": cv}
+      # The caller's mask says which cache slots each query may see (causality included).
+      a = attn_lib.dot_product_attention(q, ck.astype(o.dtype), cv.astype(o.dtype), mask=mask, impl=o.attention)
+    h = h + lin("o_proj", D, ("heads", "embed"), False)(a.reshape(B, L, N * hd))
+    x = RMSNorm(c.rms_norm_eps, o.dtype, o.param_dtype, name="post_attention_layernorm")(h)
+    g = lin("gate_proj", c.intermediate_size, ("embed", "mlp"), False)(x)
+    u = lin("up_proj", c.intermediate_size, ("embed", "mlp"), False)(x)
+    g = _constrain(g, ("activation_batch", "activation_length", "activation_mlp"))
+    h = h + lin("down_proj", D, ("mlp", "embed"), False)(nn.silu(g) * u)
+    return _constrain(h, ("activation_batch", "activation_length", "activation_embed")), new_cache
+
+
+class Qwen25VL(nn.Module):
+  cfg: Qwen25VLConfig
+  opts: ModelOptions = ModelOptions()
+
+  def setup(self):
+    c, o, t = self.cfg, self.opts, self.cfg.text
+    self.visual = VisionTower(c.vision, o)
+    self.embed_tokens = nn.Embed(t.vocab_size, t.hidden_size, dtype=o.dtype, param_dtype=o.param_dtype,
+                                 embedding_init=nn.with_logical_partitioning(_init(), ("vocab", "embed")))
+    layer = nn.remat(DecoderLayer, prevent_cse=False) if o.remat else DecoderLayer
+    self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                          length=t.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})(t, o)
+    self.norm = RMSNorm(t.rms_norm_eps, o.dtype, o.param_dtype)
+    if not c.tie_word_embeddings:
+      self.lm_head = Linear(t.vocab_size, ("embed", "vocab"), dtype=o.dtype, param_dtype=o.param_dtype)
+
+  def encode_images(self, images):
+    return self.visual(images["pixel_values"], images["pos_hw"], images["frame_seg"], images["window_seg"])
+
+  def embed(self, input_ids, images=None):
+    """Token embeddings with the image features scattered into the <|image_pad|> positions."""
+    h = self.embed_tokens(input_ids)
+    if images is None:
+      return h
+    feats, valid = self.encode_images(images)
+    B, L, D = h.shape
+    feats = feats.reshape(-1, D).astype(h.dtype)
+    order = jnp.argsort(jnp.logical_not(valid.reshape(-1)), stable=True)   # valid rows first, in order
+    is_img = (input_ids == self.cfg.image_token_id).reshape(-1)
+    k = jnp.clip(jnp.cumsum(is_img) - 1, 0, feats.shape[0] - 1)
+    h = jnp.where(is_img[:, None], feats[order[k]], h.reshape(-1, D)).reshape(B, L, D)
+    return h
+
+  def decode(self, h, positions, *, mask=None, cache=None, cache_index=0):
+    """Runs the decoder stack on embeddings h [B, L, D] -> (final hidden [B, L, D], new cache)."""
+    t = self.cfg.text
+    h = _constrain(h, ("activation_batch", "activation_length", "activation_embed"))
+    cos, sin = rope.mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section, self.opts.dtype)
+    h, new_cache = self.layers(h, cache, cos, sin, mask, cache_index)
+    return self.norm(h), new_cache
+
+  def logits(self, h):
+    if self.cfg.tie_word_embeddings:
+      return self.embed_tokens.attend(h)
+    return self.lm_head(h)
+
+  def __call__(self, input_ids, positions, images=None, attention_mask=None, return_hidden=False):
+    h = self.embed(input_ids, images)
+    mask = None
+    if attention_mask is not None:
+      mask = attention_mask.astype(bool)[:, None, None, :]   # keys; causality is added inside
+    h, _ = self.decode(h, positions, mask=mask)
+    return h if return_hidden else self.logits(h)
+
+
+# ------------------------------------------------------------------------------------- helpers
+def init_params(cfg: Qwen25VLConfig, opts: ModelOptions = ModelOptions(), rng=None, *, abstract: bool = False):
+  """Random (or, with abstract=True, shape-only) parameters; leaves are nn.LogicallyPartitioned."""
+  model = Qwen25VL(cfg, opts)
+  ids = jnp.zeros((1, 8), jnp.int32)
+  pos = jnp.zeros((3, 1, 8), jnp.int32)
+  vc = cfg.vision
+  P = vc.merge_unit * max(1, vc.window_merged) ** 2
+  images = {"pixel_values": jnp.zeros((1, P, vc.patch_dim), opts.dtype),
+            "pos_hw": jnp.zeros((1, P, 2), jnp.int32),
+            "frame_seg": jnp.zeros((1, P), jnp.int32), "window_seg": jnp.zeros((1, P), jnp.int32)}
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  fn = lambda r: model.init({"params": r}, ids, pos, images)["params"]
+  return jax.eval_shape(fn, rng) if abstract else fn(rng)
+
+
+def unbox(tree):
+  """Drops the logical-partitioning boxes, leaving plain arrays."""
+  return nn.meta.unbox(tree)
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(unbox(params))))
