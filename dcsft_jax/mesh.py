@@ -5,6 +5,7 @@ those names onto mesh axes, so changing the parallelism is a config change, neve
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any, Sequence
@@ -116,6 +117,10 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
   return NamedSharding(mesh, P(*spec))
 
 
-def axis_rules():
-  """Context manager that activates the rules for `nn.with_logical_constraint` while tracing."""
-  return nn.logical_axis_rules(LOGICAL_AXIS_RULES)
+@contextlib.contextmanager
+def use(mesh: Mesh):
+  """Makes `mesh` current and activates the rules, so `nn.with_logical_constraint` in model code
+  becomes a real sharding constraint while tracing (and stays a no-op without a mesh)."""
+  setter = getattr(jax, "set_mesh", None) or getattr(jax.sharding, "use_mesh")
+  with setter(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    yield mesh

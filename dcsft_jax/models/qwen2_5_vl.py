@@ -272,8 +272,11 @@ class Qwen25VL(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- helpers
-def init_params(cfg: Qwen25VLConfig, opts: ModelOptions = ModelOptions(), rng=None, *, abstract: bool = False):
-  """Random (or, with abstract=True, shape-only) parameters; leaves are nn.LogicallyPartitioned."""
+def init_params(cfg: Qwen25VLConfig, opts: ModelOptions = ModelOptions(), rng=None, *, abstract: bool = False,
+                mesh=None):
+  """Random (or, with abstract=True, shape-only) parameters; leaves are nn.LogicallyPartitioned.
+
+  With a mesh, the random parameters are created already sharded (and unboxed)."""
   model = Qwen25VL(cfg, opts)
   ids = jnp.zeros((1, 8), jnp.int32)
   pos = jnp.zeros((3, 1, 8), jnp.int32)
@@ -284,12 +287,19 @@ def init_params(cfg: Qwen25VLConfig, opts: ModelOptions = ModelOptions(), rng=No
             "frame_seg": jnp.zeros((1, P), jnp.int32), "window_seg": jnp.zeros((1, P), jnp.int32)}
   rng = jax.random.PRNGKey(0) if rng is None else rng
   fn = lambda r: model.init({"params": r}, ids, pos, images)["params"]
-  return jax.eval_shape(fn, rng) if abstract else fn(rng)
+  if abstract:
+    return jax.eval_shape(fn, rng)
+  if mesh is None:
+    return fn(rng)
+  from dcsft_jax import mesh as mesh_lib
+  shardings = mesh_lib.param_shardings(jax.eval_shape(fn, rng), mesh)
+  return jax.jit(lambda r: unbox(fn(r)), out_shardings=shardings)(rng)
 
 
 def unbox(tree):
-  """Drops the logical-partitioning boxes, leaving plain arrays."""
-  return nn.meta.unbox(tree)
+  """Drops the logical-partitioning boxes, leaving plain arrays (no sharding constraint applied)."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
 
 
 def count_params(params) -> int:

@@ -1,0 +1,91 @@
+"""Orbax model directories: `config.json` (the HF config) + `params/` (an Orbax checkpoint) +
+the tokenizer/processor files, so a directory describes itself and converts back to HF alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dcsft_jax import hf
+from dcsft_jax import mesh as mesh_lib
+from dcsft_jax.models import qwen2_5_vl as model_lib
+from dcsft_jax.models.config import Qwen25VLConfig
+
+PARAMS = "params"
+LORA = "lora.json"
+
+
+def is_model_dir(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, PARAMS)) and os.path.exists(os.path.join(path, "config.json"))
+
+
+def save_model(directory: str, params, cfg: Qwen25VLConfig, *, source_dir: str | None = None,
+               lora: model_lib.LoraSpec | None = None) -> str:
+  """Writes params (LoRA adapters included, unmerged) and what it takes to read them back."""
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  target = os.path.join(directory, PARAMS)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(target, model_lib.unbox(params), force=True)
+  ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    tmp = os.path.join(directory, f"config.json.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+      json.dump(cfg.to_hf_dict(), f, indent=2)
+    os.replace(tmp, os.path.join(directory, "config.json"))
+    if lora is not None:
+      with open(os.path.join(directory, LORA), "w") as f:
+        json.dump(dataclasses.asdict(lora), f, indent=2)
+    hf.copy_processor_files(source_dir, directory)
+  return directory
+
+
+def read_lora(directory: str) -> model_lib.LoraSpec | None:
+  f = os.path.join(directory, LORA)
+  if not os.path.exists(f):
+    return None
+  with open(f) as fh:
+    return model_lib.LoraSpec(**json.load(fh))
+
+
+def load_model(directory: str, *, mesh=None, opts: model_lib.ModelOptions = model_lib.ModelOptions()):
+  """-> (cfg, params, lora) restored straight into the shardings the logical rules give on `mesh`.
+
+  `lora` is the LoraSpec of adapters stored with the params (None when there are none)."""
+  directory = os.path.abspath(directory)
+  if not is_model_dir(directory):
+    raise FileNotFoundError(f"{directory} is not a dcsft_jax model directory (it needs config.json and params/). "
+                            f"Create one with `python -m dcsft_jax.convert --from_hf=DIR --to_orbax={directory}`.")
+  cfg = Qwen25VLConfig.from_pretrained(directory)
+  lora = read_lora(directory)
+  abstract = model_lib.init_params(cfg, dataclasses.replace(opts, lora=lora), abstract=True)
+  if mesh is None:
+    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  shardings = mesh_lib.param_shardings(abstract, mesh)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        model_lib.unbox(abstract), shardings)
+  ckptr = ocp.StandardCheckpointer()
+  path = os.path.join(directory, PARAMS)
+  stored = ckptr.metadata(path)
+  stored = getattr(stored, "item_metadata", stored)
+  _check_matches(stored, target, directory)
+  return cfg, ckptr.restore(path, target), lora
+
+
+def _check_matches(stored, target, directory):
+  flat_s = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
+  flat_t = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+  missing = sorted(set(flat_t) - set(flat_s))
+  extra = sorted(set(flat_s) - set(flat_t))
+  if missing or extra:
+    raise ValueError(f"{directory}/params does not match its config.json: missing {missing[:3]}, "
+                     f"unexpected {extra[:3]}")
+  for k, t in flat_t.items():
+    shape = tuple(getattr(flat_s[k], "shape", ()))
+    if shape != tuple(t.shape):
+      raise ValueError(f"{directory}/params: parameter {k} has shape {shape}, but config.json implies {tuple(t.shape)}")

@@ -1,0 +1,53 @@
+"""Checks a run config before any work starts, naming the key that is wrong."""
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import ml_collections
+
+from dcsft_jax import mesh as mesh_lib
+from dcsft_jax.models import attention
+from dcsft_jax.models import qwen2_5_vl as model_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _check(ok: bool, key: str, msg: str):
+  if not ok:
+    raise ConfigError(f"config.{key}: {msg}")
+
+
+def validate(config: ml_collections.ConfigDict, known_stages) -> list[str]:
+  """Returns the stage names to run; raises ConfigError naming the first bad key."""
+  stages = [s.strip() for s in str(config.stages).split(",") if s.strip()]
+  _check(bool(stages), "stages", "is empty; pick from " + ",".join(known_stages))
+  for s in stages:
+    _check(s in known_stages, "stages", f"unknown stage {s!r}; the stages are {','.join(known_stages)}")
+  _check(bool(config.workdir), "workdir", "must be a directory path")
+  _check(config.distributed in ("auto", "on", "off"), "distributed", f"{config.distributed!r} is not auto|on|off")
+  for axis in config.mesh.keys():
+    _check(axis in mesh_lib.MESH_AXES, f"mesh.{axis}", f"unknown mesh axis; the axes are {mesh_lib.MESH_AXES}")
+    v = config.mesh[axis]
+    _check(isinstance(v, int) and (v == -1 or v >= 1), f"mesh.{axis}", f"{v!r} must be a positive int or -1")
+  m = config.model
+  _check(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r} is not one of {sorted(DTYPES)}")
+  _check(m.param_dtype in DTYPES, "model.param_dtype", f"{m.param_dtype!r} is not one of {sorted(DTYPES)}")
+  _check(m.attention in attention.IMPLEMENTATIONS, "model.attention",
+         f"{m.attention!r} is not one of {attention.IMPLEMENTATIONS}")
+  if m.hf_path:
+    _check(os.path.isfile(os.path.join(m.hf_path, "config.json")), "model.hf_path",
+           f"{m.hf_path!r} has no config.json; point it at a local Hugging Face Qwen2.5-VL directory")
+  _check(config.export.dtype in ("",) + tuple(DTYPES), "export.dtype",
+         f"{config.export.dtype!r} is not '' or one of {sorted(DTYPES)}")
+  return stages
+
+
+def model_options(config) -> model_lib.ModelOptions:
+  m = config.model
+  return model_lib.ModelOptions(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
+                                attention=m.attention, remat=bool(m.remat))

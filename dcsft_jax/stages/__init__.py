@@ -1,0 +1,24 @@
+"""Pipeline stages. Each is thin wiring: it reads earlier stages' outputs from the workdir and
+writes its own; `main` skips a stage whose outputs exist, so a re-run resumes."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from dcsft_jax.stages import model_stage
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  output: str                      # path (relative to the workdir) that marks the stage done
+  run: Callable                    # run(config, ctx) -> dict of figures for the summary
+  doc: str
+
+
+STAGES = (
+    Stage("init", model_stage.BASE_DIR, model_stage.init, "load the HF checkpoint (or build the embedded tiny "
+          "model) onto the mesh and save it as an Orbax model directory"),
+    Stage("export", model_stage.EXPORT_DIR, model_stage.export, "write the model back as a Hugging Face directory"),
+)
+BY_NAME = {s.name: s for s in STAGES}

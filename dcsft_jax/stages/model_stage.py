@@ -1,0 +1,37 @@
+"""The model stages: bring a checkpoint in (or build the embedded default), and export it to HF."""
+from __future__ import annotations
+
+import os
+
+import jax
+
+from dcsft_jax import checkpoint, hf
+from dcsft_jax.models import qwen2_5_vl as model_lib
+from dcsft_jax.models.config import tiny_config
+
+BASE_DIR = "base_model"
+EXPORT_DIR = "hf_export"
+
+
+def init(config, ctx) -> dict:
+  opts = ctx.model_options
+  if config.model.hf_path:
+    cfg, params = hf.load_hf(config.model.hf_path, mesh=ctx.mesh, opts=opts)
+    source = config.model.hf_path
+  else:
+    # The embedded default: the tiny Qwen2.5-VL architecture with random weights.
+    cfg = tiny_config()
+    params = model_lib.init_params(cfg, opts, jax.random.PRNGKey(config.seed), mesh=ctx.mesh)
+    source = None
+  out = os.path.join(ctx.workdir, BASE_DIR)
+  checkpoint.save_model(out, params, cfg, source_dir=source)
+  return {"parameters": model_lib.count_params(params), "source": source or "embedded tiny model",
+          "written": out}
+
+
+def export(config, ctx) -> dict:
+  src = os.path.join(ctx.workdir, BASE_DIR)
+  cfg, params, lora = checkpoint.load_model(src, mesh=ctx.mesh)
+  out = os.path.join(ctx.workdir, EXPORT_DIR)
+  hf.save_hf(params, cfg, out, source_dir=src, dtype=config.export.dtype or None, lora=lora)
+  return {"written": out}

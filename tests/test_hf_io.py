@@ -1,0 +1,213 @@
+"""HF checkpoints in and out: bit-identical round trip, loud errors, LoRA merge, real sizes, CLI."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import hf_reference as R
+from dcsft_jax import checkpoint, hf, safetensors_io
+from dcsft_jax.models import qwen2_5_vl as M
+from dcsft_jax.models.config import Qwen25VLConfig, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tensors(d):
+  idx = hf.CheckpointIndex(d)
+  return {n: np.asarray(idx.get(n)) for n in idx.where}
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  cfg = tiny_config()
+  model = R.random_hf_model(cfg, seed=7)
+  d = tmp_path_factory.mktemp("hf")
+  model.save_pretrained(d)
+  (d / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))  # a processor file to carry
+  return cfg, model, str(d)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_round_trip_is_bit_identical_and_loads_in_transformers(hf_dir, tmp_path, dtype):
+  cfg, model, src = hf_dir
+  if dtype == "bfloat16":  # a bf16 checkpoint goes through fp32 master weights and back unchanged
+    bf = tmp_path / "bf16_src"
+    model.to(torch.bfloat16).save_pretrained(bf)
+    model.to(torch.float32)
+    shutil.copy(os.path.join(src, "tokenizer_config.json"), bf)
+    src = str(bf)
+  _, params = hf.load_hf(src, opts=M.ModelOptions(param_dtype=jnp.float32))
+  out = str(tmp_path / "out")
+  hf.save_hf(params, Qwen25VLConfig.from_pretrained(src), out, source_dir=src, dtype=dtype,
+             max_shard_bytes=200_000)  # force several shards and an index
+  assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+  assert os.path.exists(os.path.join(out, "generation_config.json"))
+  assert os.path.exists(os.path.join(out, "tokenizer_config.json"))
+  a, b = _tensors(src), _tensors(out)
+  assert sorted(a) == sorted(b)
+  for n in a:
+    assert a[n].dtype == b[n].dtype and a[n].shape == b[n].shape, n
+    assert a[n].tobytes() == b[n].tobytes(), n
+
+  reloaded = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out, attn_implementation="eager",
+                                                                             dtype=torch.float32).eval()
+  batch = R.make_batch(cfg, R.MIXED_ROWS, seed=5)
+  ref_model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+      src, attn_implementation="eager", dtype=torch.float32).eval()
+  with torch.no_grad():
+    np.testing.assert_array_equal(reloaded(**batch.hf_kwargs(cfg)).logits.numpy(),
+                                  ref_model(**batch.hf_kwargs(cfg)).logits.numpy())
+
+
+def test_transformers_in_memory_names_are_accepted(hf_dir, tmp_path):
+  """transformers 5.x in-memory names (model.language_model.*, model.visual.*) load too."""
+  cfg, model, src = hf_dir
+  renamed = {("model.language_model." + n[len("model."):] if n.startswith("model.") else
+              "model." + n if n.startswith("visual.") else n): v for n, v in _tensors(src).items()}
+  d = tmp_path / "renamed"
+  d.mkdir()
+  shutil.copy(os.path.join(src, "config.json"), d)
+  safetensors_io.save_file(renamed, str(d / "model.safetensors"))
+  _, p1 = hf.load_hf(src)
+  _, p2 = hf.load_hf(str(d))
+  for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _broken_copy(src, dst, edit):
+  os.makedirs(dst)
+  shutil.copy(os.path.join(src, "config.json"), dst)
+  t = _tensors(src)
+  edit(t)
+  safetensors_io.save_file(t, os.path.join(dst, "model.safetensors"))
+  return dst
+
+
+def test_mismatched_checkpoints_fail_naming_the_tensor(hf_dir, tmp_path):
+  _, _, src = hf_dir
+  name = "model.layers.1.mlp.up_proj.weight"
+  d = _broken_copy(src, str(tmp_path / "missing"), lambda t: t.pop(name))
+  with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+    hf.load_hf(d)
+  d = _broken_copy(src, str(tmp_path / "shape"), lambda t: t.__setitem__(name, t[name][:-1]))
+  with pytest.raises(ValueError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' has shape \(159, 96\)"):
+    hf.load_hf(d)
+  d = _broken_copy(src, str(tmp_path / "extra"), lambda t: t.__setitem__("model.layers.9.mlp.up_proj.weight",
+                                                                          t[name]))
+  with pytest.raises(ValueError, match=r"model\.layers\.9\.mlp\.up_proj\.weight"):
+    hf.load_hf(d)
+  d = tmp_path / "truncated"
+  shutil.copytree(src, d)
+  f = d / "model.safetensors"
+  f.write_bytes(f.read_bytes()[:-1000])
+  with pytest.raises(ValueError, match="truncated"):
+    hf.load_hf(str(d))
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    hf.load_hf(str(tmp_path))
+
+
+def test_lora_is_merged_on_export(hf_dir, tmp_path):
+  cfg, _, src = hf_dir
+  lora = M.LoraSpec(rank=4, alpha=8.0, vision=True, merger=True)
+  _, base = hf.load_hf(src)
+  # Give every adapter non-zero weights, as after training.
+  full = M.unbox(M.init_params(cfg, M.ModelOptions(lora=lora), jax.random.PRNGKey(1)))
+  key = iter(jax.random.split(jax.random.PRNGKey(2), 1000))
+
+  def graft(b, f):
+    if isinstance(f, dict):
+      return {k: (graft(b[k], v) if k in b else jax.random.normal(next(key), v.shape) * 0.1) for k, v in f.items()}
+    return b
+  params = graft(base, full)
+  n_adapters = sum("lora_a" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+  assert n_adapters == 7 + 5 + 2
+  out = str(tmp_path / "merged")
+  hf.save_hf(params, cfg, out, lora=lora, dtype="float32")
+  t = _tensors(out)
+  q = params["layers"]["q_proj"]
+  want = (np.asarray(q["kernel"][1]) + np.asarray(q["lora_a"][1]) @ np.asarray(q["lora_b"][1]) * 2.0).T
+  np.testing.assert_allclose(t["model.layers.1.self_attn.q_proj.weight"], want, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(t["model.layers.1.self_attn.q_proj.weight"], np.asarray(q["kernel"][1]).T)
+  # The merged model is what transformers runs: same logits as ours with adapters on.
+  batch = R.make_batch(cfg, R.MIXED_ROWS[:2], seed=6)
+  ids, pos, images, am = batch.ours(cfg)
+  ours = np.asarray(M.Qwen25VL(cfg, M.ModelOptions(lora=lora)).apply({"params": params}, ids, pos, images, am))
+  theirs_model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out, attn_implementation="eager")
+  with torch.no_grad():
+    theirs = theirs_model.eval()(**batch.hf_kwargs(cfg)).logits.numpy()
+  m = batch.attention_mask.astype(bool)
+  assert np.abs(ours - theirs)[m].max() / np.abs(theirs[m]).max() < 1e-4
+
+
+HUB = {  # the released sizes' Hub config.json (flat form), shapes from QWEN25VL.md §1.2
+    "3B": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, out=2048),
+    "7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, out=3584),
+    "32B": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False, out=5120),
+    "72B": dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False, out=8192),
+}
+
+
+def hub_config(size):
+  h = dict(HUB[size])
+  out = h.pop("out")
+  return {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+          "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
+          "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
+          "video_token_id": 151656, "hidden_act": "silu", "max_position_embeddings": 128000,
+          "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "torch_dtype": "bfloat16", "use_sliding_window": False,
+          "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+          "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                            "num_heads": 16, "in_chans": 3, "out_hidden_size": out, "patch_size": 14,
+                            "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                            "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
+                            "temporal_patch_size": 2}, **h}
+
+
+@pytest.mark.parametrize("size", sorted(HUB))
+def test_released_sizes_build_with_transformers_parameter_counts(size):
+  cfg = Qwen25VLConfig.from_hf_dict(hub_config(size))
+  abstract = M.init_params(cfg, abstract=True)
+  with torch.device("meta"):
+    ref = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(**hub_config(size)))
+  n_ref = sum(p.numel() for p in ref.parameters())  # tied weights count once
+  assert M.count_params(abstract) == n_ref
+  if size == "3B":
+    assert abs(n_ref - 3.755e9) < 5e6  # ANCHORS.md
+
+
+def test_convert_cli_round_trip(hf_dir, tmp_path):
+  _, _, src = hf_dir
+  orbax_dir, back = str(tmp_path / "orbax"), str(tmp_path / "back")
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="")
+  for args in (["--from_hf", src, "--to_orbax", orbax_dir], ["--from_orbax", orbax_dir, "--to_hf", back]):
+    r = subprocess.run([sys.executable, "-m", "dcsft_jax.convert", *[f"{a}={b}" for a, b in zip(args[::2], args[1::2])]],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+  assert checkpoint.is_model_dir(orbax_dir)
+  a, b = _tensors(src), _tensors(back)
+  assert sorted(a) == sorted(b) and all(a[n].tobytes() == b[n].tobytes() for n in a)
+  assert os.path.exists(os.path.join(back, "tokenizer_config.json"))
+
+
+def test_orbax_dir_that_does_not_match_its_config_fails(hf_dir, tmp_path):
+  cfg, _, src = hf_dir
+  _, params = hf.load_hf(src)
+  d = str(tmp_path / "m")
+  checkpoint.save_model(d, params, cfg)
+  conf = json.load(open(os.path.join(d, "config.json")))
+  conf["text_config"]["intermediate_size"] = 170
+  json.dump(conf, open(os.path.join(d, "config.json"), "w"))
+  with pytest.raises(ValueError, match=r"has shape \(3, (96, 160|160, 96)\), but config.json implies \(3, (96, 170|170, 96)\)"):
+    checkpoint.load_model(d)
