@@ -25,6 +25,8 @@ def test_default_run_writes_a_model_transformers_loads_and_resumes(tmp_path):
   assert set(summary) == {"init", "export"} and summary["init"]["parameters"] > 0
   model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(os.path.join(wd, "hf_export"))
   assert sum(p.numel() for p in model.parameters()) == summary["init"]["parameters"]
+  tok = transformers.AutoTokenizer.from_pretrained(os.path.join(wd, "hf_export"))
+  assert tok.convert_tokens_to_ids("<|image_pad|>") == model.config.image_token_id
   r = _main(f"--config.workdir={wd}")
   assert r.returncode == 0 and r.stdout.count("skipped") == 2, r.stdout
 

@@ -17,7 +17,7 @@ class Stage:
 
 
 STAGES = (
-    Stage("init", model_stage.BASE_DIR, model_stage.init, "load the HF checkpoint (or build the embedded tiny "
+    Stage("init", model_stage.BASE_DONE, model_stage.init, "load the HF checkpoint (or build the embedded tiny "
           "model) onto the mesh and save it as an Orbax model directory"),
     Stage("export", model_stage.EXPORT_DIR, model_stage.export, "write the model back as a Hugging Face directory"),
 )

@@ -6,10 +6,13 @@ import os
 import jax
 
 from dcsft_jax import checkpoint, hf
+from dcsft_jax.data import tokenizer
 from dcsft_jax.models import qwen2_5_vl as model_lib
 from dcsft_jax.models.config import tiny_config
 
 BASE_DIR = "base_model"
+# save_model writes config.json after the params, so its presence means the directory is complete.
+BASE_DONE = os.path.join(BASE_DIR, "config.json")
 EXPORT_DIR = "hf_export"
 
 
@@ -24,6 +27,9 @@ def init(config, ctx) -> dict:
     params = model_lib.init_params(cfg, opts, jax.random.PRNGKey(config.seed), mesh=ctx.mesh)
     source = None
   out = os.path.join(ctx.workdir, BASE_DIR)
+  if source is None and jax.process_index() == 0:
+    # The tiny model's tokenizer and processor travel with it, so its HF export loads in transformers.
+    tokenizer.save_tiny_processor(out)
   checkpoint.save_model(out, params, cfg, source_dir=source)
   return {"parameters": model_lib.count_params(params), "source": source or "embedded tiny model",
           "written": out}
