@@ -126,7 +126,9 @@ def load_image(image: ImageInput, *, name: str | None = None) -> Image.Image:
 
   Errors are ValueErrors naming `name`, else the path.
   """
-  what = name or (os.fspath(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__)
+  path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+  # Name both the file and the record when both are known: the user needs the file to fix it.
+  what = (f"{path} (record {name})" if path and name else path) or name or type(image).__name__
   if isinstance(image, (str, os.PathLike, bytes)):
     try:
       with Image.open(io.BytesIO(image) if isinstance(image, bytes) else os.fspath(image)) as f:
@@ -345,6 +347,33 @@ class Processor:
         "pixel_values": pixel_values,
         "image_grid_thw": grid_thw,
     }
+
+  def measure(self, image: ImageInput | None, question: str, answer: str | None = None, *,
+              system_prompt: str | None = None, name: str | None = None) -> tuple[int, int]:
+    """(patches, tokens) of `encode`'s output, reading only the image header: cheap enough to plan
+    the batches of a whole dataset before decoding any pixels."""
+    patches = 0
+    if image is not None:
+      if isinstance(image, (str, os.PathLike)):
+        try:
+          with Image.open(os.fspath(image)) as f:
+            w, h = f.size
+        except FileNotFoundError:
+          raise ValueError(f"image file not found: {os.fspath(image)}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+          raise ValueError(f"cannot read image {os.fspath(image)}: {e}") from e
+      else:
+        img = load_image(image, name=name)
+        w, h = img.size
+      s = self.image_settings
+      try:
+        rh, rw = smart_resize(h, w, s.factor, s.min_pixels, s.max_pixels)
+      except ValueError as e:
+        raise ValueError(f"image {name or image}: {e}") from e
+      patches = (rh // s.patch_size) * (rw // s.patch_size)
+    text, _ = self.prompt_text(question, answer, with_image=image is not None, system_prompt=system_prompt)
+    n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return patches, n + (patches // self.image_settings.merge_size ** 2 - 1 if image is not None else 0)
 
   def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
     return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,264 @@
+"""Static-shape batches for jit: buckets, padding, per-host shards, prefetch, exact resume.
+
+Every example falls into the smallest bucket (patches per image, tokens) that holds it, and a
+batch is built from one bucket, so a run compiles one program per bucket, not one per image
+size. Rows are right-padded: under the causal mask padding never changes a real token's result,
+and padded rows carry valid=0 so they never count.
+
+The order of an epoch is a pure function of (seed, epoch), so the iterator's position is just
+(epoch, batch), and restoring it replays exactly the remaining batches. Every host computes the
+same global plan and materialises only its own rows of each global batch.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import dataclasses
+import logging
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from dcsft_jax.models import rope
+
+log = logging.getLogger(__name__)
+
+
+class BadRecord(ValueError):
+  """A record that cannot become a training example; the message names it and the fix."""
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Bucket:
+  patches: int   # per image (0 = text only)
+  length: int    # tokens per row
+
+
+def make_buckets(patch_sizes: Sequence[int], text_tokens: int, merge_unit: int = 4) -> tuple[Bucket, ...]:
+  """One bucket per image size class: room for the image's tokens plus `text_tokens` of text."""
+  out = []
+  for p in sorted(set(int(p) for p in patch_sizes)):
+    if p % merge_unit:
+      raise ValueError(f"bucket of {p} patches is not a multiple of the merge unit {merge_unit}")
+    out.append(Bucket(p, p // merge_unit + text_tokens))
+  return tuple(out)
+
+
+def choose(buckets: Sequence[Bucket], patches: int, length: int) -> int | None:
+  for i, b in enumerate(buckets):
+    if patches <= b.patches and length <= b.length:
+      return i
+  return None
+
+
+@dataclasses.dataclass
+class Batch:
+  arrays: dict[str, np.ndarray]     # host-local rows, static shapes per bucket
+  ids: list[str | None]             # record ids of the rows (None = padding row)
+  bucket: Bucket
+  epoch: int
+  index: int                        # position of this batch in its epoch's plan
+
+
+@dataclasses.dataclass
+class Skipped:
+  record: str
+  reason: str
+
+
+class BatchIterator:
+  """Yields `Batch`es of `records` (objects with .id .image .prompt .answer) for one host.
+
+  with_answers: training batches (answer + loss mask) or generation prompts (no answer).
+  epochs: number of passes (None = forever). skip_bad_records: skip, count and log records that
+  cannot be read instead of raising BadRecord.
+  """
+
+  def __init__(self, records: Sequence[Any], processor, *, batch_size: int, buckets: Sequence[Bucket],
+               with_answers: bool = True, shuffle: bool = True, seed: int = 0, epochs: int | None = 1,
+               drop_remainder: bool = False, skip_bad_records: bool = False, num_workers: int = 4,
+               prefetch: int = 2, system_prompt: str | None = None, process_index: int | None = None,
+               process_count: int | None = None):
+    self.records = list(records)
+    self.processor = processor
+    self.batch_size = int(batch_size)
+    self.buckets = tuple(sorted(buckets))
+    if not self.buckets:
+      raise ValueError("no buckets configured")
+    self.with_answers = with_answers
+    self.shuffle, self.seed, self.epochs = shuffle, seed, epochs
+    self.drop_remainder = drop_remainder
+    self.skip_bad_records = skip_bad_records
+    self.system_prompt = system_prompt
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    if self.batch_size % self.process_count:
+      raise ValueError(f"batch_size {batch_size} is not divisible by the {self.process_count} processes")
+    self.local_rows = self.batch_size // self.process_count
+    self.num_workers, self.prefetch = max(1, num_workers), max(1, prefetch)
+    self.skipped: list[Skipped] = []
+    self._pool = cf.ThreadPoolExecutor(self.num_workers, thread_name_prefix="batching")
+    self.bucket_of = self._assign_buckets()
+    self.epoch, self.next_batch = 0, 0
+
+  # ----------------------------------------------------------------------------- planning
+  def _bad(self, rec, reason: str):
+    rid = getattr(rec, "id", "?")
+    if not self.skip_bad_records:
+      raise BadRecord(f"record {rid}: {reason}. Fix or remove it, or set skip_bad_records to skip such records.")
+    self.skipped.append(Skipped(str(rid), reason))
+    log.warning("skipping record %s: %s", rid, reason)
+
+  def _measure(self, rec):
+    if self.with_answers and not str(getattr(rec, "answer", "") or "").strip():
+      raise ValueError("its answer is empty")
+    return self.processor.measure(rec.image, rec.prompt, rec.answer if self.with_answers else None,
+                                  system_prompt=self.system_prompt, name=str(rec.id))
+
+  def _assign_buckets(self) -> np.ndarray:
+    """Bucket of every record (-1 = skipped), from image headers and token counts only."""
+    out = np.full(len(self.records), -1, np.int32)
+    futures = [self._pool.submit(self._measure, r) for r in self.records]
+    biggest = self.buckets[-1]
+    for i, (rec, fut) in enumerate(zip(self.records, futures)):
+      try:
+        patches, length = fut.result()
+      except ValueError as e:
+        self._bad(rec, str(e))
+        continue
+      b = choose(self.buckets, patches, length)
+      if b is None:
+        self._bad(rec, f"it needs {patches} patches and {length} tokens, more than the largest bucket "
+                       f"({biggest.patches} patches, {biggest.length} tokens); lower max_pixels or add a bucket")
+        continue
+      out[i] = b
+    return out
+
+  def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+    """The global batches of an epoch: (bucket, record indices with -1 for padding rows)."""
+    n = len(self.records)
+    order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+    queues: dict[int, list[int]] = collections.defaultdict(list)
+    batches = []
+    for i in order:
+      b = int(self.bucket_of[i])
+      if b < 0:
+        continue
+      queues[b].append(int(i))
+      if len(queues[b]) == self.batch_size:
+        batches.append((b, np.asarray(queues.pop(b))))
+    if not self.drop_remainder:
+      for b in sorted(queues):
+        rows = queues[b] + [-1] * (self.batch_size - len(queues[b]))
+        batches.append((b, np.asarray(rows)))
+    return batches
+
+  def __len__(self) -> int:
+    return len(self.plan(0))
+
+  # ----------------------------------------------------------------------------- state
+  def state(self) -> dict:
+    return {"epoch": self.epoch, "batch": self.next_batch, "seed": self.seed, "records": len(self.records)}
+
+  def restore(self, state: dict) -> None:
+    if state.get("seed", self.seed) != self.seed or state.get("records", len(self.records)) != len(self.records):
+      raise ValueError(f"iterator state {state} was saved for another dataset or seed "
+                       f"({len(self.records)} records, seed {self.seed})")
+    self.epoch, self.next_batch = int(state["epoch"]), int(state["batch"])
+
+  # ----------------------------------------------------------------------------- examples
+  def _example(self, i: int):
+    rec = self.records[i]
+    try:
+      ex = self.processor.encode(rec.image, rec.prompt, rec.answer if self.with_answers else None,
+                                 system_prompt=self.system_prompt, name=str(rec.id))
+    except ValueError as e:
+      return e
+    return ex
+
+  def _assemble(self, bucket: Bucket, rows: np.ndarray, results: list) -> dict[str, np.ndarray]:
+    B, L, P = len(rows), bucket.length, bucket.patches
+    vcfg = self.processor.cfg.vision
+    pad = self.processor.tokenizer.pad_token_id or 0
+    a = {
+        "input_ids": np.full((B, L), pad, np.int32), "attention_mask": np.zeros((B, L), np.int32),
+        "loss_mask": np.zeros((B, L), np.int32), "positions": np.zeros((3, B, L), np.int32),
+        "rope_deltas": np.zeros((B,), np.int32), "valid": np.zeros((B,), bool),
+        "lengths": np.zeros((B,), np.int32),
+        "pixel_values": np.zeros((B, max(P, vcfg.merge_unit), vcfg.patch_dim), np.float32),
+        "pos_hw": np.zeros((B, max(P, vcfg.merge_unit), 2), np.int32),
+        "frame_seg": np.full((B, max(P, vcfg.merge_unit)), -1, np.int32),
+        "window_seg": np.full((B, max(P, vcfg.merge_unit)), -1, np.int32),
+    }
+    for r, (i, ex) in enumerate(zip(rows, results)):
+      if i < 0:
+        continue
+      if isinstance(ex, Exception):
+        self._bad(self.records[i], str(ex))
+        continue
+      n = len(ex["input_ids"])
+      for k in ("input_ids", "attention_mask", "loss_mask"):
+        a[k][r, :n] = ex[k]
+      a["positions"][:, r, :n] = ex["positions"]
+      a["rope_deltas"][r], a["valid"][r], a["lengths"][r] = ex["rope_delta"], True, n
+      if len(ex["image_grid_thw"]):
+        npatch = len(ex["pixel_values"])
+        a["pixel_values"][r, :npatch] = ex["pixel_values"]
+        lay = rope.vision_layout([tuple(ex["image_grid_thw"][0])], vcfg, a["pos_hw"].shape[1])
+        for k in ("pos_hw", "frame_seg", "window_seg"):
+          a[k][r] = lay[k][0]
+    return a
+
+  def _local_rows(self, rows: np.ndarray) -> np.ndarray:
+    return rows[self.process_index * self.local_rows:(self.process_index + 1) * self.local_rows]
+
+  def __iter__(self) -> Iterator[Batch]:
+    pending: collections.deque = collections.deque()
+    epoch, index = self.epoch, self.next_batch
+    if self.epochs is not None and epoch >= self.epochs:
+      return
+    plan = self.plan(epoch)
+
+    def submit():
+      nonlocal epoch, index, plan
+      while index >= len(plan):
+        if self.epochs is not None and epoch + 1 >= self.epochs:
+          return False
+        epoch, index = epoch + 1, 0
+        plan = self.plan(epoch)
+      b, rows = plan[index]
+      rows = self._local_rows(rows)
+      futs = [self._pool.submit(self._example, int(i)) if i >= 0 else None for i in rows]
+      pending.append((epoch, index, b, rows, futs))
+      index += 1
+      return True
+
+    while len(pending) < self.prefetch and submit():
+      pass
+    while pending:
+      e, k, b, rows, futs = pending.popleft()
+      submit()
+      results = [f.result() if f is not None else None for f in futs]
+      arrays = self._assemble(self.buckets[b], rows, results)
+      self.epoch, self.next_batch = e, k + 1
+      yield Batch(arrays, [str(self.records[i].id) if i >= 0 else None for i in rows], self.buckets[b], e, k)
+
+  def close(self):
+    self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def model_inputs(arrays: dict[str, np.ndarray]) -> tuple:
+  """(input_ids, positions, images, attention_mask) in the order Qwen25VL.__call__ takes them."""
+  images = {k: arrays[k] for k in ("pixel_values", "pos_hw", "frame_seg", "window_seg")}
+  return arrays["input_ids"], arrays["positions"], images, arrays["attention_mask"]
+
+
+def to_global(arrays: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  """Host-local rows -> global arrays sharded over the mesh's batch axes (multi-host safe)."""
+  from dcsft_jax import mesh as mesh_lib
+  out = {}
+  for k, v in arrays.items():
+    dim = 1 if k == "positions" else 0
+    out[k] = jax.make_array_from_process_local_data(mesh_lib.batch_sharding(mesh, v.ndim, dim), v)
+  return out

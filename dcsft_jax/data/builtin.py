@@ -1,0 +1,233 @@
+"""An embedded default dataset that needs no download: ImageNet (ID) -> ImageNet-R / ImageNet-A (OOD) in miniature.
+
+The paper trains on ImageNet and reports out-of-distribution accuracy on ImageNet-R (renditions) and
+ImageNet-A (natural adversarial examples). This module mirrors that setup with data that ships inside
+installed packages, so tests, smoke runs and examples work offline:
+
+  'train', 'test'   handwritten digits from scikit-learn's bundled `load_digits()` (1797 8x8 images,
+                    gray 0..16), upscaled to RGB, stratified split with a seeded RNG;
+  'rendition'       typeset digits drawn with Pillow's bundled scalable font, varying size, position,
+                    stroke, shear and colours (the ImageNet-R role: same classes, different style);
+  'adversarial'     ID *test* digits (never train, so nothing leaks) rotated, occluded, noised, blurred
+                    and sometimes contrast-inverted (the ImageNet-A role: same style, hard corruptions).
+
+Every example is a one-word classification with the paper's prompt; the answer is the digit's English
+name. Everything is a pure function of `seed` and the index: each image draws from its own
+`np.random.default_rng((seed, stream, index))`, so pixels are identical across calls and processes and
+`limit` returns a prefix of the full split.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from dcsft_jax.data.records import Record
+
+PROMPT = "Please provide the object name in the image. Output the answer using one word."
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+SPLITS = ("train", "test", "rendition", "adversarial")
+TASK = "classification"
+TEST_FRACTION = 0.2  # per class, so both ID splits hold all 10 digits
+RENDITIONS_PER_CLASS = 40
+
+# Separate RNG streams per purpose: changing one split's recipe must not shift another split's draws.
+_STREAM_SPLIT, _STREAM_NOISE, _STREAM_RENDITION, _STREAM_ADVERSARIAL = 1, 2, 3, 4
+
+
+def _make(id_: str, image: Image.Image, label: int, meta: dict[str, Any]) -> Record:
+  return Record(id=id_, image=image, prompt=PROMPT, answer=DIGIT_NAMES[label], task=TASK, meta=meta)
+
+
+# ----------------------------------------------------------------------------- ID: sklearn digits
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+  """(images uint8 [N, 8, 8] in 0..255, labels int64 [N]); cached because the CSV parse dominates."""
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  d = load_digits()
+  # 0..16 -> 0..255 with integer rounding, so pixels do not depend on float formatting.
+  images = (d.images.astype(np.int64) * 255 + 8) // 16
+  return images.astype(np.uint8), d.target.astype(np.int64)
+
+
+def _split_indices(seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Stratified train/test source indices (sorted), drawn per class so each class keeps TEST_FRACTION."""
+  _, labels = _digits()
+  rng = np.random.default_rng((seed, _STREAM_SPLIT))
+  train, test = [], []
+  for c in range(10):
+    idx = np.flatnonzero(labels == c)
+    perm = rng.permutation(idx)
+    n_test = int(round(TEST_FRACTION * len(idx)))
+    test.append(perm[:n_test])
+    train.append(perm[n_test:])
+  return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _upscale(gray8: np.ndarray, size: int) -> Image.Image:
+  # Bicubic on uint8 is deterministic in Pillow and gives smooth strokes rather than 7x7 blocks,
+  # which is closer to what a vision tower sees on natural photos.
+  img = Image.fromarray(gray8, mode="L").resize((size, size), Image.Resampling.BICUBIC)
+  return img.convert("RGB")
+
+
+def _id_records(split: str, seed: int, image_size: int) -> list[Record]:
+  images, labels = _digits()
+  train_idx, test_idx = _split_indices(seed)
+  out = []
+  for src in (train_idx if split == "train" else test_idx):
+    label = int(labels[src])
+    meta = {"label": label, "split": split, "source_index": int(src), "noisy": False}
+    out.append(_make(f"digits-{split}-{int(src):05d}", _upscale(images[src], image_size), label, meta))
+  return out
+
+
+# ----------------------------------------------------------------------------- OOD: renditions
+def _contrasting_colors(rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """A random background and a foreground at least ~100 luminance away, so the digit stays legible."""
+  while True:
+    bg = tuple(int(v) for v in rng.integers(0, 256, 3))
+    fg = tuple(int(v) for v in rng.integers(0, 256, 3))
+    lum = lambda c: 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
+    if abs(lum(bg) - lum(fg)) >= 100:
+      return bg, fg
+
+
+@functools.lru_cache(maxsize=None)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+  # load_default(size=) is Pillow's bundled scalable font (Pillow >= 10.1 with FreeType); loading it
+  # per image dominated rendition time, and the font object is read-only, so share it.
+  return ImageFont.load_default(size=size)
+
+
+def _rendition(label: int, rng: np.random.Generator, size: int) -> Image.Image:
+  # Draw on a 2x canvas and downsample: antialiased edges without relying on font hinting.
+  big = 2 * size
+  bg, fg = _contrasting_colors(rng)
+  img = Image.new("RGB", (big, big), bg)
+  draw = ImageDraw.Draw(img)
+  font_px = int(rng.integers(int(0.45 * big), int(0.9 * big) + 1))
+  font = _font(font_px)
+  stroke = int(rng.integers(0, max(1, font_px // 12) + 1))
+  stroke_fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+  jitter = 0.18 * big
+  cx = big / 2 + float(rng.uniform(-jitter, jitter))
+  cy = big / 2 + float(rng.uniform(-jitter, jitter))
+  draw.text((cx, cy), str(label), fill=fg, font=font, anchor="mm", stroke_width=stroke, stroke_fill=stroke_fill)
+  # A horizontal shear reads as italic, the main style axis a single bundled font lacks.
+  shear = float(rng.uniform(-0.35, 0.35))
+  img = img.transform((big, big), Image.Transform.AFFINE, (1, shear, -shear * big / 2, 0, 1, 0),
+                      resample=Image.Resampling.BILINEAR, fillcolor=bg)
+  return img.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def _rendition_records(seed: int, image_size: int) -> list[Record]:
+  out = []
+  # label = i % 10, so any prefix (limit) stays class-balanced.
+  for i in range(10 * RENDITIONS_PER_CLASS):
+    label = i % 10
+    rng = np.random.default_rng((seed, _STREAM_RENDITION, i))
+    meta = {"label": label, "split": "rendition", "source_index": i, "noisy": False}
+    out.append(_make(f"digits-rendition-{i:05d}", _rendition(label, rng, image_size), label, meta))
+  return out
+
+
+# ----------------------------------------------------------------------------- OOD: adversarial
+def _corrupt(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, list[str]]:
+  """Rotate, occlude, blur, noise and maybe invert; returns the image and which corruptions were applied."""
+  size = img.size[0]
+  ops = []
+  angle = float(rng.uniform(20, 50)) * (1 if rng.random() < 0.5 else -1)
+  img = img.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+  ops.append(f"rotate{angle:+.0f}")
+  # A small occluder (15-25% of each side) somewhere over the digit, in a random gray so it is not
+  # background; small enough that a person still reads the digit, as with ImageNet-A's real images.
+  w = int(rng.integers(int(0.15 * size), int(0.25 * size) + 1))
+  h = int(rng.integers(int(0.15 * size), int(0.25 * size) + 1))
+  x0 = int(rng.integers(int(0.2 * size), size - w - int(0.2 * size) + 1))
+  y0 = int(rng.integers(int(0.2 * size), size - h - int(0.2 * size) + 1))
+  gray = int(rng.integers(64, 256))
+  ImageDraw.Draw(img).rectangle((x0, y0, x0 + w - 1, y0 + h - 1), fill=(gray, gray, gray))
+  ops.append("occlude")
+  if rng.random() < 0.3:
+    img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.5, 1.5))))
+    ops.append("blur")
+  arr = np.asarray(img, dtype=np.float64)
+  arr = arr + rng.normal(0.0, float(rng.uniform(10, 35)), arr.shape)
+  ops.append("noise")
+  arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+  if rng.random() < 0.5:
+    arr = 255 - arr
+    ops.append("invert")
+  return Image.fromarray(arr, mode="RGB"), ops
+
+
+def _adversarial_records(seed: int, image_size: int) -> list[Record]:
+  images, labels = _digits()
+  _, test_idx = _split_indices(seed)
+  out = []
+  for src in test_idx:
+    label = int(labels[src])
+    rng = np.random.default_rng((seed, _STREAM_ADVERSARIAL, int(src)))
+    img, ops = _corrupt(_upscale(images[src], image_size), rng)
+    meta = {"label": label, "split": "adversarial", "source_index": int(src), "noisy": False, "corruptions": ops}
+    out.append(_make(f"digits-adversarial-{int(src):05d}", img, label, meta))
+  return out
+
+
+# ----------------------------------------------------------------------------- label noise
+def _apply_label_noise(records: list[Record], rate: float, seed: int) -> list[Record]:
+  """Flip exactly round(rate * n) answers to a different digit, chosen with a seeded RNG."""
+  n_flip = int(round(rate * len(records)))
+  if n_flip == 0:
+    return records
+  rng = np.random.default_rng((seed, _STREAM_NOISE))
+  flip = set(int(i) for i in rng.choice(len(records), size=n_flip, replace=False))
+  out = []
+  for i, r in enumerate(records):
+    if i in flip:
+      true = r.meta["label"]
+      # Adding 1..9 mod 10 guarantees a different label, uniformly over the other nine.
+      new = (true + int(rng.integers(1, 10))) % 10
+      meta = dict(r.meta, label=new, true_label=true, noisy=True)
+      r = _make(r.id, r.image, new, meta)
+    out.append(r)
+  return out
+
+
+# ----------------------------------------------------------------------------- entry point
+def load_builtin(split: str, *, seed: int = 0, label_noise: float = 0.0, image_size: int = 56,
+                 limit: int | None = None) -> list[Record]:
+  """Records of one builtin split: 'train', 'test' (ID), 'rendition' or 'adversarial' (OOD).
+
+  Each record has id ('digits-{split}-{index:05d}', stable for a given seed), image (RGB PIL image,
+  image_size x image_size), prompt (PROMPT), answer (a DIGIT_NAMES entry), task ('classification') and
+  meta ({'label', 'split', 'source_index', 'noisy', ...}). `seed` fixes the train/test split and every
+  augmentation; the same seed gives identical records in any process.
+
+  label_noise: fraction of *training* answers replaced by a different random digit name (exactly
+  round(label_noise * n) of the returned records, meta['noisy']=True and meta['true_label'] kept).
+  Real datasets carry such noise, and it is what fills the paper's 'hard' bucket: prompts the model
+  never gets right because the reference answer is wrong. Only valid for split='train'.
+
+  limit: return only the first `limit` records (label noise is applied after, so the count is exact).
+  """
+  if split not in SPLITS:
+    raise ValueError(f"unknown builtin split {split!r}; expected one of {SPLITS}")
+  if not 0.0 <= label_noise <= 1.0:
+    raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
+  if label_noise and split != "train":
+    raise ValueError(f"label_noise applies to the 'train' split only, got split={split!r}")
+  if image_size < 8:
+    raise ValueError(f"image_size must be >= 8, got {image_size}")
+  if split in ("train", "test"):
+    records = _id_records(split, seed, image_size)
+  elif split == "rendition":
+    records = _rendition_records(seed, image_size)
+  else:
+    records = _adversarial_records(seed, image_size)
+  if limit is not None:
+    records = records[:limit]
+  return _apply_label_noise(records, label_noise, seed)
