@@ -144,7 +144,7 @@ def test_bad_records_are_named_or_skipped_and_counted(tmp_path, processor):
   }
   for name, (bad, reason) in cases.items():
     recs = _records(good) + [bad]
-    with pytest.raises(batching.BadRecord, match=f"record {name}: .*{reason}"):
+    with pytest.raises(batching.BadRecord, match=f"record 4 \\(id '{name}'\\): .*{reason}"):
       list(batching.BatchIterator(recs, processor, batch_size=2, buckets=BUCKETS, shuffle=False))
     it = batching.BatchIterator(recs, processor, batch_size=2, buckets=BUCKETS, shuffle=False,
                                 skip_bad_records=True)

@@ -20,13 +20,10 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
+from dcsft_jax.data.records import BadRecord  # re-exported: one error type for bad input
 from dcsft_jax.models import rope
 
 log = logging.getLogger(__name__)
-
-
-class BadRecord(ValueError):
-  """A record that cannot become a training example; the message names it and the fix."""
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -79,8 +76,9 @@ class BatchIterator:
                with_answers: bool = True, shuffle: bool = True, seed: int = 0, epochs: int | None = 1,
                drop_remainder: bool = False, skip_bad_records: bool = False, num_workers: int = 4,
                prefetch: int = 2, system_prompt: str | None = None, process_index: int | None = None,
-               process_count: int | None = None):
+               process_count: int | None = None, source: str = "dataset"):
     self.records = list(records)
+    self.source = source  # names the dataset in errors (a file path, a TFDS name)
     self.processor = processor
     self.batch_size = int(batch_size)
     self.buckets = tuple(sorted(buckets))
@@ -103,12 +101,13 @@ class BatchIterator:
     self.epoch, self.next_batch = 0, 0
 
   # ----------------------------------------------------------------------------- planning
-  def _bad(self, rec, reason: str):
-    rid = getattr(rec, "id", "?")
+  def _bad(self, index: int, reason: str):
+    rid = str(getattr(self.records[index], "id", index))
     if not self.skip_bad_records:
-      raise BadRecord(f"record {rid}: {reason}. Fix or remove it, or set skip_bad_records to skip such records.")
-    self.skipped.append(Skipped(str(rid), reason))
-    log.warning("skipping record %s: %s", rid, reason)
+      raise BadRecord(self.source, index, reason, "repair or remove the record, or set skip_bad_records to skip "
+                      "(and count) such records", record_id=rid)
+    self.skipped.append(Skipped(rid, reason))
+    log.warning("%s: skipping record %d (id %r): %s", self.source, index, rid, reason)
 
   def _measure(self, rec):
     if self.with_answers and not str(getattr(rec, "answer", "") or "").strip():
@@ -125,11 +124,11 @@ class BatchIterator:
       try:
         patches, length = fut.result()
       except ValueError as e:
-        self._bad(rec, str(e))
+        self._bad(i, str(e))
         continue
       b = choose(self.buckets, patches, length)
       if b is None:
-        self._bad(rec, f"it needs {patches} patches and {length} tokens, more than the largest bucket "
+        self._bad(i, f"it needs {patches} patches and {length} tokens, more than the largest bucket "
                        f"({biggest.patches} patches, {biggest.length} tokens); lower max_pixels or add a bucket")
         continue
       out[i] = b
@@ -195,7 +194,7 @@ class BatchIterator:
       if i < 0:
         continue
       if isinstance(ex, Exception):
-        self._bad(self.records[i], str(ex))
+        self._bad(int(i), str(ex))
         continue
       n = len(ex["input_ids"])
       for k in ("input_ids", "attention_mask", "loss_mask"):

@@ -354,14 +354,15 @@ class Processor:
     the batches of a whole dataset before decoding any pixels."""
     patches = 0
     if image is not None:
-      if isinstance(image, (str, os.PathLike)):
+      if isinstance(image, (str, os.PathLike, bytes)):
+        what = name if isinstance(image, bytes) else os.fspath(image)
         try:
-          with Image.open(os.fspath(image)) as f:
+          with Image.open(io.BytesIO(image) if isinstance(image, bytes) else os.fspath(image)) as f:
             w, h = f.size
         except FileNotFoundError:
-          raise ValueError(f"image file not found: {os.fspath(image)}") from None
+          raise ValueError(f"image file not found: {what}") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
-          raise ValueError(f"cannot read image {os.fspath(image)}: {e}") from e
+          raise ValueError(f"cannot read image {what}: {e}") from e
       else:
         img = load_image(image, name=name)
         w, h = img.size

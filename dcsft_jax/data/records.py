@@ -51,7 +51,8 @@ _log = logging.getLogger(__name__)
 class Record:
   """One example: an image (or none), a question, the reference answer, the task that scores it.
 
-  `image` is a path (str) or an already decoded PIL image (HF datasets decode images themselves).
+  `image` is a path (str), an already decoded PIL image (HF datasets decode images themselves), or
+  the encoded bytes of an image file (TFDS sources keep images encoded until a batch needs them).
   Raises ValueError on a malformed record; readers turn that into `BadRecord` naming file + index.
   """
   id: str
@@ -66,8 +67,8 @@ class Record:
       raise ValueError(f"id must be a non-empty string, got {self.id!r}")
     if isinstance(self.image, os.PathLike):
       object.__setattr__(self, "image", os.fspath(self.image))  # frozen: coerce once, here
-    if not (self.image is None or isinstance(self.image, (str, Image.Image))):
-      raise ValueError(f"image must be a path, a PIL image or None, got {type(self.image).__name__}")
+    if not (self.image is None or isinstance(self.image, (str, bytes, Image.Image))):
+      raise ValueError(f"image must be a path, encoded bytes, a PIL image or None, got {type(self.image).__name__}")
     if isinstance(self.image, str) and not self.image:
       raise ValueError("image path is empty")
     if not isinstance(self.prompt, str):
