@@ -142,11 +142,16 @@ def test_bad_records_are_named_or_skipped_and_counted(tmp_path, processor):
       "huge": (Rec("huge", good[0], PROMPT + " word" * 200, "one", "classification"), "largest bucket"),
       "aspect": (Rec("aspect", _images(tmp_path, [(1000, 4)], 1, "wide")[0], PROMPT, "one", "classification"), "aspect"),
   }
+  # An image whose resized size still exceeds what the configured buckets hold.
+  cases["big_image"] = (Rec("big_image", _images(tmp_path, [(400, 300)], 2, "big")[0], PROMPT, "one",
+                            "classification"), "216 patches .* largest bucket \\(64 patches")
+  small_buckets = batching.make_buckets([16, 64], text_tokens=80)
   for name, (bad, reason) in cases.items():
     recs = _records(good) + [bad]
+    buckets = small_buckets if name == "big_image" else BUCKETS
     with pytest.raises(batching.BadRecord, match=f"record 4 \\(id '{name}'\\): .*{reason}"):
-      list(batching.BatchIterator(recs, processor, batch_size=2, buckets=BUCKETS, shuffle=False))
-    it = batching.BatchIterator(recs, processor, batch_size=2, buckets=BUCKETS, shuffle=False,
+      list(batching.BatchIterator(recs, processor, batch_size=2, buckets=buckets, shuffle=False))
+    it = batching.BatchIterator(recs, processor, batch_size=2, buckets=buckets, shuffle=False,
                                 skip_bad_records=True)
     batches = list(it)
     assert [s.record for s in it.skipped] == [name]
