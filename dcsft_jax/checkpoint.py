@@ -8,7 +8,6 @@ import json
 import os
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from dcsft_jax import hf

@@ -13,14 +13,12 @@ import glob
 import json
 import logging
 import os
-import re
 import shutil
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import jax
 import ml_dtypes
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dcsft_jax import mesh as mesh_lib
 from dcsft_jax import safetensors_io
@@ -177,7 +175,7 @@ def load_hf(path: str, *, mesh=None, opts: model_lib.ModelOptions = model_lib.Mo
   if mesh is None:
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   shardings = mesh_lib.param_shardings(abstract, mesh)
-  abstract, shardings = model_lib.unbox(abstract), shardings
+  abstract = model_lib.unbox(abstract)
   table = name_table(cfg)
 
   # Check names and shapes first, so a mismatched checkpoint fails fast and by name.

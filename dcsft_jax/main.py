@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, logging
 from ml_collections import config_flags
 
 import jax

@@ -1,7 +1,6 @@
 """Static-shape batching: few compiled shapes, padding that changes nothing, per-host rows,
 bad records named (or skipped and counted), and exact resume."""
 import collections
-import os
 
 import jax
 import numpy as np

@@ -1,4 +1,5 @@
 """dcsft_jax.data.builtin: the embedded digits dataset (ID train/test, OOD rendition/adversarial)."""
+import hashlib
 import os
 import subprocess
 import sys
@@ -26,18 +27,13 @@ def _labels(records):
   return np.array([B.DIGIT_NAMES.index(r.answer) for r in records])
 
 
-# Shared verbatim with the subprocess below, so both sides hash the same way.
-_DIGEST_SRC = '''
 def _digest(records):
-  import hashlib
-  import numpy as np
+  """A hash of everything a record holds; the subprocess below imports this same function."""
   h = hashlib.sha256()
   for r in records:
     h.update(f"{r.id}|{r.prompt}|{r.answer}|{r.task}|{sorted(r.meta.items())}".encode())
     h.update(np.asarray(r.image).tobytes())
   return h.hexdigest()
-'''
-exec(_DIGEST_SRC)  # defines _digest
 
 
 def test_constants():
@@ -74,7 +70,8 @@ def test_deterministic(splits, split):
 
 
 def test_deterministic_across_processes():
-  code = (_DIGEST_SRC + "\nfrom dcsft_jax.data import builtin as B\n"
+  code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+          "from test_builtin import _digest\nfrom dcsft_jax.data import builtin as B\n"
           "print(_digest(sum((B.load_builtin(s, seed=3, limit=15, image_size=32) for s in B.SPLITS), [])))\n")
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONHASHSEED="123")
   out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=True, capture_output=True, text=True)

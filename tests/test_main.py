@@ -4,8 +4,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-import torch
 import transformers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,10 +1,7 @@
 """dcsft_jax.data.processor against transformers' Qwen2_5_VLProcessor (PIL backend) and get_rope_index."""
-import json
-import os
 
 import numpy as np
 import pytest
-import torch
 import transformers
 from PIL import Image
 from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_image

@@ -2,7 +2,7 @@
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 import hf_reference as R
 from dcsft_jax import hf

@@ -11,6 +11,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the return annotation only; transformers is imported where it is used
+  import transformers
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 

@@ -19,7 +19,7 @@ Inputs of `Qwen25VL.__call__`:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
