@@ -88,3 +88,14 @@ def _check_matches(stored, target, directory):
     shape = tuple(getattr(flat_s[k], "shape", ()))
     if shape != tuple(t.shape):
       raise ValueError(f"{directory}/params: parameter {k} has shape {shape}, but config.json implies {tuple(t.shape)}")
+
+
+def load_any(directory: str, *, mesh=None, opts: model_lib.ModelOptions = model_lib.ModelOptions()):
+  """A dcsft_jax model directory or a Hugging Face one -> (cfg, params, lora)."""
+  if is_model_dir(directory):
+    return load_model(directory, mesh=mesh, opts=opts)
+  if os.path.isfile(os.path.join(directory, "config.json")):
+    cfg, params = hf.load_hf(directory, mesh=mesh, opts=opts)
+    return cfg, params, None
+  raise FileNotFoundError(f"{directory} is neither a dcsft_jax model directory (config.json + params/) nor a "
+                          f"Hugging Face one (config.json + *.safetensors)")

@@ -41,7 +41,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_vocab", "tensor"),
     # KV cache [layers, batch, length, kv_heads, head_dim]
     ("cache_batch", ("data", "fsdp")),
+    ("cache_sequence", None),
     ("cache_kv_heads", "tensor"),
+    ("cache_head_dim", None),
 )
 
 BATCH_AXES = ("data", "fsdp")

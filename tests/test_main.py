@@ -17,16 +17,18 @@ def _main(*args):
 
 def test_default_run_writes_a_model_transformers_loads_and_resumes(tmp_path):
   wd = str(tmp_path / "wd")
-  r = _main(f"--config.workdir={wd}")
+  small = ("--config.data.train_limit=32", "--config.evaluate.limit=16")
+  r = _main(f"--config.workdir={wd}", *small)
   assert r.returncode == 0, r.stderr[-3000:]
   summary = json.load(open(os.path.join(wd, "stages.json")))
-  assert set(summary) == {"init", "export"} and summary["init"]["parameters"] > 0
+  assert set(summary) == {"init", "score", "curate", "evaluate", "export"} and summary["init"]["parameters"] > 0
+  assert summary["score"]["records"] == 32
   model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(os.path.join(wd, "hf_export"))
   assert sum(p.numel() for p in model.parameters()) == summary["init"]["parameters"]
   tok = transformers.AutoTokenizer.from_pretrained(os.path.join(wd, "hf_export"))
   assert tok.convert_tokens_to_ids("<|image_pad|>") == model.config.image_token_id
-  r = _main(f"--config.workdir={wd}")
-  assert r.returncode == 0 and r.stdout.count("skipped") == 2, r.stdout
+  r = _main(f"--config.workdir={wd}", *small)
+  assert r.returncode == 0 and r.stdout.count("skipped") == 5, r.stdout
 
 
 def test_bad_config_fails_before_work_naming_the_key(tmp_path):

@@ -42,6 +42,29 @@ def make_buckets(patch_sizes: Sequence[int], text_tokens: int, merge_unit: int =
   return tuple(out)
 
 
+def auto_buckets(records: Sequence[Any], processor, *, with_answers: bool, max_buckets: int = 4,
+                 system_prompt: str | None = None, skip_bad_records: bool = False) -> tuple[Bucket, ...]:
+  """Buckets that fit `records`: up to `max_buckets` patch sizes at quantiles of the data (the
+  largest covers every record), each with room for the longest text. Reads image headers only."""
+  measured = []
+  for i, rec in enumerate(records):
+    try:
+      measured.append(processor.measure(rec.image, rec.prompt, rec.answer if with_answers else None,
+                                        system_prompt=system_prompt, name=str(rec.id)))
+    except ValueError as e:
+      if not skip_bad_records:
+        raise BadRecord("dataset", i, str(e), "repair or remove the record, or set skip_bad_records",
+                        record_id=str(getattr(rec, "id", i))) from None
+  if not measured:
+    raise ValueError("no readable records to plan buckets for")
+  mu = processor.cfg.vision.merge_unit
+  patches = np.asarray([p for p, _ in measured])
+  text = max(n - p // mu for p, n in measured)
+  qs = np.quantile(patches, np.linspace(0, 1, max_buckets + 1)[1:], method="higher")
+  sizes = sorted(set(int(-(-q // mu) * mu) for q in qs))
+  return make_buckets(sizes, int(text))
+
+
 def choose(buckets: Sequence[Bucket], patches: int, length: int) -> int | None:
   for i, b in enumerate(buckets):
     if patches <= b.patches and length <= b.length:

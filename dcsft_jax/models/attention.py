@@ -70,3 +70,30 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, impl: 
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale,
                                         implementation="cudnn")
   return _xla_attention(q, k, v, mask, is_causal, scale)
+
+
+def shared_prefix_attention(q, prefix_k, prefix_v, k, v, prefix_mask, mask, *, scale: float | None = None):
+  """Attention of rows that share a prompt prefix, without copying the prefix per row.
+
+  q [B, T, N, H]; prefix_k/v [P, S0, K, H] with B = P * R (R consecutive rows per prefix, e.g. the
+  K samples of one prompt); k/v [B, S, K, H] the rows' own cache; prefix_mask [P, S0] (which prefix
+  slots are real tokens); mask broadcastable to [B, T, S] (which own slots each query sees).
+  One softmax runs over [prefix, own] keys, so this equals attention over the concatenated cache;
+  the prefix product is a matmul with R*G*T query rows per KV head instead of R copies.
+  """
+  B, T, N, H = q.shape
+  P, S0, K = prefix_k.shape[0], prefix_k.shape[1], prefix_k.shape[2]
+  R, G, S = B // P, N // K, k.shape[1]
+  scale = H ** -0.5 if scale is None else scale
+  qg = q.reshape(P, R, T, K, G, H)
+  lp = jnp.einsum("prtkgh,pskh->pkgrts", qg, prefix_k, preferred_element_type=jnp.float32) * scale
+  lo = jnp.einsum("prtkgh,prskh->pkgrts", qg, k.reshape(P, R, S, K, H), preferred_element_type=jnp.float32) * scale
+  lo_mask = jnp.broadcast_to(jnp.asarray(mask), (B, T, S)).reshape(P, 1, 1, R, T, S)
+  neg = jnp.finfo(jnp.float32).min
+  lp = jnp.where(prefix_mask.reshape(P, 1, 1, 1, 1, S0), lp, neg)
+  lo = jnp.where(lo_mask, lo, neg)
+  probs = jax.nn.softmax(jnp.concatenate([lp, lo], axis=-1), axis=-1).astype(v.dtype)
+  out = jnp.einsum("pkgrts,pskh->prtkgh", probs[..., :S0], prefix_v, preferred_element_type=jnp.float32)
+  out = out + jnp.einsum("pkgrts,prskh->prtkgh", probs[..., S0:], v.reshape(P, R, S, K, H),
+                         preferred_element_type=jnp.float32)
+  return out.reshape(B, T, N, H).astype(q.dtype)

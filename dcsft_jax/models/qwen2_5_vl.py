@@ -184,8 +184,12 @@ class DecoderLayer(nn.Module):
   opts: ModelOptions
 
   @nn.compact
-  def __call__(self, h, cache, cos, sin, mask, cache_index):
-    """h [B, L, D]; cache None or {'k','v'} [B, S, KV, hd] for this layer, written at cache_index."""
+  def __call__(self, h, cache, cos, sin, mask, cache_index, prefix=None):
+    """h [B, L, D]; cache None or {'k','v'} [B, S, KV, hd] for this layer, written at cache_index.
+
+    prefix: None, or a read-only {'k','v'} [P, S0, KV, hd] shared by groups of B/P consecutive
+    rows (the K samples of a prompt); then `mask` is (prefix_mask [P, S0], cache_mask [B, L, S]).
+    """
     c, o = self.cfg, self.opts
     lora = o.lora if (o.lora is not None and o.lora.language) else None
     lin = lambda n, f, axes, bias: Linear(f, axes, use_bias=bias, dtype=o.dtype, param_dtype=o.param_dtype,
@@ -204,8 +208,13 @@ class DecoderLayer(nn.Module):
       ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
       cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
       new_cache = {"k": ck, "v": cv}
-      # The caller's mask says which cache slots each query may see (causality included).
-      a = attn_lib.dot_product_attention(q, ck.astype(o.dtype), cv.astype(o.dtype), mask=mask, impl=o.attention)
+      if prefix is None:
+        # The caller's mask says which cache slots each query may see (causality included).
+        a = attn_lib.dot_product_attention(q, ck.astype(o.dtype), cv.astype(o.dtype), mask=mask,
+                                           impl=o.attention)
+      else:
+        a = attn_lib.shared_prefix_attention(q, prefix["k"].astype(o.dtype), prefix["v"].astype(o.dtype),
+                                             ck.astype(o.dtype), cv.astype(o.dtype), *mask)
     h = h + lin("o_proj", D, ("heads", "embed"), False)(a.reshape(B, L, N * hd))
     x = RMSNorm(c.rms_norm_eps, o.dtype, o.param_dtype, name="post_attention_layernorm")(h)
     g = lin("gate_proj", c.intermediate_size, ("embed", "mlp"), False)(x)
@@ -226,7 +235,7 @@ class Qwen25VL(nn.Module):
                                  embedding_init=nn.with_logical_partitioning(_init(), ("vocab", "embed")))
     layer = nn.remat(DecoderLayer, prevent_cse=False) if o.remat else DecoderLayer
     self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                           length=t.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})(t, o)
     self.norm = RMSNorm(t.rms_norm_eps, o.dtype, o.param_dtype)
     if not c.tie_word_embeddings:
@@ -249,12 +258,14 @@ class Qwen25VL(nn.Module):
     h = jnp.where(is_img[:, None], feats[order[k]], h.reshape(-1, D)).reshape(B, L, D)
     return h
 
-  def decode(self, h, positions, *, mask=None, cache=None, cache_index=0):
-    """Runs the decoder stack on embeddings h [B, L, D] -> (final hidden [B, L, D], new cache)."""
+  def decode(self, h, positions, *, mask=None, cache=None, cache_index=0, prefix=None):
+    """Runs the decoder stack on embeddings h [B, L, D] -> (final hidden [B, L, D], new cache).
+
+    cache/prefix: per-layer stacked {'k','v'} [layers, ...] (see DecoderLayer)."""
     t = self.cfg.text
     h = _constrain(h, ("activation_batch", "activation_length", "activation_embed"))
     cos, sin = rope.mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section, self.opts.dtype)
-    h, new_cache = self.layers(h, cache, cos, sin, mask, cache_index)
+    h, new_cache = self.layers(h, cache, cos, sin, mask, cache_index, prefix)
     return self.norm(h), new_cache
 
   def logits(self, h):

@@ -1,0 +1,105 @@
+"""Dataset specs in configs -> Records. One string names a source, so configs stay flat:
+
+  builtin:SPLIT            the embedded digits dataset (train | test | rendition | adversarial)
+  json:PATH  (or PATH.json) one of the paper's JSON files (ms-swift messages, or problem/solution)
+  tfds:NAME[:SPLIT]        a prepared TFDS dataset under data.tfds_dir (ImageNet variants, RefCOCO)
+  hf:PATH[:SPLIT]          a local Hugging Face dataset (save_to_disk dir, image folder, json/parquet)
+
+Evaluation sets are a comma list of NAME=SPEC pairs ("id=builtin:test,rendition=builtin:rendition").
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from dcsft_jax.data import builtin
+from dcsft_jax.data.records import Record, read_hf_dataset, read_paper_json
+
+KINDS = ("builtin", "json", "tfds", "hf")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  kind: str
+  path: str
+  split: str | None = None
+
+  def __str__(self) -> str:
+    return f"{self.kind}:{self.path}" + (f":{self.split}" if self.split else "")
+
+
+def parse(spec: str) -> Spec:
+  s = str(spec).strip()
+  if not s:
+    raise ValueError("empty dataset spec; use builtin:SPLIT, json:PATH, tfds:NAME[:SPLIT] or hf:PATH[:SPLIT]")
+  kind, sep, rest = s.partition(":")
+  if not sep or kind not in KINDS:
+    if s.endswith((".json", ".jsonl")):
+      return Spec("json", s)
+    raise ValueError(f"dataset spec {s!r} does not start with one of {', '.join(k + ':' for k in KINDS)}")
+  if kind == "builtin":
+    if rest not in builtin.SPLITS:
+      raise ValueError(f"dataset spec {s!r}: the builtin splits are {', '.join(builtin.SPLITS)}")
+    return Spec(kind, rest)
+  if kind == "json":
+    return Spec(kind, rest)
+  path, _, split = rest.rpartition(":") if rest.count(":") else (rest, "", "")
+  return Spec(kind, path or rest, split or None)
+
+
+def parse_sets(text: str) -> dict[str, Spec]:
+  """'name=spec,name=spec' -> {name: Spec}, in order; names must be unique and file-name safe."""
+  out: dict[str, Spec] = {}
+  for item in [x.strip() for x in str(text).split(",") if x.strip()]:
+    name, sep, spec = item.partition("=")
+    name = name.strip()
+    if not sep or not name:
+      raise ValueError(f"evaluation set {item!r} is not NAME=SPEC")
+    if not name.replace("_", "").replace("-", "").isalnum():
+      raise ValueError(f"evaluation set name {name!r} must be letters, digits, '-' or '_'")
+    if name in out:
+      raise ValueError(f"evaluation set {name!r} is named twice")
+    out[name] = parse(spec)
+  return out
+
+
+def check(spec: Spec, *, tfds_dir: str = "") -> str | None:
+  """Why `spec` cannot be read on this machine (None if it looks readable), without reading it."""
+  if spec.kind == "json" and not os.path.isfile(spec.path):
+    return f"{spec}: file not found"
+  if spec.kind == "hf" and not os.path.exists(spec.path):
+    return f"{spec}: no such dataset directory or file"
+  if spec.kind == "tfds":
+    if not tfds_dir:
+      return f"{spec}: set data.tfds_dir to the directory holding prepared TFDS datasets"
+    if not os.path.isdir(os.path.join(tfds_dir, spec.path.split("/")[0])):
+      return f"{spec}: {spec.path} is not prepared under {tfds_dir} (run `tfds build {spec.path} --data_dir={tfds_dir}`)"
+  return None
+
+
+def load(spec: Spec | str, *, seed: int = 0, limit: int | None = None, image_root: Any = None,
+         skip_bad_records: bool = False, tfds_dir: str = "", label_names: Any = None, task: str | None = None,
+         label_noise: float = 0.0, image_size: int = 56, prompt: str | None = None,
+         answer_column: str = "label") -> list[Record]:
+  """Records of one source (the first `limit` of them, if given)."""
+  spec = parse(spec) if isinstance(spec, str) else spec
+  problem = check(spec, tfds_dir=tfds_dir)
+  if problem:
+    raise FileNotFoundError(problem)
+  if spec.kind == "builtin":
+    return builtin.load_builtin(spec.path, seed=seed, limit=limit, label_noise=label_noise if spec.path == "train"
+                                else 0.0, image_size=image_size)
+  if spec.kind == "json":
+    recs = list(read_paper_json(spec.path, image_root=image_root or None, task=task,
+                                skip_bad_records=skip_bad_records))
+  elif spec.kind == "tfds":
+    from dcsft_jax.data import tfds_source
+    recs = list(tfds_source.read_tfds(spec.path, split=spec.split or "train", data_dir=tfds_dir,
+                                      label_names=label_names or None, limit=limit,
+                                      skip_bad_records=skip_bad_records))
+  else:
+    recs = list(read_hf_dataset(spec.path, answer_column=answer_column, task=task or "classification",
+                                prompt=prompt or builtin.PROMPT, split=spec.split, image_root=image_root or None,
+                                skip_bad_records=skip_bad_records))
+  return recs[:limit] if limit is not None else recs

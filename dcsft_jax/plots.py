@@ -1,0 +1,236 @@
+"""Small PNG charts (bar histogram, line chart) drawn with Pillow alone.
+
+matplotlib is not a dependency of this project, and the reports only need two chart types: the
+pass-rate histogram of the difficulty curation and training/eval curves. Both writers save
+atomically (tmp file in the same directory + os.replace), so a reader never sees half a PNG.
+
+The plot area of every chart is `PLOT_BOX` (left, top, right, bottom) of a `SIZE` image; bar i of n
+spans the i-th of n equal slots of it. Tests rely on that layout to find bars.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+
+from PIL import Image, ImageColor, ImageDraw, ImageFont
+
+SIZE = (800, 500)
+PLOT_BOX = (90, 60, 770, 420)  # left, top, right, bottom of the axes area
+BACKGROUND = (255, 255, 255)
+AXIS = (40, 40, 40)
+GRID = (225, 225, 225)
+BAR = (70, 120, 190)
+# tab10: distinct and colour-blind friendly enough for a handful of series.
+PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+Color = str | tuple[int, int, int]
+
+
+# ----------------------------------------------------------------------------- helpers
+def _font(size: int) -> ImageFont.ImageFont:
+  try:
+    return ImageFont.load_default(size=size)
+  except TypeError:  # Pillow < 10.1 has only the fixed-size bitmap font
+    return ImageFont.load_default()
+
+
+def _rgb(color: Color) -> tuple[int, int, int]:
+  return ImageColor.getrgb(color)[:3] if isinstance(color, str) else tuple(int(c) for c in color[:3])
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
+  x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+  return x1 - x0, y1 - y0
+
+
+def _centered(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font, fill=AXIS):
+  w, h = _text_size(draw, text, font)
+  draw.text((xy[0] - w / 2, xy[1] - h / 2), text, font=font, fill=fill)
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+  """Round tick values (steps of 1, 2, 2.5 or 5 times a power of ten) covering [lo, hi].
+
+  A zero-width range is widened first, so a constant series still gets an axis.
+  """
+  if not (math.isfinite(lo) and math.isfinite(hi)):
+    raise ValueError(f"tick range must be finite, got [{lo}, {hi}]")
+  if hi < lo:
+    lo, hi = hi, lo
+  if hi == lo:
+    pad = abs(lo) * 0.1 or 1.0
+    lo, hi = lo - pad, hi + pad
+  raw = (hi - lo) / max(n - 1, 1)
+  mag = 10 ** math.floor(math.log10(raw))
+  step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+  first = math.floor(lo / step + 1e-9) * step
+  last = math.ceil(hi / step - 1e-9) * step
+  n_steps = max(round((last - first) / step), 1)
+  ticks = [round(first + i * step, 12) for i in range(n_steps + 1)]
+  return ticks
+
+
+def _fmt(v: float) -> str:
+  if v == int(v) and abs(v) < 1e15:
+    return str(int(v))
+  return f"{v:.6g}"
+
+
+def _frame(title: str, xlabel: str, ylabel: str) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+  """White canvas with the title and both axis labels (the y label rotated)."""
+  img = Image.new("RGB", SIZE, BACKGROUND)
+  draw = ImageDraw.Draw(img)
+  left, top, right, bottom = PLOT_BOX
+  _centered(draw, (SIZE[0] / 2, top / 2), title, _font(20))
+  _centered(draw, ((left + right) / 2, SIZE[1] - 22), xlabel, _font(15))
+  font = _font(15)
+  w, h = _text_size(draw, ylabel, font)
+  label = Image.new("RGB", (w + 4, h + 6), BACKGROUND)
+  ImageDraw.Draw(label).text((2, 0), ylabel, font=font, fill=AXIS)
+  label = label.rotate(90, expand=True)
+  img.paste(label, (8, int((top + bottom) / 2 - label.height / 2)))
+  return img, draw
+
+
+def _y_axis(draw: ImageDraw.ImageDraw, ticks: Sequence[float]):
+  """Horizontal grid lines + tick labels; returns value -> pixel row."""
+  left, top, right, bottom = PLOT_BOX
+  lo, hi = ticks[0], ticks[-1]
+
+  def to_y(v: float) -> float:
+    return bottom - (v - lo) / (hi - lo) * (bottom - top)
+
+  font = _font(13)
+  for t in ticks:
+    y = to_y(t)
+    draw.line([(left, y), (right, y)], fill=GRID)
+    w, h = _text_size(draw, _fmt(t), font)
+    draw.text((left - 8 - w, y - h / 2 - 2), _fmt(t), font=font, fill=AXIS)
+  return to_y
+
+
+def _axes(draw: ImageDraw.ImageDraw):
+  left, top, right, bottom = PLOT_BOX
+  draw.line([(left, top), (left, bottom), (right, bottom)], fill=AXIS, width=2)
+
+
+def _save_png(img: Image.Image, path: str | os.PathLike) -> str:
+  path = os.fspath(path)
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(buf.getvalue())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return path
+
+
+# ----------------------------------------------------------------------------- charts
+def histogram_png(path: str | os.PathLike, counts: Sequence[int], labels: Sequence[str], *, title: str,
+                  xlabel: str, ylabel: str = "records", colors: Sequence[Color] | Color | None = None) -> str:
+  """A bar chart of `counts` (one bar per label, the count written above it); returns the path.
+
+  colors: None (one default colour), one colour for all bars, or one colour per bar.
+  """
+  counts = list(counts)
+  labels = [str(s) for s in labels]
+  if len(counts) != len(labels):
+    raise ValueError(f"{len(counts)} counts but {len(labels)} labels")
+  if not counts:
+    raise ValueError("nothing to plot: no bars")
+  for c in counts:
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+      raise ValueError(f"counts must be finite non-negative numbers, got {c!r}")
+  if colors is None:
+    fills = [BAR] * len(counts)
+  elif isinstance(colors, str) or (isinstance(colors, tuple) and len(colors) in (3, 4)
+                                   and all(isinstance(c, int) for c in colors)):
+    fills = [_rgb(colors)] * len(counts)
+  else:
+    fills = [_rgb(c) for c in colors]
+    if len(fills) != len(counts):
+      raise ValueError(f"{len(fills)} colors for {len(counts)} bars")
+
+  img, draw = _frame(title, xlabel, ylabel)
+  left, _, right, bottom = PLOT_BOX
+  ticks = nice_ticks(0, max(max(counts), 1))
+  to_y = _y_axis(draw, ticks)
+  slot = (right - left) / len(counts)
+  pad = min(slot * 0.15, 12)
+  tick_font, count_font = _font(13), _font(13)
+  for i, (c, label, fill) in enumerate(zip(counts, labels, fills)):
+    x0, x1 = left + i * slot + pad, left + (i + 1) * slot - pad
+    y = to_y(c)
+    if c > 0:  # a zero bar must leave the background untouched
+      draw.rectangle([x0, y, x1, bottom], fill=fill)
+    _centered(draw, ((x0 + x1) / 2, y - 13), _fmt(c), count_font)
+    _centered(draw, ((x0 + x1) / 2, bottom + 14), label, tick_font)
+  _axes(draw)
+  return _save_png(img, path)
+
+
+def line_png(path: str | os.PathLike, series: dict[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
+             xlabel: str, ylabel: str) -> str:
+  """A line chart of named (xs, ys) series, each in its own `PALETTE` colour with point markers and a legend."""
+  if not series:
+    raise ValueError("nothing to plot: no series")
+  clean: dict[str, tuple[list[float], list[float]]] = {}
+  for name, xy in series.items():
+    if len(xy) != 2:
+      raise ValueError(f"series {name!r} must be (xs, ys)")
+    xs, ys = [float(v) for v in xy[0]], [float(v) for v in xy[1]]
+    if len(xs) != len(ys):
+      raise ValueError(f"series {name!r} has {len(xs)} x values but {len(ys)} y values")
+    if not xs:
+      raise ValueError(f"series {name!r} is empty")
+    if not all(math.isfinite(v) for v in xs + ys):
+      raise ValueError(f"series {name!r} holds a NaN or infinite value")
+    clean[str(name)] = (xs, ys)
+
+  all_x = [v for xs, _ in clean.values() for v in xs]
+  all_y = [v for _, ys in clean.values() for v in ys]
+  xticks, yticks = nice_ticks(min(all_x), max(all_x)), nice_ticks(min(all_y), max(all_y))
+  img, draw = _frame(title, xlabel, ylabel)
+  left, top, right, bottom = PLOT_BOX
+  to_y = _y_axis(draw, yticks)
+
+  def to_x(v: float) -> float:
+    return left + (v - xticks[0]) / (xticks[-1] - xticks[0]) * (right - left)
+
+  font = _font(13)
+  for t in xticks:
+    x = to_x(t)
+    draw.line([(x, bottom), (x, bottom + 5)], fill=AXIS)
+    _centered(draw, (x, bottom + 16), _fmt(t), font)
+  _axes(draw)
+
+  colors = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(clean)}
+  for name, (xs, ys) in clean.items():
+    pts = [(to_x(x), to_y(y)) for x, y in zip(xs, ys)]
+    if len(pts) > 1:
+      draw.line(pts, fill=colors[name], width=2, joint="curve")
+    for x, y in pts:
+      draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colors[name])
+
+  # Legend in the top-right corner of the plot area, on a white box so grid lines do not cross it.
+  lfont = _font(13)
+  widths = [_text_size(draw, n, lfont)[0] for n in clean]
+  row_h = 20
+  box_w = max(widths) + 44
+  x0, y0 = right - box_w - 8, top + 8
+  draw.rectangle([x0, y0, x0 + box_w, y0 + row_h * len(clean) + 8], fill=BACKGROUND, outline=GRID)
+  for i, name in enumerate(clean):
+    y = y0 + 4 + i * row_h + row_h / 2
+    draw.line([(x0 + 8, y), (x0 + 30, y)], fill=colors[name], width=3)
+    draw.text((x0 + 36, y - 8), name, font=lfont, fill=AXIS)
+  return _save_png(img, path)

@@ -1,0 +1,151 @@
+"""What several stages share: resolving model references, loading a model for sampling, reading
+the configured datasets, atomic files and progress bars."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+
+from dcsft_jax import checkpoint, sampling
+from dcsft_jax.data import batching, sources
+from dcsft_jax.data.processor import Processor
+from dcsft_jax.models import qwen2_5_vl as model_lib
+
+
+def model_path(ctx, ref: str) -> str:
+  """A stage's model directory name in the workdir (e.g. 'base_model'), or a path."""
+  inside = os.path.join(ctx.workdir, ref)
+  return inside if os.path.exists(inside) else os.path.abspath(ref)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  directory: str
+  cfg: object
+  params: dict
+  opts: model_lib.ModelOptions
+  processor: Processor
+
+
+def load_model(config, ctx, ref: str) -> LoadedModel:
+  directory = model_path(ctx, ref)
+  cfg, params, lora = checkpoint.load_any(directory, mesh=ctx.mesh, opts=ctx.model_options)
+  opts = dataclasses.replace(ctx.model_options, lora=lora)
+  processor = Processor.from_pretrained(directory, cfg=cfg, min_pixels=config.data.min_pixels or None,
+                                        max_pixels=config.data.max_pixels or None)
+  return LoadedModel(directory, cfg, params, opts, processor)
+
+
+def load_records(config, spec, *, limit=None, train: bool = False):
+  d = config.data
+  return sources.load(spec, seed=config.seed, limit=limit or None, image_root=_image_root(d.image_root),
+                      skip_bad_records=d.skip_bad_records, tfds_dir=d.tfds_dir, label_names=d.label_names or None,
+                      label_noise=d.label_noise if train else 0.0, image_size=d.builtin_image_size)
+
+
+def _image_root(value: str):
+  """'OLD=NEW' remaps an absolute prefix (the paper's /data/dataset/...); a plain dir re-roots."""
+  if not value:
+    return None
+  old, sep, new = value.partition("=")
+  return (old, new) if sep else value
+
+
+def generator(config, ctx, model: LoadedModel, records, sp: sampling.SamplingParams, *, batch_size: int,
+              seed: int, source: str, batch_key: str) -> tuple[sampling.RecordGenerator, batching.BatchIterator]:
+  ways = ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
+  if batch_size % ways:
+    raise ValueError(f"config.{batch_key}={batch_size} is not divisible by the mesh's data x fsdp = {ways} "
+                     f"batch shards; use a multiple of {ways}")
+  buckets = batching.auto_buckets(records, model.processor, with_answers=False, max_buckets=config.data.max_buckets,
+                                  skip_bad_records=config.data.skip_bad_records)
+  gen = sampling.RecordGenerator(sampling.Sampler(model.cfg, model.opts), model.params, model.processor, ctx.mesh,
+                                 sp, batch_size=batch_size, buckets=buckets, seed=seed,
+                                 skip_bad_records=config.data.skip_bad_records, source=source)
+  return gen, gen.iterator(records)
+
+
+def progress(total: int, desc: str, unit: str = "prompt"):
+  """A tqdm bar with a rate, on the first process only (other hosts stay quiet)."""
+  from tqdm import tqdm
+  return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
+              disable=jax.process_index() != 0, mininterval=1.0)
+
+
+def write_json(path: str, obj) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, ensure_ascii=False)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+class JsonlJournal:
+  """Append-only JSONL of finished batches, for stages that must resume after a kill.
+
+  Each batch's lines are followed by a commit line {"_batch_done": i}; on open, anything after
+  the last commit (a batch cut short, half a line) is cut off, so a resumed run restarts at the
+  first batch not committed and no record is lost or written twice.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self.rows: list[dict] = []
+    self.next_batch = 0
+    good = 0
+    if os.path.exists(path):
+      pending: list[dict] = []
+      with open(path, "rb") as f:
+        data = f.read()
+      offset = 0
+      for raw in data.splitlines(keepends=True):
+        offset += len(raw)
+        if not raw.endswith(b"\n"):
+          break
+        try:
+          obj = json.loads(raw)
+        except json.JSONDecodeError:
+          break
+        if "_batch_done" in obj:
+          self.rows += pending
+          pending = []
+          self.next_batch = int(obj["_batch_done"]) + 1
+          good = offset
+        else:
+          pending.append(obj)
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, "ab") as f:
+        f.truncate(good)
+    self._f = open(path, "a", encoding="utf-8") if jax.process_index() == 0 else None
+
+  def commit(self, batch_index: int, rows: list[dict]) -> None:
+    self.rows += rows
+    self.next_batch = batch_index + 1
+    if self._f is None:
+      return
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    self._f.write(text + json.dumps({"_batch_done": batch_index}) + "\n")
+    self._f.flush()
+    os.fsync(self._f.fileno())
+
+  def close(self):
+    if self._f is not None:
+      self._f.close()

@@ -1,0 +1,94 @@
+"""Greedy evaluation of one or more models on the in-distribution and OOD sets.
+
+Per (model, set): eval/MODEL/SET.json in the shape of the paper's infer/test_dp.py output
+({"accuracy", "results": [{"image", "question", "ground_truth", "model_output", "correct"}]}),
+written when the set is finished (a re-run skips finished sets). Then eval/accuracy.json and
+eval/accuracy.md, the table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from dcsft_jax import sampling, verify
+from dcsft_jax.data import sources
+from dcsft_jax.stages import common
+
+DIR = "eval"
+OUTPUT = os.path.join(DIR, "accuracy.json")
+
+
+def _image_name(rec) -> str:
+  return rec.image if isinstance(rec.image, str) else f"<in-memory image {rec.id}>"
+
+
+def evaluate_set(config, ctx, model, name: str, spec, out_path: str) -> dict:
+  e = config.evaluate
+  records = common.load_records(config, spec, limit=e.limit)
+  sp = sampling.SamplingParams(max_new_tokens=e.max_new_tokens, num_samples=1, temperature=0.0,
+                               eos_ids=sampling.stop_ids(model.directory, model.processor),
+                               pad_id=model.cfg.pad_token_id or 0)
+  gen, it = common.generator(config, ctx, model, records, sp, batch_size=e.batch_size, seed=config.seed,
+                             source=str(spec), batch_key="evaluate.batch_size")
+  results, t0 = [], time.time()
+  bar = common.progress(len(records), f"eval {name}")
+  try:
+    for out in gen.run(records, iterator=it):
+      for r, texts in zip(out.rows, out.texts):
+        if r < 0:
+          continue
+        rec = records[r]
+        correct = int(verify.verify(rec.task, texts[0], rec.answer))
+        results.append((int(r), {"id": rec.id, "image": _image_name(rec), "question": rec.prompt,
+                                 "ground_truth": rec.answer, "model_output": texts[0], "correct": correct}))
+        bar.update(1)
+  finally:
+    bar.close()
+  results = [x for _, x in sorted(results, key=lambda t: t[0])]
+  acc = sum(x["correct"] for x in results) / len(results) if results else None
+  seconds = time.time() - t0
+  common.write_json(out_path, {"model": model.directory, "dataset": str(spec), "accuracy": acc,
+                               "n": len(results), "skipped": len(it.skipped), "results": results})
+  return {"accuracy": acc, "n": len(results), "prompts_per_s": round(len(results) / max(seconds, 1e-9), 2)}
+
+
+def table(acc: dict[str, dict[str, float | None]], sets: list[str], ood: list[str]) -> str:
+  cols = sets + (["OOD avg"] if ood else [])
+  lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+  for m, row in acc.items():
+    vals = [row.get(s) for s in sets]
+    if ood:
+      o = [row.get(s) for s in ood]
+      vals.append(sum(o) / len(o) if all(v is not None for v in o) else None)
+    lines.append(f"| {m} | " + " | ".join("-" if v is None else f"{100 * v:.2f}" for v in vals) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def run(config, ctx) -> dict:
+  e = config.evaluate
+  sets = sources.parse_sets(config.data.eval)
+  ood = [s.strip() for s in config.data.ood.split(",") if s.strip()]
+  acc: dict[str, dict] = {}
+  figures = {}
+  for item in [m.strip() for m in e.models.split(",") if m.strip()]:
+    label, _, ref = item.rpartition("=") if "=" in item else (item, "", item)
+    model = None
+    acc[label] = {}
+    for name, spec in sets.items():
+      path = os.path.join(ctx.workdir, DIR, label, f"{name}.json")
+      if os.path.exists(path):
+        with open(path) as f:
+          acc[label][name] = json.load(f)["accuracy"]
+        continue
+      model = model or common.load_model(config, ctx, ref)
+      res = evaluate_set(config, ctx, model, name, spec, path)
+      acc[label][name] = res["accuracy"]
+      figures[f"{label}/{name}_prompts_per_s"] = res["prompts_per_s"]
+  md = table(acc, list(sets), ood)
+  common.write_text(os.path.join(ctx.workdir, DIR, "accuracy.md"), md)
+  common.write_json(os.path.join(ctx.workdir, OUTPUT), {"accuracy": acc, "sets": {k: str(v) for k, v in sets.items()},
+                                                         "ood": ood})
+  print(md)
+  return {**{f"{m}/{s}": (None if v is None else round(v, 4)) for m, row in acc.items() for s, v in row.items()},
+          **figures}

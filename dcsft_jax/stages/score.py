@@ -1,0 +1,74 @@
+"""Pass-rate scoring: K samples per training prompt from the cold-started model, each verified.
+
+Writes scores/scores.jsonl (one line per record: id, completions, verdicts, pass_rate, ...), in the
+records' order. While running, finished batches go to scores/scores.partial.jsonl, so a killed
+run resumes at the first unfinished batch and ends with the same file.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+
+from dcsft_jax import sampling, verify
+from dcsft_jax.stages import common
+
+DIR = "scores"
+OUTPUT = os.path.join(DIR, "scores.jsonl")
+PARTIAL = os.path.join(DIR, "scores.partial.jsonl")
+
+
+def sampling_params(s, model) -> sampling.SamplingParams:
+  return sampling.SamplingParams(max_new_tokens=s.max_new_tokens, num_samples=s.num_samples,
+                                 temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                 eos_ids=sampling.stop_ids(model.directory, model.processor),
+                                 pad_id=model.cfg.pad_token_id or 0)
+
+
+def run(config, ctx) -> dict:
+  s = config.score
+  records = common.load_records(config, config.data.train, limit=config.data.train_limit, train=True)
+  model = common.load_model(config, ctx, s.model)
+  sp = sampling_params(s, model)
+  gen, it = common.generator(config, ctx, model, records, sp, batch_size=s.batch_size, seed=config.seed + 1,
+                             source=config.data.train, batch_key="score.batch_size")
+  plan = it.plan(0)
+  journal = common.JsonlJournal(os.path.join(ctx.workdir, PARTIAL))
+  resumed = journal.next_batch
+  done_rows = sum(int((plan[i][1] >= 0).sum()) for i in range(min(resumed, len(plan))))
+  bar = common.progress(sum(int((rows >= 0).sum()) for _, rows in plan), "score")
+  bar.update(done_rows)
+  t0, n_new, answers = time.time(), 0, 0
+  try:
+    for out in gen.run(records, start_batch=resumed, iterator=it):
+      rows = []
+      for r, texts in zip(out.rows, out.texts):
+        if r < 0:
+          continue
+        rec = records[r]
+        verdicts = [int(verify.verify(rec.task, t, rec.answer)) for t in texts]
+        rows.append({"id": rec.id, "index": int(r), "task": rec.task, "answer": rec.answer,
+                     "completions": texts, "verdicts": verdicts, "pass_rate": sum(verdicts) / len(verdicts)})
+      journal.commit(out.index, rows)
+      n_new += len(rows)
+      answers += len(rows) * sp.num_samples
+      bar.update(len(rows))
+      bar.set_postfix(answers_per_s=f"{answers / max(time.time() - t0, 1e-9):.1f}")
+  finally:
+    bar.close()
+    journal.close()
+  seconds = time.time() - t0
+  rows = sorted(journal.rows, key=lambda x: x["index"])
+  if len({x["id"] for x in rows}) != len(rows):
+    raise RuntimeError(f"{journal.path} holds a record twice; delete it to score from scratch")
+  skipped = [sk.record for sk in it.skipped]
+  if jax.process_index() == 0:
+    text = "".join(common.json.dumps(x, ensure_ascii=False) + "\n" for x in rows)
+    common.write_text(os.path.join(ctx.workdir, OUTPUT), text)
+    os.remove(journal.path)
+  rates = [x["pass_rate"] for x in rows]
+  return {"records": len(rows), "skipped": len(skipped), "resumed_at_batch": resumed,
+          "prompts_per_s": round(n_new / seconds, 2) if seconds > 0 else None,
+          "answers_per_s": round(answers / seconds, 2) if seconds > 0 else None,
+          "mean_pass_rate": round(sum(rates) / len(rates), 4) if rates else None, "model": model.directory}

@@ -1,0 +1,217 @@
+"""The scoring, curation and evaluation stages: resume after a kill, files in the paper's formats,
+verdicts that agree with the verifiers, config errors that name the key."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dcsft_jax import curation, main, run_config, verify
+from dcsft_jax.data import builtin
+from dcsft_jax.data.records import read_paper_json
+from dcsft_jax.stages import common, curate, evaluate, score
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(workdir, **overrides):
+  spec = importlib.util.spec_from_file_location("dcsft_cfg", os.path.join(REPO, "configs", "dcsft.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.workdir = str(workdir)
+  c.data.train_limit = 24
+  c.score.batch_size = 8
+  c.score.num_samples = 4
+  c.score.max_new_tokens = 4
+  c.evaluate.limit = 12
+  c.evaluate.batch_size = 8
+  c.evaluate.max_new_tokens = 4
+  for k, v in overrides.items():
+    section, field = k.split(".")
+    c[section][field] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def base_workdir(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("base")
+  c = _config(wd)
+  c.stages = "init"
+  main.run(c)
+  return wd
+
+
+def _fresh(base_workdir, tmp_path, name):
+  wd = tmp_path / name
+  shutil.copytree(base_workdir / "base_model", wd / "base_model")
+  return wd
+
+
+def test_score_resumes_after_a_crash_to_the_same_file(base_workdir, tmp_path, monkeypatch):
+  ref = _fresh(base_workdir, tmp_path, "ref")
+  c = _config(ref)
+  c.stages = "score"
+  main.run(c)
+  expected = open(ref / score.OUTPUT, "rb").read()
+  rows = [json.loads(x) for x in expected.decode().splitlines()]
+  assert len(rows) == 24 and [r["index"] for r in rows] == list(range(24))
+  for r in rows:
+    assert len(r["completions"]) == 4 and r["pass_rate"] == sum(r["verdicts"]) / 4
+    assert r["verdicts"] == [int(verify.verify("classification", t, r["answer"])) for t in r["completions"]]
+
+  wd = _fresh(base_workdir, tmp_path, "crash")
+  c = _config(wd)
+  c.stages = "score"
+  commits = {"n": 0}
+  real_commit = common.JsonlJournal.commit
+
+  def crash_after_two(self, i, rows):
+    if commits["n"] == 2:
+      # Die halfway through writing the third batch: one full line and half of another.
+      with open(self.path, "a") as f:
+        f.write(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:20])
+      raise KeyboardInterrupt("killed")
+    commits["n"] += 1
+    return real_commit(self, i, rows)
+
+  monkeypatch.setattr(common.JsonlJournal, "commit", crash_after_two)
+  with pytest.raises(KeyboardInterrupt):
+    main.run(c)
+  assert not os.path.exists(wd / score.OUTPUT)
+  assert sum('"_batch_done"' in x for x in open(wd / score.PARTIAL)) == 2
+  monkeypatch.setattr(common.JsonlJournal, "commit", real_commit)
+  summary = main.run(c)
+  assert summary["score"]["resumed_at_batch"] == 2
+  assert open(wd / score.OUTPUT, "rb").read() == expected
+  assert not os.path.exists(wd / score.PARTIAL)
+
+
+@pytest.mark.slow
+def test_score_killed_with_sigkill_resumes(base_workdir, tmp_path):
+  ref = _fresh(base_workdir, tmp_path, "ref")
+  wd = _fresh(base_workdir, tmp_path, "killed")
+  args = ["--config.stages=score", "--config.mesh.fsdp=1", "--config.data.train_limit=40",
+          "--config.score.batch_size=4", "--config.score.num_samples=4", "--config.score.max_new_tokens=4"]
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="")
+  cmd = [sys.executable, "-m", "dcsft_jax.main", "--config=configs/dcsft.py"]
+  r = subprocess.run(cmd + [f"--config.workdir={ref}"] + args, cwd=REPO, env=env, capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  p = subprocess.Popen(cmd + [f"--config.workdir={wd}"] + args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+  partial = wd / score.PARTIAL
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if partial.exists() and open(partial).read().count("_batch_done") >= 3:
+      break
+    time.sleep(0.05)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  done = open(partial).read().count("_batch_done")
+  assert 3 <= done < 10 and not (wd / score.OUTPUT).exists()
+  r = subprocess.run(cmd + [f"--config.workdir={wd}"] + args, cwd=REPO, env=env, capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  stages = json.load(open(wd / "stages.json"))
+  assert stages["score"]["resumed_at_batch"] >= 3
+  assert open(wd / score.OUTPUT, "rb").read() == open(ref / score.OUTPUT, "rb").read()
+
+
+def _write_scores(wd, records, verdict_of):
+  os.makedirs(wd / score.DIR, exist_ok=True)
+  with open(wd / score.OUTPUT, "w") as f:
+    for i, r in enumerate(records):
+      v = verdict_of(i)
+      f.write(json.dumps({"id": r.id, "index": i, "completions": ["x"] * len(v), "verdicts": v,
+                          "pass_rate": sum(v) / len(v)}) + "\n")
+
+
+def test_curate_stage_writes_recipes_summary_and_histogram(tmp_path):
+  wd = tmp_path / "wd"
+  c = _config(wd, **{"curate.recipes": "sft_m,sft_em,sft,hard", "data.train_limit": 30})
+  c.stages = "curate"
+  records = builtin.load_builtin("train", limit=30, label_noise=0.1)
+  patterns = [[1] * 8, [0] * 8, [1, 0, 0, 0, 0, 0, 0, 0]]
+  _write_scores(wd, records, lambda i: patterns[i % 3])
+  main.run(c)
+  s = json.load(open(wd / curate.OUTPUT))
+  assert s["summary"]["buckets"] == {"easy": 10, "medium": 10, "hard": 10}
+  assert {k: v["records"] for k, v in s["recipes"].items()} == {"sft_m": 10, "sft_em": 20, "sft": 30, "hard": 10}
+  assert s["summary"]["pass_rate_hist"] == [10, 10, 0, 0, 0, 0, 0, 0, 10]
+  back = list(read_paper_json(curate.recipe_file(str(wd), "sft_em")))
+  want = [r for i, r in enumerate(records) if i % 3 != 1]
+  assert [(b.prompt, b.answer) for b in back] == [(r.prompt, r.answer) for r in want]
+  assert all(os.path.isfile(b.image) for b in back)
+  from PIL import Image
+  assert Image.open(wd / curate.DIR / "pass_rates.png").size == (800, 500)
+
+
+def test_curate_hard_ratio_adds_back_hard_records(tmp_path):
+  wd = tmp_path / "wd"
+  c = _config(wd, **{"curate.recipes": "sft_em", "curate.hard_ratio": 0.5, "data.train_limit": 30})
+  c.stages = "curate"
+  records = builtin.load_builtin("train", limit=30, label_noise=0.1)
+  _write_scores(wd, records, lambda i: [0] * 8 if i % 2 else [1] * 8)
+  main.run(c)
+  assert json.load(open(wd / curate.OUTPUT))["recipes"]["sft_em"]["records"] == 15 + 8
+
+
+def test_evaluate_stage_writes_test_dp_shaped_results(base_workdir, tmp_path):
+  wd = _fresh(base_workdir, tmp_path, "eval")
+  c = _config(wd, **{"data.eval": "id=builtin:test,rendition=builtin:rendition", "data.ood": "rendition"})
+  c.stages = "evaluate"
+  main.run(c)
+  for name in ("id", "rendition"):
+    out = json.load(open(wd / evaluate.DIR / "base" / f"{name}.json"))
+    assert out["n"] == 12 and len(out["results"]) == 12
+    for x in out["results"]:
+      assert set(x) >= {"image", "question", "ground_truth", "model_output", "correct"}
+      assert x["correct"] == int(verify.verify("classification", x["model_output"], x["ground_truth"]))
+    assert out["accuracy"] == sum(x["correct"] for x in out["results"]) / 12
+  md = open(wd / evaluate.DIR / "accuracy.md").read()
+  assert md.splitlines()[0] == "| model | id | rendition | OOD avg |" and md.splitlines()[2].startswith("| base |")
+  # Greedy outputs equal the generate CLI's answer for the same record.
+  from dcsft_jax import generate
+  rec = builtin.load_builtin("test", limit=1)[0]
+  img = str(tmp_path / "one.png")
+  rec.image.save(img)
+  cli = generate.generate(str(wd / "base_model"), img, rec.prompt, max_new_tokens=4)
+  first = json.load(open(wd / evaluate.DIR / "base" / "id.json"))["results"][0]
+  assert cli["texts"][0] == first["model_output"]
+
+
+def test_evaluate_table_averages_ood_sets():
+  md = evaluate.table({"m": {"id": 0.5, "a": 0.25, "b": 0.75}}, ["id", "a", "b"], ["a", "b"])
+  assert md.splitlines()[2] == "| m | 50.00 | 25.00 | 75.00 | 50.00 |"
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("curate.recipes", "sft_m,sft_hardest", "config.curate.recipes"),
+    ("data.ood", "imagenet_r", "config.data.ood"),
+    ("data.train", "json:/nonexistent/train.json", "config.data.train"),
+    ("data.eval", "id=builtin:val", "config.data.eval"),
+    ("score.top_p", 0.0, "config.score"),
+    ("score.batch_size", 0, "config.score.batch_size"),
+    ("curate.hard_ratio", 1.5, "config.curate.hard_ratio"),
+])
+def test_bad_stage_config_names_the_key(tmp_path, key, value, needle):
+  c = _config(tmp_path / "wd", **{key: value})
+  with pytest.raises(run_config.ConfigError, match=needle.replace(".", r"\.")):
+    run_config.validate(c, ["init", "score", "curate", "evaluate", "export"])
+
+
+def test_read_scores_of_the_stage_output_round_trips(base_workdir, tmp_path):
+  wd = _fresh(base_workdir, tmp_path, "rt")
+  c = _config(wd, **{"data.train_limit": 8})
+  c.stages = "score"
+  main.run(c)
+  scores = curation.read_scores(wd / score.OUTPUT)
+  assert len(scores) == 8 and all(s.k == 4 for s in scores.values())
