@@ -1,0 +1,97 @@
+"""The optimizer every trainer shares: AdamW with warmup then decay, clipping by global norm, and
+a mask that keeps frozen parameters out of the optimizer state (LoRA, freeze_vit, freeze_aligner).
+
+Trainable and frozen parameters are split into two trees before differentiation, so frozen weights
+get no gradient buffers and no Adam moments: with LoRA the optimizer state is the adapters' only.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ("cosine", "linear", "constant")
+DECAYED = ("kernel", "embedding", "lora_a", "lora_b")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 1e-5
+  warmup_ratio: float = 0.1
+  schedule: str = "cosine"         # ms-swift's default; 'linear' is transformers' Trainer default
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  max_grad_norm: float = 1.0
+  total_steps: int = 100
+  min_lr_ratio: float = 0.0
+
+  def __post_init__(self):
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
+    if self.total_steps < 1:
+      raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+    if not 0 <= self.warmup_ratio < 1:
+      raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+def schedule(c: OptimConfig) -> optax.Schedule:
+  warm = int(round(c.warmup_ratio * c.total_steps))
+  decay = max(c.total_steps - warm, 1)
+  end = c.learning_rate * c.min_lr_ratio
+  if c.schedule == "cosine":
+    after = optax.cosine_decay_schedule(c.learning_rate, decay, alpha=c.min_lr_ratio)
+  elif c.schedule == "linear":
+    after = optax.linear_schedule(c.learning_rate, end, decay)
+  else:
+    after = optax.constant_schedule(c.learning_rate)
+  if not warm:
+    return after
+  # transformers' warmup: lr * step / warmup for step < warmup (step 0 trains at lr 0).
+  return optax.join_schedules([optax.linear_schedule(0.0, c.learning_rate, warm), after], [warm])
+
+
+def optimizer(c: OptimConfig) -> optax.GradientTransformation:
+  # Biases and norm scales get no weight decay, as in transformers' Trainer (layers are stacked,
+  # so a bias is 2-D here: decide by name, not by rank).
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, x: None if x is None else getattr(path[-1], "key", "") in DECAYED, params,
+      is_leaf=lambda x: x is None)
+  return optax.chain(
+      optax.clip_by_global_norm(c.max_grad_norm) if c.max_grad_norm > 0 else optax.identity(),
+      optax.adamw(schedule(c), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask),
+  )
+
+
+# ------------------------------------------------------------------------------ trainable split
+def trainable_mask(params, *, lora: bool, freeze_vit: bool = False, freeze_aligner: bool = False,
+                   freeze_llm: bool = False):
+  """True for the leaves that train. With LoRA only adapters train (and only where they exist)."""
+  def decide(path, _):
+    names = [getattr(p, "key", str(p)) for p in path]
+    if lora:
+      return names[-1] in ("lora_a", "lora_b")
+    if names[0] == "visual":
+      aligner = names[1] in ("ln_q", "mlp_0", "mlp_2")
+      return not (freeze_aligner if aligner else freeze_vit)
+    return not freeze_llm
+  return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def split(params, mask):
+  """-> (trainable, frozen): two trees of the same structure with None where a leaf is elsewhere."""
+  train = jax.tree.map(lambda x, m: x if m else None, params, mask)
+  frozen = jax.tree.map(lambda x, m: None if m else x, params, mask)
+  return train, frozen
+
+
+def merge(train, frozen):
+  return jax.tree.map(lambda a, b: a if b is None else b, train, frozen, is_leaf=lambda x: x is None)
+
+
+def global_norm(tree) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if x is not None]
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))

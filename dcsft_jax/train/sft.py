@@ -1,0 +1,91 @@
+"""The SFT train step: cross-entropy on the assistant tokens, averaged over those tokens across the
+whole (accumulated) batch, as transformers' loss does for one batch.
+
+`make_train_step` returns a jitted pure function step(state, batch) -> (state, metrics):
+- batch arrays carry a leading micro-batch axis [A, b, ...]; a `lax.scan` accumulates the summed
+  token losses and their gradients, so A micro-batches give exactly the gradient of one A*b batch;
+- only the trainable leaves are differentiated (optim.split), the state is donated;
+- compute runs in the model's dtype (bf16 on accelerators) while params and Adam moments stay fp32.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from dcsft_jax.models import qwen2_5_vl as model_lib
+from dcsft_jax.train import optim
+
+IMAGE_KEYS = ("pixel_values", "pos_hw", "frame_seg", "window_seg")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  train: Any          # trainable leaves (None elsewhere)
+  frozen: Any         # frozen leaves (None elsewhere)
+  opt_state: Any
+  rng: jax.Array      # key data; step t uses fold_in(rng, t)
+
+  @property
+  def params(self):
+    return optim.merge(self.train, self.frozen)
+
+
+def init_state(params, tx: optax.GradientTransformation, mask, rng) -> TrainState:
+  train, frozen = optim.split(params, mask)
+  opt_state = jax.jit(tx.init)(train)
+  return TrainState(jnp.zeros((), jnp.int32), train, frozen, opt_state, jnp.asarray(rng))
+
+
+def token_nll(logits, input_ids, loss_mask):
+  """(sum of -log p(next token) over masked targets, number of targets). logits [B, L, V]."""
+  labels = input_ids[:, 1:]
+  mask = loss_mask[:, 1:].astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+  return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def sft_loss(model, params, batch, rng):
+  images = {k: batch[k] for k in IMAGE_KEYS}
+  logits = model.apply({"params": params}, batch["input_ids"], batch["positions"], images, batch["attention_mask"],
+                       rngs={"dropout": rng})
+  mask = batch["loss_mask"] * batch["valid"][:, None].astype(batch["loss_mask"].dtype)
+  return token_nll(logits, batch["input_ids"], mask)
+
+
+def make_train_step(cfg, opts: model_lib.ModelOptions, tx: optax.GradientTransformation, schedule,
+                    loss=sft_loss):
+  """step(state, batch) -> (state, metrics); batch arrays are [A, b, ...] (positions [A, 3, b, L])."""
+  model = model_lib.Qwen25VL(cfg, opts)
+
+  def step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def micro(carry, xs):
+      i, mb = xs
+      grads, total, count = carry
+      # The summed token loss is differentiated; its token count rides along as auxiliary output.
+      f = lambda train: loss(model, optim.merge(train, state.frozen), mb, jax.random.fold_in(rng, i))
+      (s, n), g = jax.value_and_grad(f, has_aux=True)(state.train)
+      grads = jax.tree.map(jnp.add, grads, g)
+      return (grads, total + s, count + n), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.train)
+    A = batch["input_ids"].shape[0]
+    (grads, total, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)),
+                                            (jnp.arange(A), batch))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.train)
+    train = optax.apply_updates(state.train, updates)
+    metrics = {"loss": total / denom, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step),
+               "tokens": count}
+    return state.replace(step=state.step + 1, train=train, opt_state=opt_state), metrics
+
+  return jax.jit(step, donate_argnums=(0,))
+
