@@ -1,0 +1,214 @@
+"""The SFT training loop: batches -> jitted step -> metrics, with Orbax checkpoints that resume exactly.
+
+A checkpoint holds the trainable leaves, the optimizer state, the step and the RNG (an Orbax
+`StandardSave`), and the data iterator's position plus the metrics so far (JSON). Frozen leaves
+(the base model under LoRA) are not saved again: they come from the model the run started from.
+Saving is asynchronous; SIGTERM (a Cloud TPU preemption notice) makes the loop save at the end of
+the current step and exit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dcsft_jax.data import batching
+from dcsft_jax.models import qwen2_5_vl as model_lib
+from dcsft_jax.train import metrics as metrics_lib
+from dcsft_jax.train import optim, sft
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak per device, for MFU (None where unknown: the CPU).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+              "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def peak_flops_per_device() -> float | None:
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int
+  batch_size: int                  # examples per optimizer step (global)
+  accum: int = 1                   # micro-batches per step
+  optim: optim.OptimConfig = optim.OptimConfig()
+  lora: model_lib.LoraSpec | None = None
+  freeze_vit: bool = False
+  freeze_aligner: bool = False
+  save_every: int = 100
+  keep: int = 2
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.batch_size % self.accum:
+      raise ValueError(f"batch_size {self.batch_size} is not divisible by accum {self.accum}")
+
+
+def _pad_to(arrays: dict[str, np.ndarray], L: int, P: int) -> dict[str, np.ndarray]:
+  """Right-pads one micro-batch to L tokens and P patches, so micro-batches of a step stack."""
+  out = {}
+  for k, v in arrays.items():
+    if k in ("input_ids", "attention_mask", "loss_mask"):
+      v = np.pad(v, ((0, 0), (0, L - v.shape[1])))
+    elif k == "positions":
+      v = np.pad(v, ((0, 0), (0, 0), (0, L - v.shape[2])))
+    elif k in ("pixel_values", "pos_hw"):
+      v = np.pad(v, ((0, 0), (0, P - v.shape[1])) + ((0, 0),) * (v.ndim - 2))
+    elif k in ("frame_seg", "window_seg"):
+      v = np.pad(v, ((0, 0), (0, P - v.shape[1])), constant_values=-1)
+    out[k] = v
+  return out
+
+
+def stack_micro(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  L = max(b["input_ids"].shape[1] for b in batches)
+  P = max(b["pixel_values"].shape[1] for b in batches)
+  padded = [_pad_to(b, L, P) for b in batches]
+  return {k: np.stack([b[k] for b in padded]) for k in padded[0]}
+
+
+class Preempted(Exception):
+  """Raised after a SIGTERM-triggered save; the run resumes from that checkpoint."""
+
+
+class SFTTrainer:
+  """Trains `params` (a full model or a LoRA-augmented one) on records; resumes from `ckpt_dir`."""
+
+  def __init__(self, cfg, opts: model_lib.ModelOptions, params, tc: TrainConfig, mesh, workdir: str,
+               loss=sft.sft_loss):
+    self.cfg, self.tc, self.mesh, self.workdir = cfg, tc, mesh, workdir
+    self.opts = dataclasses.replace(opts, lora=tc.lora,
+                                    deterministic=tc.lora is None or tc.lora.dropout == 0.0)
+    self.schedule = optim.schedule(tc.optim)
+    self.tx = optim.optimizer(tc.optim)
+    self.mask = optim.trainable_mask(params, lora=tc.lora is not None, freeze_vit=tc.freeze_vit,
+                                     freeze_aligner=tc.freeze_aligner)
+    # Every leaf on the mesh by the logical rules, so restored checkpoints land in the same places.
+    from dcsft_jax import mesh as mesh_lib
+    abstract = model_lib.init_params(cfg, self.opts, abstract=True)
+    params = jax.device_put(params, mesh_lib.param_shardings(abstract, mesh))
+    self.n_params = model_lib.count_params(params)
+    rng = jax.random.key_data(jax.random.key(tc.seed))
+    self.state = sft.init_state(params, self.tx, self.mask, rng)
+    self.step_fn = sft.make_train_step(cfg, self.opts, self.tx, self.schedule, loss=loss)
+    self.ckpt_dir = os.path.join(workdir, "checkpoints")
+    self.manager = ocp.CheckpointManager(self.ckpt_dir, options=ocp.CheckpointManagerOptions(
+        max_to_keep=tc.keep, enable_async_checkpointing=True))
+    self._stop = False
+
+  # ------------------------------------------------------------------------- checkpoints
+  def _saved(self):
+    s = self.state
+    return {"train": s.train, "opt_state": s.opt_state, "step": s.step, "rng": s.rng}
+
+  def save(self, iterator_state: dict, history: list[dict]) -> None:
+    step = int(self.state.step)
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(self._saved()),
+        meta=ocp.args.JsonSave({"iterator": iterator_state, "history": history})), force=True)
+
+  def restore(self) -> tuple[dict | None, list[dict]]:
+    step = self.manager.latest_step()
+    if step is None:
+      return None, []
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._saved())
+    got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                             meta=ocp.args.JsonRestore()))
+    st = got["state"]
+    self.state = self.state.replace(train=st["train"], opt_state=st["opt_state"], step=st["step"], rng=st["rng"])
+    meta = got["meta"]
+    log.warning("resumed from %s at step %d", self.ckpt_dir, step)
+    return meta["iterator"], meta["history"]
+
+  # ------------------------------------------------------------------------- the loop
+  def fit(self, iterator: batching.BatchIterator, *, progress: bool = True, on_step=None) -> dict[str, Any]:
+    tc = self.tc
+    it_state, history = self.restore()
+    if it_state is not None:
+      iterator.restore(it_state)
+    writer = metrics_lib.MetricsWriter(os.path.join(self.workdir, "logs"), resume_step=int(self.state.step))
+    old = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+    from tqdm import tqdm
+    bar = tqdm(total=tc.steps, initial=int(self.state.step), desc="train", unit="step", dynamic_ncols=True,
+               disable=not progress or jax.process_index() != 0)
+    peak = peak_flops_per_device()
+    batches = iter(iterator)
+    try:
+      while int(self.state.step) < tc.steps:
+        micro = [next(batches).arrays for _ in range(tc.accum)]
+        host = stack_micro(micro)
+        tokens_in = float(host["attention_mask"].sum())
+        batch = {k: jax.make_array_from_process_local_data(
+            _batch_sharding(self.mesh, k, v.ndim), v) for k, v in host.items()}
+        t0 = time.time()
+        self.state, m = self.step_fn(self.state, batch)
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        dt = time.time() - t0
+        step = int(self.state.step)
+        m["tokens_per_s"] = tokens_in * jax.process_count() / dt
+        m["mfu"] = (6 * self.n_params * m["tokens_per_s"] / (peak * jax.device_count())) if peak else None
+        history.append({"step": step, **{k: v for k, v in m.items() if v is not None}})
+        writer.write(step, {k: v for k, v in m.items() if v is not None})
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+        if on_step is not None:
+          on_step(step, m)
+        if step % tc.save_every == 0 or step == tc.steps or self._stop:
+          self.save(iterator.state(), history)
+          writer.flush()
+        if self._stop:
+          self.manager.wait_until_finished()
+          raise Preempted(f"SIGTERM: saved step {step} to {self.ckpt_dir}; run again to resume")
+    finally:
+      bar.close()
+      writer.close()
+      self.manager.wait_until_finished()
+      if old is not None:
+        signal.signal(signal.SIGTERM, old)
+      iterator.close()
+    return {"steps": int(self.state.step), "history": history}
+
+  def _on_sigterm(self, signum, frame):
+    self._stop = True
+
+  @property
+  def params(self):
+    return self.state.params
+
+
+def _main_thread() -> bool:
+  import threading
+  return threading.current_thread() is threading.main_thread()
+
+
+def _batch_sharding(mesh, key: str, ndim: int):
+  from dcsft_jax import mesh as mesh_lib
+  # [A, b, ...]: the micro-batch axis stays whole, rows split over the batch axes.
+  return mesh_lib.batch_sharding(mesh, ndim, 2 if key == "positions" else 1)
+
+
+def init_lora(params, cfg, lora: model_lib.LoraSpec, seed: int, mesh=None):
+  """Adds freshly initialised adapters (B = 0, so the model is unchanged) to base params."""
+  opts = model_lib.ModelOptions(lora=lora)
+  fresh = model_lib.unbox(model_lib.init_params(cfg, opts, jax.random.PRNGKey(seed), mesh=mesh))
+
+  def merge(base, new):
+    if isinstance(new, dict):
+      return {k: merge(base.get(k) if isinstance(base, dict) else None, v) for k, v in new.items()}
+    return base if base is not None else new
+  return merge(params, fresh)
+
+
