@@ -48,3 +48,41 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float = 0.04,
   metrics = {"kl": ((kl * mask).sum(axis=1) / tokens).mean(),
              "clip_fraction": (clipped * mask).sum() / jnp.maximum(mask.sum(), 1.0)}
   return loss, metrics
+
+
+def completion_logprobs(model, params, prompt: dict, completions, *, rngs=None):
+  """log p(completion token | prompt, earlier tokens) [B*G, T] under `model`, differentiable.
+
+  prompt: a generation batch (input_ids, positions, attention_mask, lengths, rope_deltas and the
+  image arrays) of B prompts; completions [B, G, T]. As in the sampler, the prompt (and its image)
+  runs once per group and the G completions attend to its KV cache in place, so a GRPO step costs
+  one prompt forward + G completion forwards, not G prompt forwards.
+  """
+  import jax
+  t = model.cfg.text
+  B, L = prompt["input_ids"].shape
+  _, G, T = completions.shape
+  dtype = model.opts.dtype
+  valid = prompt["attention_mask"].astype(bool)
+  lengths = prompt["lengths"]
+  images = {k: prompt[k] for k in ("pixel_values", "pos_hw", "frame_seg", "window_seg")}
+  comp = completions.reshape(B * G, T)
+
+  def run(m):
+    h = m.embed(prompt["input_ids"], images)
+    zeros = lambda rows, n: {k: jnp.zeros((t.num_hidden_layers, rows, n, t.num_key_value_heads, t.head_dim), dtype)
+                             for k in ("k", "v")}
+    mask = jnp.tril(jnp.ones((L, L), bool))[None, None] & valid[:, None, None, :]
+    hp, prefix = m.decode(h, prompt["positions"], mask=mask, cache=zeros(B, L), cache_index=0)
+    last = jnp.take_along_axis(hp, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)     # [B, 1, D]
+    first = jax.nn.log_softmax(m.logits(last)[:, 0].astype(jnp.float32), axis=-1)            # [B, V]
+    first = jnp.take_along_axis(jnp.repeat(first, G, axis=0), comp[:, :1], axis=1)           # [B*G, 1]
+    start = jnp.repeat(lengths + prompt["rope_deltas"], G)
+    pos = jnp.broadcast_to((start[:, None] + jnp.arange(T)[None])[None], (3, B * G, T))
+    own = jnp.tril(jnp.ones((T, T), bool))[None]
+    hc, _ = m.decode(m.embed(comp), pos, mask=(valid, own), cache=zeros(B * G, T), cache_index=0, prefix=prefix)
+    rest = jax.nn.log_softmax(m.logits(hc[:, :-1]).astype(jnp.float32), axis=-1)
+    rest = jnp.take_along_axis(rest, comp[:, 1:, None], axis=-1)[..., 0]
+    return jnp.concatenate([first, rest], axis=1)
+
+  return model.apply({"params": params}, method=run, rngs=rngs)
