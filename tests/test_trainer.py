@@ -85,3 +85,26 @@ def test_event_file_is_valid_tensorboard_format(tmp_path):
   path.write_bytes(bytes(data))
   with pytest.raises(ValueError, match="corrupt"):
     list(metrics.read_records(str(path)))
+
+
+@pytest.mark.slow
+def test_two_process_run_trains_and_checkpoints(tmp_path):
+  import os
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  script = os.path.join(repo, "tests", "two_process_train.py")
+  procs = [subprocess.Popen([sys.executable, script, str(i), str(port), str(tmp_path / "run")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  lines = [out.strip().splitlines()[-1] for out, _ in outs]
+  assert lines[0].startswith("process 0/2 devices 2 steps 2") and lines[1].startswith("process 1/2 devices 2 steps 2")
+  assert lines[0].split("loss")[1] == lines[1].split("loss")[1]     # both processes saw the same global step
+  assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
