@@ -108,3 +108,25 @@ def test_two_process_run_trains_and_checkpoints(tmp_path):
   assert lines[0].startswith("process 0/2 devices 2 steps 2") and lines[1].startswith("process 1/2 devices 2 steps 2")
   assert lines[0].split("loss")[1] == lines[1].split("loss")[1]     # both processes saw the same global step
   assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_before_exit(tmp_path):
+  import os
+  import signal
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  p = subprocess.Popen([sys.executable, os.path.join(repo, "tests", "sigterm_train.py"), str(tmp_path / "run")],
+                       env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  seen = []
+  for line in p.stdout:
+    seen.append(line.strip())
+    if line.startswith("step 3"):
+      p.send_signal(signal.SIGTERM)
+      break
+  rest = p.stdout.read()
+  assert p.wait(timeout=300) == 143, rest
+  last = int(rest.split("saved step ")[1].split()[0])
+  assert last >= 3 and (tmp_path / "run" / "checkpoints" / str(last)).is_dir()
