@@ -29,25 +29,81 @@ def kl_k3(logp, ref_logp):
   return jnp.exp(d) - d - 1.0
 
 
+def sequence_terms(logp, old_logp, ref_logp, advantages, mask, *, beta: float = 0.04, clip_eps: float = 0.2):
+  """Per completion [R]: (token-mean of policy + beta * KL, token-mean KL, clipped tokens, tokens)."""
+  mask = mask.astype(jnp.float32)
+  ratio = jnp.exp(logp - old_logp)
+  a = advantages[:, None]
+  policy = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * a)
+  kl = kl_k3(logp, ref_logp)
+  tokens = mask.sum(axis=1)
+  denom = jnp.maximum(tokens, 1.0)
+  per_seq = ((policy + beta * kl) * mask).sum(axis=1) / denom
+  kl_seq = (kl * mask).sum(axis=1) / denom
+  clipped = (((ratio < 1 - clip_eps) | (ratio > 1 + clip_eps)) * mask).sum(axis=1)
+  return per_seq, kl_seq, clipped, tokens
+
+
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float = 0.04, clip_eps: float = 0.2):
   """logp, old_logp, ref_logp, mask [R, T]; advantages [R] -> (loss, metrics).
 
   R = B*G completions. old_logp is the sampling policy's (with one update per batch of rollouts it
   is the current policy, detached: the ratio is 1 but its gradient is not 0).
   """
-  mask = mask.astype(jnp.float32)
-  ratio = jnp.exp(logp - old_logp)
-  a = advantages[:, None]
-  policy = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * a)
-  kl = kl_k3(logp, ref_logp)
-  per_token = policy + beta * kl
-  tokens = jnp.maximum(mask.sum(axis=1), 1.0)
-  per_seq = (per_token * mask).sum(axis=1) / tokens
-  loss = per_seq.mean()
-  clipped = ((ratio < 1 - clip_eps) | (ratio > 1 + clip_eps)).astype(jnp.float32)
-  metrics = {"kl": ((kl * mask).sum(axis=1) / tokens).mean(),
-             "clip_fraction": (clipped * mask).sum() / jnp.maximum(mask.sum(), 1.0)}
-  return loss, metrics
+  per_seq, kl_seq, clipped, tokens = sequence_terms(logp, old_logp, ref_logp, advantages, mask, beta=beta,
+                                                    clip_eps=clip_eps)
+  metrics = {"kl": kl_seq.mean(), "clip_fraction": clipped.sum() / jnp.maximum(tokens.sum(), 1.0)}
+  return per_seq.mean(), metrics
+
+
+ROLLOUT_KEYS = ("completions", "completion_mask", "rewards")
+
+
+def make_loss(*, beta: float = 0.04, clip_eps: float = 0.2):
+  """The GRPO loss in the train step's form: loss(model, params, micro_batch, rng[, ref_params]).
+
+  micro_batch: a generation batch of b prompts (input_ids, positions, attention_mask, lengths,
+  rope_deltas, valid, image arrays) plus completions [b, G, T], completion_mask [b, G, T] (tokens up
+  to and including the end-of-sequence token) and rewards [b, G]. Returns the summed per-completion
+  loss over the valid prompts' completions and {"count": completions, "kl", "clip_fraction",
+  "reward", "zero_advantage"} sums.
+
+  The reference policy: `ref_params` when given (full fine-tuning keeps a frozen copy of the
+  starting weights); otherwise the same params with the adapters switched off (LoRA: the base
+  model is the cold-start model, so no second copy is kept). Both are outside the gradient.
+  """
+  import dataclasses
+
+  import jax
+
+  from dcsft_jax.models import qwen2_5_vl as model_lib
+
+  def loss(model, params, mb, rng, ref_params=None):
+    prompt = {k: v for k, v in mb.items() if k not in ROLLOUT_KEYS}
+    comp, mask, rewards = mb["completions"], mb["completion_mask"], mb["rewards"]
+    b, G, T = comp.shape
+    logp = completion_logprobs(model, params, prompt, comp, rngs={"dropout": rng})
+    if ref_params is None:
+      if model.opts.lora is None:
+        raise ValueError("GRPO with full fine-tuning needs the reference params (a frozen copy)")
+      ref_params = params           # read without the adapters below
+    ref_model = model_lib.Qwen25VL(model.cfg, dataclasses.replace(model.opts, lora=None, deterministic=True))
+    ref_logp = jax.lax.stop_gradient(completion_logprobs(ref_model, jax.lax.stop_gradient(ref_params), prompt,
+                                                         comp))
+    adv = group_advantages(rewards).reshape(b * G)
+    # One policy update per batch of rollouts: the sampling policy is the current one, detached.
+    per_seq, kl_seq, clipped, tokens = sequence_terms(logp, jax.lax.stop_gradient(logp), ref_logp, adv,
+                                                      mask.reshape(b * G, T), beta=beta, clip_eps=clip_eps)
+    row = jnp.repeat(prompt["valid"].astype(jnp.float32), G)
+    r = rewards.astype(jnp.float32)
+    zero = jnp.repeat(jnp.all(r == r[:, :1], axis=1).astype(jnp.float32), G)   # groups with A = 0
+    return jnp.sum(per_seq * row), {
+        "count": jnp.sum(row), "kl": jnp.sum(kl_seq * row),
+        "clip_fraction": jnp.sum(clipped / jnp.maximum(tokens, 1.0) * row),
+        "reward": jnp.sum(r.reshape(-1) * row), "zero_advantage": jnp.sum(zero * row),
+        "completion_tokens": jnp.sum(tokens * row)}
+
+  return loss
 
 
 def completion_logprobs(model, params, prompt: dict, completions, *, rngs=None):

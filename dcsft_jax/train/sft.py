@@ -58,34 +58,56 @@ def sft_loss(model, params, batch, rng):
   return token_nll(logits, batch["input_ids"], mask)
 
 
+def _split_aux(aux):
+  """A loss's auxiliary output: its count, or {"count": n, NAME: summed figure, ...}."""
+  if isinstance(aux, dict):
+    return aux["count"], {k: v for k, v in aux.items() if k != "count"}
+  return aux, {}
+
+
 def make_train_step(cfg, opts: model_lib.ModelOptions, tx: optax.GradientTransformation, schedule,
-                    loss=sft_loss):
-  """step(state, batch) -> (state, metrics); batch arrays are [A, b, ...] (positions [A, 3, b, L])."""
+                    loss=sft_loss, count_name: str = "tokens", state_sharding=None):
+  """step(state, batch, extra=None) -> (state, metrics); batch arrays are [A, b, ...]
+  (positions [A, 3, b, L]).
+
+  `loss(model, params, micro_batch, rng[, extra]) -> (summed loss, aux)` where aux is the count the
+  sum is averaged over, or a dict with "count" and other sums reported as per-count means. `extra`
+  (e.g. a frozen reference model's params) is passed through undonated. `state_sharding` pins the
+  new state to the old one's layout, so the second step does not compile again for a new layout.
+  """
   model = model_lib.Qwen25VL(cfg, opts)
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, extra=None):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    args = () if extra is None else (extra,)
 
     def micro(carry, xs):
       i, mb = xs
-      grads, total, count = carry
-      # The summed token loss is differentiated; its token count rides along as auxiliary output.
-      f = lambda train: loss(model, optim.merge(train, state.frozen), mb, jax.random.fold_in(rng, i))
-      (s, n), g = jax.value_and_grad(f, has_aux=True)(state.train)
+      grads, total, count, sums = carry
+      # The summed loss is differentiated; its count (and any figures) ride along as auxiliary output.
+      f = lambda train: loss(model, optim.merge(train, state.frozen), mb, jax.random.fold_in(rng, i), *args)
+      (s, aux), g = jax.value_and_grad(f, has_aux=True)(state.train)
+      n, figures = _split_aux(aux)
       grads = jax.tree.map(jnp.add, grads, g)
-      return (grads, total + s, count + n), None
+      sums = {k: sums[k] + figures[k] for k in sums}
+      return (grads, total + s, count + n, sums), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.train)
     A = batch["input_ids"].shape[0]
-    (grads, total, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)),
-                                            (jnp.arange(A), batch))
+    first = jax.tree.map(lambda x: x[0], batch)
+    shapes = jax.eval_shape(lambda: _split_aux(loss(model, state.params, first, jax.random.key(0), *args)[1])[1])
+    sums0 = {k: jnp.zeros(v.shape, jnp.float32) for k, v in shapes.items()}
+    (grads, total, count, sums), _ = jax.lax.scan(
+        micro, (zeros, jnp.float32(0), jnp.float32(0), sums0), (jnp.arange(A), batch))
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.train)
     train = optax.apply_updates(state.train, updates)
     metrics = {"loss": total / denom, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step),
-               "tokens": count}
+               count_name: count, **{k: v / denom for k, v in sums.items()}}
     return state.replace(step=state.step + 1, train=train, opt_state=opt_state), metrics
 
+  if state_sharding is not None:
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(state_sharding, None))
   return jax.jit(step, donate_argnums=(0,))
 

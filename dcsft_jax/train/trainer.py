@@ -80,6 +80,10 @@ def stack_micro(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarra
   return {k: np.stack([b[k] for b in padded]) for k in padded[0]}
 
 
+# Figures that depend on the wall clock, not on the computation (left out of reproducibility checks).
+TIMING_KEYS = ("tokens_per_s", "mfu", "step_seconds", "rollout_seconds")
+
+
 class Preempted(Exception):
   """Raised after a SIGTERM-triggered save; the run resumes from that checkpoint."""
 
@@ -88,7 +92,7 @@ class SFTTrainer:
   """Trains `params` (a full model or a LoRA-augmented one) on records; resumes from `ckpt_dir`."""
 
   def __init__(self, cfg, opts: model_lib.ModelOptions, params, tc: TrainConfig, mesh, workdir: str,
-               loss=sft.sft_loss):
+               loss=sft.sft_loss, count_name: str = "tokens"):
     self.cfg, self.tc, self.mesh, self.workdir = cfg, tc, mesh, workdir
     self.opts = dataclasses.replace(opts, lora=tc.lora,
                                     deterministic=tc.lora is None or tc.lora.dropout == 0.0)
@@ -102,12 +106,31 @@ class SFTTrainer:
     params = jax.device_put(params, mesh_lib.param_shardings(abstract, mesh))
     self.n_params = model_lib.count_params(params)
     rng = jax.random.key_data(jax.random.key(tc.seed))
-    self.state = sft.init_state(params, self.tx, self.mask, rng)
-    self.step_fn = sft.make_train_step(cfg, self.opts, self.tx, self.schedule, loss=loss)
+    state = sft.init_state(params, self.tx, self.mask, rng)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self.state = state.replace(step=jax.device_put(state.step, replicated), rng=jax.device_put(state.rng, replicated),
+                               opt_state=jax.tree.map(lambda x: x if x.ndim else jax.device_put(x, replicated),
+                                                      state.opt_state))
+    self.step_fn = sft.make_train_step(cfg, self.opts, self.tx, self.schedule, loss=loss, count_name=count_name,
+                                       state_sharding=jax.tree.map(lambda x: x.sharding, self.state))
     self.ckpt_dir = os.path.join(workdir, "checkpoints")
     self.manager = ocp.CheckpointManager(self.ckpt_dir, options=ocp.CheckpointManagerOptions(
         max_to_keep=tc.keep, enable_async_checkpointing=True))
     self._stop = False
+    # Model FLOPs per trained token (forward + backward), for MFU.
+    self._flops_per_token = 6 * self.n_params
+
+  # ------------------------------------------------------------------------- one step
+  def _host_batch(self, batches) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The next step's host arrays [A, b, ...] and figures ("_tokens_in": tokens the step reads)."""
+    host = stack_micro([next(batches).arrays for _ in range(self.tc.accum)])
+    return host, {"_tokens_in": float(host["attention_mask"].sum())}
+
+  def _run_step(self, batch):
+    return self.step_fn(self.state, batch)
+
+  def _postfix(self, m: dict) -> dict:
+    return {"loss": f"{m['loss']:.4f}", "tok_s": f"{m['tokens_per_s']:.0f}"}
 
   # ------------------------------------------------------------------------- checkpoints
   def _saved(self):
@@ -148,22 +171,25 @@ class SFTTrainer:
     batches = iter(iterator)
     try:
       while int(self.state.step) < tc.steps:
-        micro = [next(batches).arrays for _ in range(tc.accum)]
-        host = stack_micro(micro)
-        tokens_in = float(host["attention_mask"].sum())
+        t0 = time.time()
+        host, info = self._host_batch(batches)
         batch = {k: jax.make_array_from_process_local_data(
             _batch_sharding(self.mesh, k, v.ndim), v) for k, v in host.items()}
-        t0 = time.time()
-        self.state, m = self.step_fn(self.state, batch)
+        t1 = time.time()
+        self.state, m = self._run_step(batch)
         m = {k: float(v) for k, v in jax.device_get(m).items()}
-        dt = time.time() - t0
+        dt = time.time() - t1
         step = int(self.state.step)
+        tokens_in = info.pop("_tokens_in")
+        m.update(info)
+        m["step_seconds"] = time.time() - t0
         m["tokens_per_s"] = tokens_in * jax.process_count() / dt
-        m["mfu"] = (6 * self.n_params * m["tokens_per_s"] / (peak * jax.device_count())) if peak else None
+        m["mfu"] = (self._flops_per_token * m["tokens_per_s"] / (peak * jax.device_count())
+                    if peak and self._flops_per_token else None)
         history.append({"step": step, **{k: v for k, v in m.items() if v is not None}})
         writer.write(step, {k: v for k, v in m.items() if v is not None})
         bar.update(1)
-        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+        bar.set_postfix(self._postfix(m))
         if on_step is not None:
           on_step(step, m)
         if step % tc.save_every == 0 or step == tc.steps or self._stop:
