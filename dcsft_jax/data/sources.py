@@ -5,6 +5,9 @@
   tfds:NAME[:SPLIT]        a prepared TFDS dataset under data.tfds_dir (ImageNet variants, RefCOCO)
   hf:PATH[:SPLIT]          a local Hugging Face dataset (save_to_disk dir, image folder, json/parquet)
 
+Any spec may end in a record range [START:STOP] (Python slice bounds, either may be empty):
+"builtin:train[:400]" and "builtin:train[400:]" split one source into a cold-start set and the rest.
+
 Evaluation sets are a comma list of NAME=SPEC pairs ("id=builtin:test,rendition=builtin:rendition").
 """
 from __future__ import annotations
@@ -24,15 +27,43 @@ class Spec:
   kind: str
   path: str
   split: str | None = None
+  start: int | None = None         # record range [start:stop], applied after reading
+  stop: int | None = None
+
+  @property
+  def sliced(self) -> bool:
+    return self.start is not None or self.stop is not None
 
   def __str__(self) -> str:
-    return f"{self.kind}:{self.path}" + (f":{self.split}" if self.split else "")
+    rng = f"[{'' if self.start is None else self.start}:{'' if self.stop is None else self.stop}]" if self.sliced else ""
+    return f"{self.kind}:{self.path}" + (f":{self.split}" if self.split else "") + rng
+
+
+def _range(s: str) -> tuple[str, int | None, int | None]:
+  """'SPEC[a:b]' -> ('SPEC', a, b)."""
+  if not s.endswith("]") or "[" not in s:
+    return s, None, None
+  head, _, body = s[:-1].rpartition("[")
+  lo, sep, hi = body.partition(":")
+  try:
+    if not sep:
+      raise ValueError
+    a, b = (int(lo) if lo.strip() else None), (int(hi) if hi.strip() else None)
+  except ValueError:
+    raise ValueError(f"dataset spec {s!r}: the record range must be [START:STOP] with integers, "
+                     f"e.g. [:400] or [400:]") from None
+  return head, a, b
 
 
 def parse(spec: str) -> Spec:
   s = str(spec).strip()
   if not s:
     raise ValueError("empty dataset spec; use builtin:SPLIT, json:PATH, tfds:NAME[:SPLIT] or hf:PATH[:SPLIT]")
+  s, start, stop = _range(s)
+  return dataclasses.replace(_parse(s), start=start, stop=stop)
+
+
+def _parse(s: str) -> Spec:
   kind, sep, rest = s.partition(":")
   if not sep or kind not in KINDS:
     if s.endswith((".json", ".jsonl")):
@@ -84,6 +115,13 @@ def load(spec: Spec | str, *, seed: int = 0, limit: int | None = None, image_roo
          answer_column: str = "label") -> list[Record]:
   """Records of one source (the first `limit` of them, if given)."""
   spec = parse(spec) if isinstance(spec, str) else spec
+  if spec.sliced:
+    recs = load(dataclasses.replace(spec, start=None, stop=None), seed=seed, limit=spec.stop if spec.start is None
+                and spec.stop is not None and spec.stop >= 0 else None, image_root=image_root,
+                skip_bad_records=skip_bad_records, tfds_dir=tfds_dir, label_names=label_names, task=task,
+                label_noise=label_noise, image_size=image_size, prompt=prompt, answer_column=answer_column)
+    recs = recs[spec.start:spec.stop]
+    return recs[:limit] if limit is not None else recs
   problem = check(spec, tfds_dir=tfds_dir)
   if problem:
     raise FileNotFoundError(problem)
