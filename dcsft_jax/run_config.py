@@ -9,6 +9,7 @@ import ml_collections
 from dcsft_jax import mesh as mesh_lib
 from dcsft_jax.models import attention
 from dcsft_jax.models import qwen2_5_vl as model_lib
+from dcsft_jax.models.config import PRESETS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -22,8 +23,23 @@ def _check(ok: bool, key: str, msg: str):
     raise ConfigError(f"config.{key}: {msg}")
 
 
-def validate(config: ml_collections.ConfigDict, known_stages) -> list[str]:
-  """Returns the stage names to run; raises ConfigError naming the first bad key."""
+def _check_keys(config, schema, prefix: str = "") -> None:
+  for k in config.keys():
+    key = f"{prefix}{k}"
+    _check(k in schema, key, "unknown key (a typo?); the keys here are " + ", ".join(sorted(schema.keys())))
+    if isinstance(schema[k], ml_collections.ConfigDict):
+      _check(isinstance(config[k], ml_collections.ConfigDict), key, "must be a section (ConfigDict)")
+      _check_keys(config[k], schema[k], key + ".")
+  for k in schema.keys():
+    _check(k in config, f"{prefix}{k}", "is missing; start config files from dcsft_jax.config_base.base()")
+
+
+def validate(config: ml_collections.ConfigDict, known_stages, *, check_files: bool = True) -> list[str]:
+  """Returns the stage names to run; raises ConfigError naming the first bad key.
+
+  check_files=False skips the checks that need the machine's files (model and data paths)."""
+  from dcsft_jax import config_base
+  _check_keys(config, config_base.base())
   stages = [s.strip() for s in str(config.stages).split(",") if s.strip()]
   _check(bool(stages), "stages", "is empty; pick from " + ",".join(known_stages))
   for s in stages:
@@ -39,13 +55,100 @@ def validate(config: ml_collections.ConfigDict, known_stages) -> list[str]:
   _check(m.param_dtype in DTYPES, "model.param_dtype", f"{m.param_dtype!r} is not one of {sorted(DTYPES)}")
   _check(m.attention in attention.IMPLEMENTATIONS, "model.attention",
          f"{m.attention!r} is not one of {attention.IMPLEMENTATIONS}")
-  if m.hf_path:
+  _check(m.preset in ("",) + PRESETS, "model.preset", f"{m.preset!r} is not '' or one of {PRESETS}")
+  if m.hf_path and check_files:
     _check(os.path.isfile(os.path.join(m.hf_path, "config.json")), "model.hf_path",
            f"{m.hf_path!r} has no config.json; point it at a local Hugging Face Qwen2.5-VL directory")
+    if m.preset:
+      problem = _preset_mismatch(m.hf_path, m.preset)
+      _check(problem is None, "model.preset", str(problem))
   _check(config.export.dtype in ("",) + tuple(DTYPES), "export.dtype",
          f"{config.export.dtype!r} is not '' or one of {sorted(DTYPES)}")
-  _validate_data(config, stages)
+  _validate_data(config, stages, check_files)
+  _validate_training(config, stages)
   return stages
+
+
+def _preset_mismatch(hf_path: str, preset: str) -> str | None:
+  from dcsft_jax.models.config import Qwen25VLConfig, preset as get_preset
+  have, want = Qwen25VLConfig.from_pretrained(hf_path), get_preset(preset)
+  for part in ("text", "vision"):
+    for f in ("hidden_size", "intermediate_size"):
+      a, b = getattr(getattr(have, part), f), getattr(getattr(want, part), f)
+      if a != b:
+        return f"{hf_path}/config.json has {part} {f} {a}, but preset {preset!r} has {b}; fix one of them"
+  if have.text.num_hidden_layers != want.text.num_hidden_layers:
+    return f"{hf_path}/config.json has {have.text.num_hidden_layers} layers, preset {preset!r} has {want.text.num_hidden_layers}"
+  return None
+
+
+TRAIN_SECTIONS = ("cold_start", "finetune", "grpo")
+
+
+def _validate_training(config, stages) -> None:
+  from dcsft_jax import curation, sampling
+  from dcsft_jax.train import optim
+  for name in TRAIN_SECTIONS:
+    s = config[name]
+    for f in ("batch_size", "accum", "save_every", "keep", "lora_rank"):
+      _positive(config, f"{name}.{f}")
+    _check(isinstance(s.steps, int) and s.steps >= 0, f"{name}.steps", f"{s.steps!r} must be an int >= 0")
+    _check(s.steps > 0 or s.epochs > 0, f"{name}.epochs", "set steps or epochs > 0")
+    _check(s.batch_size % s.accum == 0, f"{name}.accum", f"batch_size {s.batch_size} is not divisible by accum {s.accum}")
+    _check(s.learning_rate > 0, f"{name}.learning_rate", f"{s.learning_rate!r} must be > 0")
+    _check(0 <= s.warmup_ratio < 1, f"{name}.warmup_ratio", f"{s.warmup_ratio!r} must be in [0, 1)")
+    _check(s.schedule in optim.SCHEDULES, f"{name}.schedule", f"{s.schedule!r} is not one of {optim.SCHEDULES}")
+    _check(s.weight_decay >= 0, f"{name}.weight_decay", f"{s.weight_decay!r} must be >= 0")
+    _check(s.max_grad_norm >= 0, f"{name}.max_grad_norm", f"{s.max_grad_norm!r} must be >= 0 (0 = no clipping)")
+    _check(0 <= s.lora_dropout < 1, f"{name}.lora_dropout", f"{s.lora_dropout!r} must be in [0, 1)")
+    _check(s.lora_alpha > 0, f"{name}.lora_alpha", f"{s.lora_alpha!r} must be > 0")
+    _check(isinstance(s.eval_every, int) and s.eval_every >= 0, f"{name}.eval_every", f"{s.eval_every!r} must be >= 0")
+    _check(bool(s.model), f"{name}.model", "name the starting model (a workdir model directory or a path)")
+  try:
+    from dcsft_jax.data import sources
+    sources.parse(config.cold_start.data)
+  except ValueError as e:
+    raise ConfigError(f"config.cold_start.data: {e}") from None
+  curated = [r.strip() for r in config.curate.recipes.split(",") if r.strip()]
+  for r in [x.strip() for x in config.finetune.recipes.split(",") if x.strip()]:
+    _check(r in curation.RECIPES, "finetune.recipes", f"unknown recipe {r!r}; the recipes are {list(curation.RECIPES)}")
+    if "finetune" in stages and "curate" in stages:
+      _check(r in curated, "finetune.recipes", f"{r!r} is not made by curate.recipes ({','.join(curated)})")
+  g = config.grpo
+  _check(isinstance(g.num_generations, int) and g.num_generations >= 2, "grpo.num_generations",
+         f"{g.num_generations!r}: GRPO needs at least 2 generations per prompt")
+  try:
+    sampling.SamplingParams(max_new_tokens=g.max_new_tokens, num_samples=g.num_generations,
+                            temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
+  except ValueError as e:
+    raise ConfigError(f"config.grpo: {e}") from None
+  _check(g.temperature > 0, "grpo.temperature", "GRPO samples: temperature must be > 0")
+  _check(g.beta >= 0, "grpo.beta", f"{g.beta!r} must be >= 0")
+  _check(0 < g.clip_eps < 1, "grpo.clip_eps", f"{g.clip_eps!r} must be in (0, 1)")
+  _check(isinstance(config.report.curve_limit, int) and config.report.curve_limit >= 0, "report.curve_limit",
+         f"{config.report.curve_limit!r} must be an int >= 0")
+  _check(bool(config.export.model), "export.model", "name the model to export (e.g. models/sft_em)")
+
+
+def dry_run(config, known_stages) -> dict:
+  """Validates `config` without touching its files, builds the model's shapes with jax.eval_shape,
+  and says which data sources resolve on this machine: {spec: None (readable) or the problem}."""
+  import jax
+  from dcsft_jax.data import sources
+  from dcsft_jax.models.config import Qwen25VLConfig, preset
+  validate(config, known_stages, check_files=False)
+  m = config.model
+  if m.hf_path and os.path.isfile(os.path.join(m.hf_path, "config.json")):
+    cfg = Qwen25VLConfig.from_pretrained(m.hf_path)
+  else:
+    cfg = preset(m.preset or "tiny")
+  shapes = model_lib.init_params(cfg, model_options(config), abstract=True)
+  n = sum(int(jnp.prod(jnp.array(x.shape))) for x in jax.tree.leaves(model_lib.unbox(shapes)))
+  d = config.data
+  specs = {"data.train": d.train, "cold_start.data": config.cold_start.data,
+           **{f"data.eval[{k}]": str(v) for k, v in sources.parse_sets(d.eval).items()}}
+  return {"parameters": n, "sources": {k: sources.check(sources.parse(v), tfds_dir=d.tfds_dir)
+                                       for k, v in specs.items()}}
 
 
 def _positive(config, key: str):
@@ -54,7 +157,7 @@ def _positive(config, key: str):
   _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, key, f"{v!r} must be a positive integer")
 
 
-def _validate_data(config, stages) -> None:
+def _validate_data(config, stages, check_files: bool = True) -> None:
   from dcsft_jax import curation, sampling
   from dcsft_jax.data import sources
   d = config.data
@@ -68,9 +171,14 @@ def _validate_data(config, stages) -> None:
     raise ConfigError(f"config.data.eval: {e}") from None
   for name in [x.strip() for x in d.ood.split(",") if x.strip()]:
     _check(name in sets, "data.ood", f"{name!r} is not one of the data.eval sets {list(sets)}")
-  needs = {"score": [("data.train", train)], "curate": [("data.train", train)],
+  try:
+    cold = sources.parse(config.cold_start.data)
+  except ValueError as e:
+    raise ConfigError(f"config.cold_start.data: {e}") from None
+  needs = {"score": [("data.train", train)], "curate": [("data.train", train)], "grpo": [("data.train", train)],
+           "cold_start": [("cold_start.data", cold)],
            "evaluate": [(f"data.eval[{n}]", s) for n, s in sets.items()]}
-  for stage in stages:
+  for stage in stages if check_files else ():
     for key, spec in needs.get(stage, []):
       problem = sources.check(spec, tfds_dir=d.tfds_dir)
       _check(problem is None, key, str(problem))

@@ -4,31 +4,55 @@ import os
 import subprocess
 import sys
 
+import pytest
 import transformers
+
+from dcsft_jax.stages import STAGES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _main(*args):
+def _main(*args, timeout=600):
   env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="")
   return subprocess.run([sys.executable, "-m", "dcsft_jax.main", "--config=configs/dcsft.py", *args], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=600)
+                        env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_default_run_writes_a_model_transformers_loads_and_resumes(tmp_path):
+@pytest.mark.slow
+def test_default_run_fills_the_report_exports_and_resumes(tmp_path):
+  """The README's command as it is (only the workdir moved): every stage, a report with every cell
+  filled, an HF export transformers loads; a second run skips every stage."""
   wd = str(tmp_path / "wd")
-  small = ("--config.data.train_limit=32", "--config.evaluate.limit=16")
-  r = _main(f"--config.workdir={wd}", *small)
+  r = _main(f"--config.workdir={wd}", timeout=1500)
   assert r.returncode == 0, r.stderr[-3000:]
   summary = json.load(open(os.path.join(wd, "stages.json")))
-  assert set(summary) == {"init", "score", "curate", "evaluate", "export"} and summary["init"]["parameters"] > 0
-  assert summary["score"]["records"] == 32
+  names = [s.name for s in STAGES]
+  assert list(summary) == names and summary["init"]["parameters"] > 0
+  res = json.load(open(os.path.join(wd, "results.json")))
+  assert set(res["accuracy"]) == {"cold_start", "sft", "grpo", "sft_m", "sft_em"}
+  for model, row in res["accuracy"].items():
+    assert set(row) == {"id", "rendition", "adversarial"} and all(v is not None for v in row.values()), (model, row)
+  assert all(v is not None for v in res["ood_average"].values())
+  b = res["buckets"]
+  assert b["easy"] + b["medium"] + b["hard"] == summary["score"]["records"] and b["medium"] > 0
+  report = open(os.path.join(wd, "report.md")).read()
+  table = [ln for ln in report.splitlines() if ln.startswith("| ") and ln.count("|") == 6]
+  rows = {ln.split("|")[1].strip(): ln for ln in table}
+  for label in ("cold start", "SFT", "GRPO", "SFT-M", "SFT-EM"):
+    cells = [c.strip() for c in rows[label].split("|")[2:-1]]
+    assert len(cells) == 4 and all(c and c != "-" for c in cells), rows[label]
+  for png in ("pass_rates.png", "train_loss.png", "ood_rendition_vs_step.png", "ood_adversarial_vs_step.png",
+              "grpo_reward.png"):
+    with open(os.path.join(wd, "plots", png), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", png
+  curves = res["curves"]
+  assert {"sft_em", "grpo"} <= set(curves) and curves["grpo"][0]["step"] == 0 and len(curves["grpo"]) >= 3
   model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(os.path.join(wd, "hf_export"))
   assert sum(p.numel() for p in model.parameters()) == summary["init"]["parameters"]
   tok = transformers.AutoTokenizer.from_pretrained(os.path.join(wd, "hf_export"))
   assert tok.convert_tokens_to_ids("<|image_pad|>") == model.config.image_token_id
-  r = _main(f"--config.workdir={wd}", *small)
-  assert r.returncode == 0 and r.stdout.count("skipped") == 5, r.stdout
+  r = _main(f"--config.workdir={wd}")
+  assert r.returncode == 0 and r.stdout.count("skipped") == len(names), r.stdout
 
 
 def test_bad_config_fails_before_work_naming_the_key(tmp_path):

@@ -170,3 +170,58 @@ def test_sharded_training_equals_single_device():
   # reassociated near-zero gradient can move a few weights by ~1% of a step (seen: 1.2e-5 of 56k).
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(single_params)):
     np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("freeze_vit,freeze_aligner", [(True, False), (False, True)])
+def test_freeze_switches_keep_their_part_fixed(freeze_vit, freeze_aligner):
+  """freeze_vit keeps the ViT blocks (patch embedding included) fixed and trains the aligner and
+  the LLM; freeze_aligner the reverse for the merger. Frozen leaves get no optimizer moments."""
+  cfg = tiny_config()
+  params = M.unbox(M.init_params(cfg, rng=jax.random.PRNGKey(2)))
+  oc = optim.OptimConfig(learning_rate=1e-3, warmup_ratio=0.0, total_steps=2)
+  tx = optim.optimizer(oc)
+  mask = optim.trainable_mask(params, lora=False, freeze_vit=freeze_vit, freeze_aligner=freeze_aligner)
+  before = jax.tree.map(np.asarray, params)
+  state = sft.init_state(params, tx, mask, jax.random.key_data(jax.random.key(0)))
+  n_moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim)
+  assert n_moments == 2 * sum(x.size for x in jax.tree.leaves(state.train))
+  step = sft.make_train_step(cfg, M.ModelOptions(), tx, optim.schedule(oc))
+  state, _ = step(state, _digit_batches(cfg, 4))
+  after = state.params
+  moved = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(before)[0]:
+    names = [k.key for k in path]
+    y = after
+    for k in names:
+      y = y[k]
+    part = ("aligner" if names[1] in ("ln_q", "mlp_0", "mlp_2") else "vit") if names[0] == "visual" else "llm"
+    moved.setdefault(part, []).append(not np.array_equal(x, np.asarray(y)))
+  assert not any(moved["vit"]) if freeze_vit else all(moved["vit"])
+  assert not any(moved["aligner"]) if freeze_aligner else all(moved["aligner"])
+  assert all(moved["llm"])
+
+
+def test_bf16_compute_with_fp32_master_weights():
+  """bf16 compute, fp32 params and Adam moments: the loss tracks fp32's to bf16 precision, the
+  master weights stay fp32, and training still drives the loss down."""
+  cfg = tiny_config()
+  params = M.unbox(M.init_params(cfg, rng=jax.random.PRNGKey(3)))
+  params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 25
+  oc = optim.OptimConfig(learning_rate=3e-3, warmup_ratio=0.0, schedule="constant", weight_decay=0.0,
+                         total_steps=20)
+  tx = optim.optimizer(oc)
+  mask = optim.trainable_mask(params, lora=False)
+  batch = _digit_batches(cfg, 4)
+  losses = {}
+  for name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
+    opts = M.ModelOptions(dtype=dtype, param_dtype=jnp.float32)
+    state = sft.init_state(jax.tree.map(jnp.copy, params), tx, mask, jax.random.key_data(jax.random.key(0)))
+    step = sft.make_train_step(cfg, opts, tx, optim.schedule(oc))
+    losses[name] = []
+    for _ in range(20):
+      state, m = step(state, batch)
+      losses[name].append(float(m["loss"]))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state) if x.ndim)
+  np.testing.assert_allclose(losses["bf16"][0], losses["fp32"][0], rtol=2e-2)
+  assert np.all(np.isfinite(losses["bf16"])) and losses["bf16"][-1] < 0.3 * losses["bf16"][0], losses["bf16"][::5]

@@ -16,7 +16,7 @@ import pytest
 from dcsft_jax import curation, main, run_config, verify
 from dcsft_jax.data import builtin
 from dcsft_jax.data.records import read_paper_json
-from dcsft_jax.stages import common, curate, evaluate, score
+from dcsft_jax.stages import STAGES, common, curate, evaluate, score
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,6 +27,7 @@ def _config(workdir, **overrides):
   spec.loader.exec_module(mod)
   c = mod.get_config()
   c.workdir = str(workdir)
+  c.data.train = "builtin:train"
   c.data.train_limit = 24
   c.score.batch_size = 8
   c.score.num_samples = 4
@@ -34,6 +35,9 @@ def _config(workdir, **overrides):
   c.evaluate.limit = 12
   c.evaluate.batch_size = 8
   c.evaluate.max_new_tokens = 4
+  # These tests score and evaluate the base model directly (the cold start is tested elsewhere).
+  c.score.model = "base_model"
+  c.evaluate.models = "base=base_model"
   for k, v in overrides.items():
     section, field = k.split(".")
     c[section][field] = v
@@ -98,7 +102,7 @@ def test_score_resumes_after_a_crash_to_the_same_file(base_workdir, tmp_path, mo
 def test_score_killed_with_sigkill_resumes(base_workdir, tmp_path):
   ref = _fresh(base_workdir, tmp_path, "ref")
   wd = _fresh(base_workdir, tmp_path, "killed")
-  args = ["--config.stages=score", "--config.mesh.fsdp=1", "--config.data.train_limit=40",
+  args = ["--config.stages=score", "--config.score.model=base_model", "--config.mesh.fsdp=1", "--config.data.train_limit=40",
           "--config.score.batch_size=4", "--config.score.num_samples=4", "--config.score.max_new_tokens=4"]
   env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="")
   cmd = [sys.executable, "-m", "dcsft_jax.main", "--config=configs/dcsft.py"]
@@ -201,11 +205,19 @@ def test_evaluate_table_averages_ood_sets():
     ("score.top_p", 0.0, "config.score"),
     ("score.batch_size", 0, "config.score.batch_size"),
     ("curate.hard_ratio", 1.5, "config.curate.hard_ratio"),
+    ("cold_start.data", "builtin:train[x:]", "config.cold_start.data"),
+    ("cold_start.schedule", "step", "config.cold_start.schedule"),
+    ("finetune.accum", 3, "config.finetune.accum"),
+    ("finetune.recipes", "sft,sft_mm", "config.finetune.recipes"),
+    ("finetune.recipes", "easy", "config.finetune.recipes"),      # not made by curate.recipes
+    ("grpo.num_generations", 1, "config.grpo.num_generations"),
+    ("grpo.beta", -0.1, "config.grpo.beta"),
+    ("model.preset", "13b", "config.model.preset"),
 ])
 def test_bad_stage_config_names_the_key(tmp_path, key, value, needle):
   c = _config(tmp_path / "wd", **{key: value})
   with pytest.raises(run_config.ConfigError, match=needle.replace(".", r"\.")):
-    run_config.validate(c, ["init", "score", "curate", "evaluate", "export"])
+    run_config.validate(c, [s.name for s in STAGES])
 
 
 def test_read_scores_of_the_stage_output_round_trips(base_workdir, tmp_path):

@@ -98,9 +98,11 @@ def parse_sets(text: str) -> dict[str, Spec]:
 def check(spec: Spec, *, tfds_dir: str = "") -> str | None:
   """Why `spec` cannot be read on this machine (None if it looks readable), without reading it."""
   if spec.kind == "json" and not os.path.isfile(spec.path):
-    return f"{spec}: file not found"
+    return (f"{spec}: file not found ({os.path.abspath(spec.path)}); point the config at the file, e.g. the "
+            f"paper configs' data_dir argument (--config=FILE.py:data_dir=DIR) or --config.data.KEY=json:PATH")
   if spec.kind == "hf" and not os.path.exists(spec.path):
-    return f"{spec}: no such dataset directory or file"
+    return (f"{spec}: no such dataset directory or file ({os.path.abspath(spec.path)}); give a local "
+            f"save_to_disk directory, image folder or json/parquet file")
   if spec.kind == "tfds":
     if not tfds_dir:
       return f"{spec}: set data.tfds_dir to the directory holding prepared TFDS datasets"

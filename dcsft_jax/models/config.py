@@ -251,3 +251,20 @@ def tiny_config(*, tie_word_embeddings: bool = False, vocab_size: int = 414, tex
       bos_token_id=151643 - off, eos_token_id=151645 - off, pad_token_id=151643 - off,
       torch_dtype="float32",
   ).validate()
+
+
+def preset(name: str) -> Qwen25VLConfig:
+  """The released shapes by name (QWEN25VL.md §1.2), for dry runs and benchmarks: 'tiny', '3b', '7b'."""
+  if name == "tiny":
+    return tiny_config()
+  if name == "3b":
+    return Qwen25VLConfig(text=TextConfig(), vision=VisionConfig(out_hidden_size=2048),
+                          tie_word_embeddings=True).validate()
+  if name == "7b":
+    return Qwen25VLConfig(text=TextConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                                          num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4),
+                          vision=VisionConfig(out_hidden_size=3584), tie_word_embeddings=False).validate()
+  raise ValueError(f"unknown model preset {name!r}; the presets are tiny, 3b, 7b")
+
+
+PRESETS = ("tiny", "3b", "7b")

@@ -54,15 +54,29 @@ def _image_root(value: str):
   return (old, new) if sep else value
 
 
+_SAMPLERS: dict = {}
+
+
+def sampler_for(cfg, opts) -> sampling.Sampler:
+  """One Sampler per (architecture, options) in a process: models of the same shape (the LoRA runs
+  of a pipeline) share its compiled programs instead of compiling their own."""
+  key = (cfg, opts)
+  if key not in _SAMPLERS:
+    _SAMPLERS[key] = sampling.Sampler(cfg, opts)
+  return _SAMPLERS[key]
+
+
 def generator(config, ctx, model: LoadedModel, records, sp: sampling.SamplingParams, *, batch_size: int,
-              seed: int, source: str, batch_key: str) -> tuple[sampling.RecordGenerator, batching.BatchIterator]:
+              seed: int, source: str, batch_key: str, sampler: sampling.Sampler | None = None
+              ) -> tuple[sampling.RecordGenerator, batching.BatchIterator]:
+  """A RecordGenerator over `records`; pass `sampler` to reuse one sampler's compiled programs."""
   ways = ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
   if batch_size % ways:
     raise ValueError(f"config.{batch_key}={batch_size} is not divisible by the mesh's data x fsdp = {ways} "
                      f"batch shards; use a multiple of {ways}")
   buckets = batching.auto_buckets(records, model.processor, with_answers=False, max_buckets=config.data.max_buckets,
                                   skip_bad_records=config.data.skip_bad_records)
-  gen = sampling.RecordGenerator(sampling.Sampler(model.cfg, model.opts), model.params, model.processor, ctx.mesh,
+  gen = sampling.RecordGenerator(sampler or sampler_for(model.cfg, model.opts), model.params, model.processor, ctx.mesh,
                                  sp, batch_size=batch_size, buckets=buckets, seed=seed,
                                  skip_bad_records=config.data.skip_bad_records, source=source)
   return gen, gen.iterator(records)

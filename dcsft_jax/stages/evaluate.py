@@ -23,16 +23,16 @@ def _image_name(rec) -> str:
   return rec.image if isinstance(rec.image, str) else f"<in-memory image {rec.id}>"
 
 
-def evaluate_set(config, ctx, model, name: str, spec, out_path: str) -> dict:
+def greedy_results(config, ctx, model, records, source: str, *, desc: str, sampler=None) -> list[dict]:
+  """Greedy answers to `records`, verified -> (test_dp.py-shaped rows in record order, skipped)."""
   e = config.evaluate
-  records = common.load_records(config, spec, limit=e.limit)
   sp = sampling.SamplingParams(max_new_tokens=e.max_new_tokens, num_samples=1, temperature=0.0,
                                eos_ids=sampling.stop_ids(model.directory, model.processor),
                                pad_id=model.cfg.pad_token_id or 0)
   gen, it = common.generator(config, ctx, model, records, sp, batch_size=e.batch_size, seed=config.seed,
-                             source=str(spec), batch_key="evaluate.batch_size")
-  results, t0 = [], time.time()
-  bar = common.progress(len(records), f"eval {name}")
+                             source=source, batch_key="evaluate.batch_size", sampler=sampler)
+  results = []
+  bar = common.progress(len(records), desc)
   try:
     for out in gen.run(records, iterator=it):
       for r, texts in zip(out.rows, out.texts):
@@ -45,11 +45,21 @@ def evaluate_set(config, ctx, model, name: str, spec, out_path: str) -> dict:
         bar.update(1)
   finally:
     bar.close()
-  results = [x for _, x in sorted(results, key=lambda t: t[0])]
-  acc = sum(x["correct"] for x in results) / len(results) if results else None
+  return [x for _, x in sorted(results, key=lambda t: t[0])], len(it.skipped)
+
+
+def accuracy_of(results: list[dict]) -> float | None:
+  return sum(x["correct"] for x in results) / len(results) if results else None
+
+
+def evaluate_set(config, ctx, model, name: str, spec, out_path: str) -> dict:
+  records = common.load_records(config, spec, limit=config.evaluate.limit)
+  t0 = time.time()
+  results, skipped = greedy_results(config, ctx, model, records, str(spec), desc=f"eval {name}")
+  acc = accuracy_of(results)
   seconds = time.time() - t0
   common.write_json(out_path, {"model": model.directory, "dataset": str(spec), "accuracy": acc,
-                               "n": len(results), "skipped": len(it.skipped), "results": results})
+                               "n": len(results), "skipped": skipped, "results": results})
   return {"accuracy": acc, "n": len(results), "prompts_per_s": round(len(results) / max(seconds, 1e-9), 2)}
 
 

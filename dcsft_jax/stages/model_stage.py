@@ -36,8 +36,10 @@ def init(config, ctx) -> dict:
 
 
 def export(config, ctx) -> dict:
-  src = os.path.join(ctx.workdir, BASE_DIR)
+  """The chosen model (export.model: the paper's best, SFT-EM, by default), LoRA merged, as HF."""
+  from dcsft_jax.stages import common
+  src = common.model_path(ctx, config.export.model)
   cfg, params, lora = checkpoint.load_model(src, mesh=ctx.mesh)
   out = os.path.join(ctx.workdir, EXPORT_DIR)
   hf.save_hf(params, cfg, out, source_dir=src, dtype=config.export.dtype or None, lora=lora)
-  return {"written": out}
+  return {"written": out, "model": src}

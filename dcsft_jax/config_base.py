@@ -1,0 +1,138 @@
+"""Every config field, with its meaning and the paper's value where it has one. Config files
+(configs/dcsft.py, configs/paper/*.py) start from `base()` and change what their run needs; a key
+that is not here is a typo, and run_config.validate names it before any work starts.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def train_section(**overrides) -> ml_collections.ConfigDict:
+  """One training run's settings. The paper: AdamW, lr 1e-5, warmup 0.1, batch 16 (1 x accum 2 x 8
+  GPUs), ms-swift's cosine schedule, weight decay 0.1, clipping at 1.0; LoRA r32 a64 dropout .05."""
+  s = ml_collections.ConfigDict(dict(
+      model="cold_start_model",    # the starting model: a stage's model directory in the workdir, or a path
+      steps=0,                     # optimizer steps; 0 = `epochs` passes over the data
+      epochs=1.0,
+      batch_size=16,               # examples (GRPO: prompts) per optimizer step, over all devices
+      accum=1,                     # micro-batches per step (gradient accumulation)
+      learning_rate=1e-5,
+      warmup_ratio=0.1,
+      schedule="cosine",           # cosine | linear | constant
+      weight_decay=0.1,
+      max_grad_norm=1.0,
+      lora=True,                   # False = full fine-tuning
+      lora_rank=32,
+      lora_alpha=64.0,
+      lora_dropout=0.05,
+      lora_vision=False,           # adapters on the ViT blocks and the aligner too
+      freeze_vit=False,            # the paper's scripts: freeze_vit false, freeze_aligner false
+      freeze_aligner=False,
+      save_every=100,              # Orbax checkpoint every N steps (and at the end, and on SIGTERM)
+      keep=2,                      # checkpoints kept
+      eval_every=0,                # OOD accuracy every N steps for the Fig. 3 curves (0 = off)
+  ))
+  s.update(overrides)
+  return s
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.workdir = "workdir/dcsft"
+  # Stages run in this order; each one is skipped when its outputs already exist in the workdir.
+  c.stages = "init,cold_start,score,curate,finetune,grpo,evaluate,report,export"
+  c.seed = 0
+  c.distributed = "auto"             # 'auto': jax.distributed.initialize() under a multi-host launcher
+  # Device mesh: one size may be -1 (all remaining devices).
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+  c.model = ml_collections.ConfigDict()
+  c.model.hf_path = ""               # a local Qwen2.5-VL directory; empty = the embedded tiny model
+  c.model.preset = ""                # tiny | 3b | 7b: the shapes hf_path must have (checked; dry runs use it)
+  c.model.dtype = "float32"          # compute dtype: float32 | bfloat16
+  c.model.param_dtype = "float32"    # master weights and optimizer state
+  c.model.attention = "auto"         # auto | xla | cudnn
+  c.model.remat = False              # recompute each layer in the backward pass (memory for compute)
+
+  # Datasets (dcsft_jax/data/sources.py): builtin:SPLIT | json:PATH | tfds:NAME[:SPLIT] | hf:PATH[:SPLIT],
+  # each optionally followed by a record range [START:STOP].
+  c.data = ml_collections.ConfigDict()
+  c.data.train = "builtin:train"     # post-training prompts: scored, curated, GRPO's prompts
+  c.data.train_limit = 0             # 0 = every record
+  c.data.eval = "id=builtin:test,rendition=builtin:rendition,adversarial=builtin:adversarial"
+  c.data.ood = "rendition,adversarial"   # which eval sets are out of distribution (the OOD average)
+  c.data.image_root = ""             # 'OLD_PREFIX=NEW_PREFIX' or a directory, for the paper's JSON paths
+  c.data.tfds_dir = ""               # where prepared TFDS datasets live
+  c.data.label_names = ""            # JSON file mapping TFDS class names (WordNet ids) to answer words
+  c.data.skip_bad_records = False    # True: skip (and count) unreadable records instead of stopping
+  c.data.min_pixels = 0              # 0 = the processor's own setting
+  c.data.max_pixels = 0              # the paper: 802816 (1024 * 28 * 28)
+  c.data.max_buckets = 4             # image-size classes, i.e. compiled shapes per stage
+  c.data.label_noise = 0.0           # builtin train only: wrong labels, the kind of data that lands in 'hard'
+  c.data.builtin_image_size = 56
+
+  # Step 1: cold start, full fine-tuning (the paper: 400 samples, 1 epoch, lr 1e-5, batch 16).
+  c.cold_start = train_section(model="base_model", lora=False, epochs=1.0)
+  c.cold_start.data = "builtin:train[:400]"
+
+  # Step 2: difficulty scoring (the paper: K = 8, T = 0.9, top-k 50, top-p 1.0, 128 new tokens).
+  c.score = ml_collections.ConfigDict()
+  c.score.model = "cold_start_model"
+  c.score.num_samples = 8
+  c.score.temperature = 0.9
+  c.score.top_k = 50
+  c.score.top_p = 1.0
+  c.score.max_new_tokens = 128
+  c.score.batch_size = 16            # prompts per batch (each gives num_samples answers)
+
+  # Step 3: curation into recipes among sft_m (medium), sft_em (easy+medium), sft (all), easy, medium, hard.
+  c.curate = ml_collections.ConfigDict()
+  c.curate.recipes = "sft,sft_m,sft_em"
+  c.curate.hard_ratio = 0.0          # Fig. 5: add back this share of the hard bucket (recipes without hard)
+  c.curate.window_lo = 0.0           # keep only pass rates in [window_lo, window_hi]
+  c.curate.window_hi = 1.0
+
+  # Step 4: LoRA SFT on each recipe (the paper: 600 steps, batch 16, lr 1e-5, warmup 0.1, r32 a64).
+  c.finetune = train_section(steps=600)
+  c.finetune.recipes = "sft,sft_m,sft_em"
+
+  # The RL baseline (the paper: 600 steps of 16 prompts x 8 generations, T 0.9, beta 0.04, LoRA).
+  c.grpo = train_section(steps=600)
+  c.grpo.num_generations = 8
+  c.grpo.temperature = 0.9
+  c.grpo.top_k = 50
+  c.grpo.top_p = 1.0
+  c.grpo.max_new_tokens = 128
+  c.grpo.beta = 0.04
+  c.grpo.clip_eps = 0.2
+
+  # Step 5: greedy evaluation of each NAME=MODEL on every data.eval set.
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.models = ("cold_start=cold_start_model,sft=models/sft,grpo=models/grpo,sft_m=models/sft_m,"
+                       "sft_em=models/sft_em")
+  c.evaluate.batch_size = 32
+  c.evaluate.max_new_tokens = 128
+  c.evaluate.limit = 0               # 0 = every record of each set
+
+  c.report = ml_collections.ConfigDict()
+  c.report.curve_limit = 0           # records per OOD set for the accuracy-vs-step curves (0 = all)
+
+  # Step 6: the model to hand back to transformers.
+  c.export = ml_collections.ConfigDict()
+  c.export.model = "models/sft_em"
+  c.export.dtype = ""                # '' = the checkpoint's own dtype (config.json torch_dtype)
+  return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """The config file's argument (`--config=FILE.py:key=value,key=value`, big_vision's habit) over
+  `defaults`; values keep their default's type. An unknown key is refused, naming the known ones."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in [x for x in (arg or "").split(",") if x.strip()]:
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or key not in defaults:
+      raise ValueError(f"config argument {item!r}: expected key=value with key one of {sorted(defaults)}")
+    kind = type(defaults[key])
+    out[key] = (value.strip().lower() in ("1", "true", "yes")) if kind is bool else kind(value.strip())
+  return out

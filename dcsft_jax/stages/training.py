@@ -1,0 +1,200 @@
+"""The training stages. Every run starts from a model directory in the workdir and ends as one:
+
+  cold_start  full SFT of the base model on a small set (the paper: 400 samples, 1 epoch)
+              -> cold_start_model/
+  finetune    one LoRA SFT run per recipe on curation/{recipe}.json (SFT, SFT-M, SFT-EM)
+              -> models/{recipe}/
+  grpo        GRPO on all training prompts, the RL baseline -> models/grpo/
+
+A run's optimizer checkpoints, metrics and evaluation curve live in train/{name}/, so a killed run
+resumes at its last checkpoint. A model directory's config.json is written last: its presence
+means the run finished.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+from dcsft_jax import checkpoint, sampling
+from dcsft_jax.data import batching, sources
+from dcsft_jax.models import qwen2_5_vl as model_lib
+from dcsft_jax.stages import common, curate, evaluate
+from dcsft_jax.train import grpo_trainer, optim, trainer
+
+COLD_START_DIR = "cold_start_model"
+MODELS = "models"
+TRAIN = "train"
+FINETUNE_DONE = os.path.join(MODELS, "finetune.json")
+GRPO_DIR = os.path.join(MODELS, "grpo")
+
+
+def model_dir(name: str) -> str:
+  return COLD_START_DIR if name == "cold_start" else os.path.join(MODELS, name)
+
+
+def done(workdir: str, name: str) -> bool:
+  return os.path.exists(os.path.join(workdir, model_dir(name), "config.json"))
+
+
+def lora_spec(s) -> model_lib.LoraSpec | None:
+  if not s.lora:
+    return None
+  return model_lib.LoraSpec(rank=s.lora_rank, alpha=float(s.lora_alpha), dropout=float(s.lora_dropout),
+                            language=True, vision=bool(s.lora_vision), merger=bool(s.lora_vision))
+
+
+def train_config(s, steps: int, seed: int) -> trainer.TrainConfig:
+  return trainer.TrainConfig(
+      steps=steps, batch_size=s.batch_size, accum=s.accum, lora=lora_spec(s), freeze_vit=bool(s.freeze_vit),
+      freeze_aligner=bool(s.freeze_aligner), save_every=s.save_every, keep=s.keep, seed=seed,
+      optim=optim.OptimConfig(learning_rate=float(s.learning_rate), warmup_ratio=float(s.warmup_ratio),
+                              schedule=s.schedule, weight_decay=float(s.weight_decay),
+                              max_grad_norm=float(s.max_grad_norm), total_steps=steps))
+
+
+def _iterator(config, records, processor, s, *, with_answers: bool, seed: int, source: str):
+  buckets = batching.auto_buckets(records, processor, with_answers=with_answers, max_buckets=config.data.max_buckets,
+                                  skip_bad_records=config.data.skip_bad_records)
+  return batching.BatchIterator(records, processor, batch_size=s.batch_size // s.accum, buckets=buckets,
+                                with_answers=with_answers, shuffle=True, seed=seed, epochs=None,
+                                skip_bad_records=config.data.skip_bad_records, source=source)
+
+
+def _steps(s, it) -> int:
+  """section.steps, or enough steps for section.epochs passes over the data (the last batch padded)."""
+  if s.steps > 0:
+    return int(s.steps)
+  return max(1, math.ceil(s.epochs * len(it.plan(0)) / s.accum))
+
+
+class Curve:
+  """Greedy accuracy on the OOD sets every `eval_every` steps (the paper's Fig. 3), kept in
+  train/{name}/curve.json so a resumed run keeps its earlier points."""
+
+  def __init__(self, config, ctx, name: str, model: common.LoadedModel, opts):
+    self.config, self.ctx = config, ctx
+    self.path = os.path.join(ctx.workdir, TRAIN, name, "curve.json")
+    self.points = json.load(open(self.path)) if os.path.exists(self.path) else []
+    sets = sources.parse_sets(config.data.eval)
+    names = [x.strip() for x in config.data.ood.split(",") if x.strip()] or list(sets)
+    limit = config.report.curve_limit or None
+    self.sets = {n: common.load_records(config, sets[n], limit=limit) for n in names}
+    self.model = dataclasses.replace(model, opts=opts)
+    self.sampler = common.sampler_for(model.cfg, opts)
+
+  def __call__(self, step: int, params) -> None:
+    if any(p["step"] == step for p in self.points):
+      return
+    model = dataclasses.replace(self.model, params=params)
+    point = {"step": step}
+    for n, recs in self.sets.items():
+      results, _ = evaluate.greedy_results(self.config, self.ctx, model, recs, n, desc=f"curve {n}@{step}",
+                                           sampler=self.sampler)
+      point[n] = evaluate.accuracy_of(results)
+    self.points.append(point)
+    self.points.sort(key=lambda p: p["step"])
+    common.write_json(self.path, self.points)
+
+
+def _fit(config, ctx, name: str, t: trainer.SFTTrainer, it, s, model: common.LoadedModel) -> dict:
+  curve = Curve(config, ctx, name, model, t.opts) if s.eval_every > 0 else None
+  if curve is not None and t.manager.latest_step() is None:
+    curve(0, t.params)            # the starting model (adapters at zero): the curves' first point
+
+  def on_step(step, m):
+    if curve is not None and (step % s.eval_every == 0 or step == t.tc.steps):
+      curve(step, t.params)
+
+  out = t.fit(it, progress=True, on_step=on_step)
+  directory = os.path.join(ctx.workdir, model_dir(name))
+  checkpoint.save_model(directory, t.params, model.cfg, source_dir=model.directory, lora=t.tc.lora)
+  h = out["history"]
+  figures = {"steps": out["steps"], "final_loss": round(h[-1]["loss"], 4) if h else None,
+             "parameters_trained": model_lib.count_params(t.state.train), "written": directory}
+  if h:
+    figures["tokens_per_s"] = round(sum(x["tokens_per_s"] for x in h[1:] or h) / len(h[1:] or h), 1)
+  return figures
+
+
+def _start(config, ctx, ref: str, key: str) -> common.LoadedModel:
+  model = common.load_model(config, ctx, ref)
+  if model.opts.lora is not None:
+    raise ValueError(f"config.{key}={ref!r} is a LoRA model; training starts from a full model (export or "
+                     f"merge it first)")
+  return model
+
+
+def _sft_run(config, ctx, name: str, s, start_ref: str, start_key: str, spec, *, train_noise: bool) -> dict:
+  model = _start(config, ctx, start_ref, start_key)
+  records = common.load_records(config, spec, train=train_noise)
+  if not records:
+    raise ValueError(f"{name}: {spec} holds no records. For a curated recipe this means the cold-start model "
+                     f"got every prompt right or every prompt wrong; check scores/ and curation/summary.json "
+                     f"(a stronger or weaker cold start, or more training prompts, fixes it)")
+  seed = config.seed + sum(map(ord, name))
+  it = _iterator(config, records, model.processor, s, with_answers=True, seed=seed, source=str(spec))
+  tc = train_config(s, _steps(s, it), seed)
+  params = model.params
+  if tc.lora is not None:
+    params = trainer.init_lora(params, model.cfg, tc.lora, seed=seed)
+  t = trainer.SFTTrainer(model.cfg, ctx.model_options, params, tc, ctx.mesh,
+                         os.path.join(ctx.workdir, TRAIN, name))
+  return {"records": len(records), **_fit(config, ctx, name, t, it, s, model)}
+
+
+def cold_start(config, ctx) -> dict:
+  c = config.cold_start
+  return _sft_run(config, ctx, "cold_start", c, c.model, "cold_start.model", sources.parse(c.data),
+                  train_noise=True)
+
+
+def finetune(config, ctx) -> dict:
+  f = config.finetune
+  out = {}
+  for recipe in [r.strip() for r in f.recipes.split(",") if r.strip()]:
+    if done(ctx.workdir, recipe):
+      print(f"[finetune] {recipe}: done already")
+      continue
+    path = curate.recipe_file(ctx.workdir, recipe)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} not found: add {recipe!r} to config.curate.recipes and run 'curate'")
+    print(f"[finetune] {recipe} from {path}")
+    res = _sft_run(config, ctx, recipe, f, f.model, "finetune.model", sources.Spec("json", path), train_noise=False)
+    out.update({f"{recipe}/{k}": v for k, v in res.items() if k != "written"})
+  common.write_json(os.path.join(ctx.workdir, FINETUNE_DONE), out)
+  return out
+
+
+def grpo(config, ctx) -> dict:
+  g = config.grpo
+  model = _start(config, ctx, g.model, "grpo.model")
+  records = common.load_records(config, config.data.train, limit=config.data.train_limit, train=True)
+  seed = config.seed + sum(map(ord, "grpo"))
+  it = _iterator(config, records, model.processor, g, with_answers=False, seed=seed, source=config.data.train)
+  tc = train_config(g, _steps(g, it), seed)
+  params = model.params
+  if tc.lora is not None:
+    params = trainer.init_lora(params, model.cfg, tc.lora, seed=seed)
+  sp = sampling.SamplingParams(max_new_tokens=g.max_new_tokens, num_samples=g.num_generations,
+                               temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                               eos_ids=sampling.stop_ids(model.directory, model.processor),
+                               pad_id=model.cfg.pad_token_id or 0)
+  t = grpo_trainer.GRPOTrainer(model.cfg, ctx.model_options, params, tc, ctx.mesh,
+                               os.path.join(ctx.workdir, TRAIN, "grpo"), sampling_params=sp, records=records,
+                               processor=model.processor, beta=g.beta, clip_eps=g.clip_eps)
+  figures = _fit(config, ctx, "grpo", t, it, g, model)
+  h = history(ctx.workdir, "grpo")
+  if h:
+    figures["final_reward"] = round(sum(x["reward"] for x in h[-5:]) / len(h[-5:]), 4)
+  return {"prompts": len(records), **figures}
+
+
+def history(workdir: str, name: str) -> list[dict]:
+  """A run's per-step metrics (train/{name}/logs/metrics.jsonl)."""
+  path = os.path.join(workdir, TRAIN, name, "logs", "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(x) for x in f if x.strip()]
