@@ -129,9 +129,9 @@ def build(workdir: str) -> dict:
                     **({"final_reward": h[-1]["reward"]} if "reward" in h[-1] else {})}
   if runs:
     parts += ["## Training runs\n",
-              _md_table(["run", "steps", "first loss", "final loss"],
-                        [[PRETTY.get(n, n), str(r["steps"]), f"{r['first_loss']:.4f}", f"{r['final_loss']:.4f}"]
-                         for n, r in runs.items()])]
+              _md_table(["run", "steps", "first loss", "final loss", "final reward (GRPO)"],
+                        [[PRETTY.get(n, n), str(r["steps"]), f"{r['first_loss']:.4f}", f"{r['final_loss']:.4f}",
+                          f"{r['final_reward']:.3f}" if "final_reward" in r else "-"] for n, r in runs.items()])]
     results["runs"] = runs
   results["curves"] = curves
   if seconds:
