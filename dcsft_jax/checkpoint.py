@@ -17,31 +17,78 @@ from dcsft_jax.models.config import Qwen25VLConfig
 
 PARAMS = "params"
 LORA = "lora.json"
+BASE = "base.json"          # adapters-only directory: the frozen base lives in the directory it names
+ADAPTER_LEAVES = ("lora_a", "lora_b")
 
 
 def is_model_dir(path: str) -> bool:
   return os.path.isdir(os.path.join(path, PARAMS)) and os.path.exists(os.path.join(path, "config.json"))
 
 
+def _lora_tree(params):
+  if isinstance(params, dict):
+    out = {}
+    for k, v in params.items():
+      if k in ADAPTER_LEAVES:
+        out[k] = v
+      elif isinstance(v, dict):
+        sub = _lora_tree(v)
+        if sub:
+          out[k] = sub
+    return out
+  return {}
+
+
+def _merge_trees(base, extra):
+  out = dict(base)
+  for k, v in extra.items():
+    out[k] = _merge_trees(base[k], v) if (k in base and isinstance(v, dict)) else v
+  return out
+
+
 def save_model(directory: str, params, cfg: Qwen25VLConfig, *, source_dir: str | None = None,
-               lora: model_lib.LoraSpec | None = None) -> str:
-  """Writes params (LoRA adapters included, unmerged) and what it takes to read them back."""
+               lora: model_lib.LoraSpec | None = None, base_dir: str | None = None) -> str:
+  """Writes params (LoRA adapters included, unmerged) and what it takes to read them back.
+
+  With `lora` and `base_dir` (a model directory holding the same frozen base weights) only the
+  adapters are written, and base.json names the base: a LoRA run of a 7B model then takes megabytes
+  on disk, not another copy of the model.
+  """
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   target = os.path.join(directory, PARAMS)
+  tree = model_lib.unbox(params)
+  if lora is not None and base_dir is not None:
+    tree = _lora_tree(tree)
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(target, model_lib.unbox(params), force=True)
+  ckptr.save(target, tree, force=True)
   ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    tmp = os.path.join(directory, f"config.json.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-      json.dump(cfg.to_hf_dict(), f, indent=2)
-    os.replace(tmp, os.path.join(directory, "config.json"))
+    base_file = os.path.join(directory, BASE)
+    if lora is not None and base_dir is not None:
+      with open(base_file, "w") as f:
+        json.dump({"base": os.path.relpath(os.path.abspath(base_dir), directory)}, f, indent=2)
+    elif os.path.exists(base_file):
+      os.remove(base_file)
     if lora is not None:
       with open(os.path.join(directory, LORA), "w") as f:
         json.dump(dataclasses.asdict(lora), f, indent=2)
     hf.copy_processor_files(source_dir, directory)
+    tmp = os.path.join(directory, f"config.json.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+      json.dump(cfg.to_hf_dict(), f, indent=2)
+    # Last: config.json's presence marks a complete directory.
+    os.replace(tmp, os.path.join(directory, "config.json"))
   return directory
+
+
+def base_of(directory: str) -> str | None:
+  """The base model directory of an adapters-only directory (None for a full one)."""
+  f = os.path.join(directory, BASE)
+  if not os.path.exists(f):
+    return None
+  with open(f) as fh:
+    return os.path.normpath(os.path.join(directory, json.load(fh)["base"]))
 
 
 def read_lora(directory: str) -> model_lib.LoraSpec | None:
@@ -72,8 +119,19 @@ def load_model(directory: str, *, mesh=None, opts: model_lib.ModelOptions = mode
   path = os.path.join(directory, PARAMS)
   stored = ckptr.metadata(path)
   stored = getattr(stored, "item_metadata", stored)
-  _check_matches(stored, target, directory)
-  return cfg, ckptr.restore(path, target), lora
+  base = base_of(directory)
+  if base is None:
+    _check_matches(stored, target, directory)
+    return cfg, ckptr.restore(path, target), lora
+  if not is_model_dir(base):
+    raise FileNotFoundError(f"{directory}/{BASE} names the base model {base}, which is not a model directory; "
+                            f"restore it there or re-save {directory} with the full params")
+  base_cfg, base_params, base_lora = load_model(base, mesh=mesh, opts=dataclasses.replace(opts, lora=None))
+  if base_lora is not None or base_cfg != cfg:
+    raise ValueError(f"{directory}: its base {base} is not the plain model its adapters were trained on")
+  adapters = _lora_tree(target)
+  _check_matches(stored, adapters, directory)
+  return cfg, _merge_trees(base_params, ckptr.restore(path, adapters)), lora
 
 
 def _check_matches(stored, target, directory):

@@ -66,7 +66,9 @@ def filter_logits(logits, params: SamplingParams):
   x = logits.astype(jnp.float32) / jnp.float32(params.temperature)
   V = x.shape[-1]
   k = min(params.top_k, V) if params.top_k else 0
-  if k:
+  if k and params.top_p >= 1.0:
+    x = jnp.where(x < kth_largest(x, k)[..., None], -jnp.inf, x)
+  elif k:
     top = jax.lax.top_k(x, k)[0]
     x = jnp.where(x < top[..., -1:], -jnp.inf, x)
   if params.top_p < 1.0:
@@ -80,6 +82,28 @@ def filter_logits(logits, params: SamplingParams):
     cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
     x = jnp.where(x < cutoff, -jnp.inf, x)
   return x
+
+
+def kth_largest(x, k: int):
+  """The k-th largest fp32 value along the last axis, exactly (ties counted), without a sort.
+
+  Only the threshold is needed for top-k filtering, and `lax.top_k` dominated a K = 8 decode step on
+  the CPU (BENCHMARKS.md): 32 halving steps over fp32's order-preserving uint32 image find it with
+  V compares each. Bit by bit from the top, keep a bit when at least k values are >= the candidate:
+  the result is the largest key with k values at or above it, i.e. the k-th largest.
+  """
+  u = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  sign = jnp.uint32(0x80000000)
+  key = jnp.where(u >= sign, ~u, u | sign)
+
+  def bit(i, t):
+    cand = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+    enough = jnp.sum(key >= cand[..., None], axis=-1) >= k
+    return jnp.where(enough, cand, t)
+
+  t = jax.lax.fori_loop(0, 32, bit, jnp.zeros(x.shape[:-1], jnp.uint32))
+  back = jnp.where(t >= sign, t & ~sign, ~t)
+  return jax.lax.bitcast_convert_type(back, jnp.float32)
 
 
 def choose_tokens(logits, keys, step, params: SamplingParams):

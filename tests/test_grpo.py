@@ -78,6 +78,7 @@ def test_completion_logprobs_equal_a_full_forward_of_each_sequence():
   comp = np.asarray(jax.random.randint(jax.random.key(0), (2, G, T), 0, 400), np.int32)
   model = M.Qwen25VL(cfg)
   ours = np.asarray(jax.jit(lambda p: grpo.completion_logprobs(model, p, a, jnp.asarray(comp)))(params))
+  forward = jax.jit(lambda p, ids, pos, imgs: model.apply({"params": p}, ids, pos, imgs))
   for b in range(2):
     n = int(a["lengths"][b])
     for g in range(G):
@@ -85,7 +86,7 @@ def test_completion_logprobs_equal_a_full_forward_of_each_sequence():
       tail = (n + a["rope_deltas"][b] + np.arange(T))[None, None].repeat(3, 0)
       pos = np.concatenate([a["positions"][:, b:b + 1, :n], tail], axis=2).astype(np.int32)
       imgs = {k: a[k][b:b + 1] for k in ("pixel_values", "pos_hw", "frame_seg", "window_seg")}
-      logits = model.apply({"params": params}, ids, pos, imgs)
+      logits = forward(params, ids, pos, imgs)
       lp = jax.nn.log_softmax(logits[0, n - 1:n + T - 1].astype(jnp.float32), axis=-1)
       ref = np.asarray(jnp.take_along_axis(lp, jnp.asarray(comp[b, g])[:, None], axis=-1)[:, 0])
       np.testing.assert_allclose(ours[b * G + g], ref, rtol=1e-5, atol=1e-5)

@@ -211,3 +211,32 @@ def test_orbax_dir_that_does_not_match_its_config_fails(hf_dir, tmp_path):
   json.dump(conf, open(os.path.join(d, "config.json"), "w"))
   with pytest.raises(ValueError, match=r"has shape \(3, (96, 160|160, 96)\), but config.json implies \(3, (96, 170|170, 96)\)"):
     checkpoint.load_model(d)
+
+
+def test_lora_model_dir_keeps_only_adapters_and_reads_its_base(tmp_path):
+  """A LoRA run's model directory holds the adapters and names its base: it reads back to the same
+  full tree (bit-equal), is a fraction of the base's size, and a missing base is named."""
+  cfg = tiny_config()
+  lora = M.LoraSpec(rank=4, alpha=8.0)
+  base = M.unbox(M.init_params(cfg, rng=jax.random.PRNGKey(0)))
+  base_dir = str(tmp_path / "cold_start_model")
+  checkpoint.save_model(base_dir, base, cfg)
+  full = M.unbox(M.init_params(cfg, M.ModelOptions(lora=lora), jax.random.PRNGKey(1)))
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.1 if "lora_b" in jax.tree_util.keystr(p) else x, full)
+  params = {**params, **{k: v for k, v in base.items() if k not in ("layers",)}}
+  params["layers"] = {k: ({**v, **base["layers"][k]} if isinstance(v, dict) else base["layers"][k])
+                      for k, v in params["layers"].items()}
+  d = str(tmp_path / "models" / "sft_em")
+  checkpoint.save_model(d, params, cfg, lora=lora, base_dir=base_dir)
+  assert checkpoint.base_of(d) == os.path.abspath(base_dir)
+  size = lambda p: sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(p) for f in fs)
+  assert size(os.path.join(d, "params")) < 0.5 * size(os.path.join(base_dir, "params"))
+  cfg2, back, lora2 = checkpoint.load_model(d)
+  assert lora2 == lora and cfg2 == cfg
+  flat = lambda t: {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+  a, b = flat(params), flat(back)
+  assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+  shutil.rmtree(base_dir)
+  with pytest.raises(FileNotFoundError, match="cold_start_model"):
+    checkpoint.load_model(d)

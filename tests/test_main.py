@@ -36,7 +36,8 @@ def test_default_run_fills_the_report_exports_and_resumes(tmp_path):
   b = res["buckets"]
   assert b["easy"] + b["medium"] + b["hard"] == summary["score"]["records"] and b["medium"] > 0
   report = open(os.path.join(wd, "report.md")).read()
-  table = [ln for ln in report.splitlines() if ln.startswith("| ") and ln.count("|") == 6]
+  accuracy = report.split("## Accuracy")[1].split("\n## ")[0]
+  table = [ln for ln in accuracy.splitlines() if ln.startswith("| ")]
   rows = {ln.split("|")[1].strip(): ln for ln in table}
   for label in ("cold start", "SFT", "GRPO", "SFT-M", "SFT-EM"):
     cells = [c.strip() for c in rows[label].split("|")[2:-1]]

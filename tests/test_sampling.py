@@ -308,3 +308,19 @@ def test_generate_cli(tiny, tmp_path):
   p = subprocess.run([sys.executable, "-m", "dcsft_jax.generate", "--model=/nonexistent", "--prompt=hi"],
                      capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
   assert p.returncode != 0 and "/nonexistent" in p.stderr
+
+
+def test_kth_largest_equals_top_k_threshold():
+  """The sort-free top-k threshold equals lax.top_k's k-th value, ties and -inf included."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 300)).astype(np.float32) * 5
+  x[1, :40] = 2.5                      # a tie that straddles k
+  x[2] = np.round(x[2])                # many ties
+  x[3, 10:] = -np.inf                  # fewer finite values than k
+  x[4] = -np.abs(x[4])                 # all negative
+  x[5, :] = 0.0
+  x[5, :3] = -0.0
+  for k in (1, 7, 50, 299, 300):
+    want = np.asarray(jax.lax.top_k(jnp.asarray(x), k)[0][:, -1])
+    got = np.asarray(jax.jit(lambda v: sampling.kth_largest(v, k))(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, want)

@@ -109,7 +109,9 @@ def _fit(config, ctx, name: str, t: trainer.SFTTrainer, it, s, model: common.Loa
 
   out = t.fit(it, progress=True, on_step=on_step)
   directory = os.path.join(ctx.workdir, model_dir(name))
-  checkpoint.save_model(directory, t.params, model.cfg, source_dir=model.directory, lora=t.tc.lora)
+  # A LoRA run keeps only its adapters; the frozen base stays in the starting model's directory.
+  base = model.directory if t.tc.lora is not None and checkpoint.is_model_dir(model.directory) else None
+  checkpoint.save_model(directory, t.params, model.cfg, source_dir=model.directory, lora=t.tc.lora, base_dir=base)
   h = out["history"]
   figures = {"steps": out["steps"], "final_loss": round(h[-1]["loss"], 4) if h else None,
              "parameters_trained": model_lib.count_params(t.state.train), "written": directory}
