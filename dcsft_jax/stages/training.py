@@ -54,7 +54,12 @@ def train_config(s, steps: int, seed: int) -> trainer.TrainConfig:
                               max_grad_norm=float(s.max_grad_norm), total_steps=steps))
 
 
-def _iterator(config, records, processor, s, *, with_answers: bool, seed: int, source: str):
+def _iterator(config, records, processor, s, *, with_answers: bool, seed: int, source: str, key: str, mesh):
+  ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = s.batch_size // s.accum
+  if micro % ways:
+    raise ValueError(f"config.{key}.batch_size / accum = {micro} rows per micro-batch is not divisible by the "
+                     f"mesh's data x fsdp = {ways} batch shards; use a multiple of {ways * s.accum}")
   buckets = batching.auto_buckets(records, processor, with_answers=with_answers, max_buckets=config.data.max_buckets,
                                   skip_bad_records=config.data.skip_bad_records)
   return batching.BatchIterator(records, processor, batch_size=s.batch_size // s.accum, buckets=buckets,
@@ -128,7 +133,8 @@ def _start(config, ctx, ref: str, key: str) -> common.LoadedModel:
   return model
 
 
-def _sft_run(config, ctx, name: str, s, start_ref: str, start_key: str, spec, *, train_noise: bool) -> dict:
+def _sft_run(config, ctx, name: str, s, start_ref: str, start_key: str, spec, *, train_noise: bool,
+             key: str) -> dict:
   model = _start(config, ctx, start_ref, start_key)
   records = common.load_records(config, spec, train=train_noise)
   if not records:
@@ -136,7 +142,8 @@ def _sft_run(config, ctx, name: str, s, start_ref: str, start_key: str, spec, *,
                      f"got every prompt right or every prompt wrong; check scores/ and curation/summary.json "
                      f"(a stronger or weaker cold start, or more training prompts, fixes it)")
   seed = config.seed + sum(map(ord, name))
-  it = _iterator(config, records, model.processor, s, with_answers=True, seed=seed, source=str(spec))
+  it = _iterator(config, records, model.processor, s, with_answers=True, seed=seed, source=str(spec),
+                 key=key, mesh=ctx.mesh)
   tc = train_config(s, _steps(s, it), seed)
   params = model.params
   if tc.lora is not None:
@@ -149,7 +156,7 @@ def _sft_run(config, ctx, name: str, s, start_ref: str, start_key: str, spec, *,
 def cold_start(config, ctx) -> dict:
   c = config.cold_start
   return _sft_run(config, ctx, "cold_start", c, c.model, "cold_start.model", sources.parse(c.data),
-                  train_noise=True)
+                  train_noise=True, key="cold_start")
 
 
 def finetune(config, ctx) -> dict:
@@ -163,7 +170,8 @@ def finetune(config, ctx) -> dict:
     if not os.path.exists(path):
       raise FileNotFoundError(f"{path} not found: add {recipe!r} to config.curate.recipes and run 'curate'")
     print(f"[finetune] {recipe} from {path}")
-    res = _sft_run(config, ctx, recipe, f, f.model, "finetune.model", sources.Spec("json", path), train_noise=False)
+    res = _sft_run(config, ctx, recipe, f, f.model, "finetune.model", sources.Spec("json", path), train_noise=False,
+                   key="finetune")
     out.update({f"{recipe}/{k}": v for k, v in res.items() if k != "written"})
   common.write_json(os.path.join(ctx.workdir, FINETUNE_DONE), out)
   return out
@@ -174,7 +182,8 @@ def grpo(config, ctx) -> dict:
   model = _start(config, ctx, g.model, "grpo.model")
   records = common.load_records(config, config.data.train, limit=config.data.train_limit, train=True)
   seed = config.seed + sum(map(ord, "grpo"))
-  it = _iterator(config, records, model.processor, g, with_answers=False, seed=seed, source=config.data.train)
+  it = _iterator(config, records, model.processor, g, with_answers=False, seed=seed, source=config.data.train,
+                 key="grpo", mesh=ctx.mesh)
   tc = train_config(g, _steps(g, it), seed)
   params = model.params
   if tc.lora is not None:
