@@ -401,6 +401,9 @@ def bench_sft(lora: bool, shape, opts, params, model_dir_model, prompts, device,
   arrays = {k: (v[:, :b] if k == "positions" else v[:b]) for k, v in prompts.arrays.items()
             if k not in ("lengths", "rope_deltas")}
   batch = {k: (v[None] if k != "positions" else v[None]) for k, v in arrays.items()}   # one micro-batch
+  if not a.full_logits:
+    # As the trainer does by default: the LM head runs only where a target is (same loss, same gradients).
+    batch["loss_index"], batch["loss_select"] = sft.loss_positions(batch["loss_mask"], batch["valid"])
   tokens = int(arrays["attention_mask"].sum())
   out = {"batch": b, "tokens_per_step": tokens}
 
@@ -664,6 +667,8 @@ def main():
   ap.add_argument("--torch_threads", default=None,
                   help="comma list of torch intra-op thread counts tried for HF (its best is kept); "
                        "default 1 and all cores on a CPU, unchanged on a GPU")
+  ap.add_argument("--full_logits", action="store_true",
+                  help="ours: LM head at every position (before the target-positions-only loss)")
   ap.add_argument("--remat", action="store_true", help="ours: recompute each layer in the backward pass (SFT)")
   ap.add_argument("--sequential", action="store_true", help="time SFT sides one after the other (3B)")
   ap.add_argument("--md", default=os.path.join(ROOT, "BENCHMARKS.md"))

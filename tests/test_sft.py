@@ -225,3 +225,31 @@ def test_bf16_compute_with_fp32_master_weights():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state) if x.ndim)
   np.testing.assert_allclose(losses["bf16"][0], losses["fp32"][0], rtol=2e-2)
   assert np.all(np.isfinite(losses["bf16"])) and losses["bf16"][-1] < 0.3 * losses["bf16"][0], losses["bf16"][::5]
+
+
+def test_logits_at_target_positions_only_give_the_same_loss_and_gradients():
+  """The step that runs the LM head only where a target is (trainer default) equals the full one."""
+  import optax
+  lm = np.array([[0, 0, 1, 1, 1, 0], [0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1]])
+  idx, sel = sft.loss_positions(lm, np.array([True, True, False]), min_size=2)
+  assert idx.shape == (3, 4)                                   # 3 targets in row 0 -> C = 4
+  assert idx[0, :3].tolist() == [1, 2, 3] and sel[0].tolist() == [1, 1, 1, 0]
+  assert idx[1, 0] == 0 and sel[1].tolist() == [1, 0, 0, 0] and sel[2].sum() == 0   # row 2 is padding
+  cfg = tiny_config()
+  params = M.unbox(M.init_params(cfg, rng=jax.random.PRNGKey(5)))
+  tx = optax.sgd(1.0)
+  mask = optim.trainable_mask(params, lora=False)
+  step = sft.make_train_step(cfg, M.ModelOptions(), tx, lambda s: 1.0)
+  batch = _digit_batches(cfg, 8, accum=2)
+  batch["valid"][1, 3] = False
+  idx, sel = sft.loss_positions(batch["loss_mask"], batch["valid"])
+  assert idx.shape[-1] < batch["input_ids"].shape[-1] // 4
+  out = []
+  for b in (batch, {**batch, "loss_index": idx, "loss_select": sel}):
+    state = sft.init_state(jax.tree.map(jnp.copy, params), tx, mask, jax.random.key_data(jax.random.key(0)))
+    state, m = step(state, b)
+    out.append((jax.tree.map(np.asarray, state.params), m))
+  np.testing.assert_allclose(float(out[1][1]["loss"]), float(out[0][1]["loss"]), rtol=1e-6)
+  assert float(out[1][1]["tokens"]) == float(out[0][1]["tokens"])
+  for a, b in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0])):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)

@@ -51,6 +51,7 @@ class TrainConfig:
   save_every: int = 100
   keep: int = 2
   seed: int = 0
+  loss_positions_only: bool = True   # logits only where a target is (same loss and gradients)
 
   def __post_init__(self):
     if self.batch_size % self.accum:
@@ -111,6 +112,7 @@ class SFTTrainer:
     self.state = state.replace(step=jax.device_put(state.step, replicated), rng=jax.device_put(state.rng, replicated),
                                opt_state=jax.tree.map(lambda x: x if x.ndim else jax.device_put(x, replicated),
                                                       state.opt_state))
+    self.loss = loss
     self.step_fn = sft.make_train_step(cfg, self.opts, self.tx, self.schedule, loss=loss, count_name=count_name,
                                        state_sharding=jax.tree.map(lambda x: x.sharding, self.state))
     self.ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -124,6 +126,8 @@ class SFTTrainer:
   def _host_batch(self, batches) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """The next step's host arrays [A, b, ...] and figures ("_tokens_in": tokens the step reads)."""
     host = stack_micro([next(batches).arrays for _ in range(self.tc.accum)])
+    if self.loss is sft.sft_loss and self.tc.loss_positions_only:
+      host["loss_index"], host["loss_select"] = sft.loss_positions(host["loss_mask"], host["valid"])
     return host, {"_tokens_in": float(host["attention_mask"].sum())}
 
   def _run_step(self, batch):
