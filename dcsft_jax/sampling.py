@@ -222,6 +222,18 @@ class Sampler:
     return self.decode(params, prefix, prefix_mask, logits, start, jnp.asarray(keys), params_=sampling)
 
 
+_SHARED: dict = {}
+
+
+def shared_sampler(cfg, opts: model_lib.ModelOptions) -> Sampler:
+  """One Sampler per (architecture, options) in a process: models of the same shape (a pipeline's
+  LoRA runs, a resumed trainer) share its compiled programs instead of compiling their own."""
+  key = (cfg, dataclasses.replace(opts, deterministic=True))
+  if key not in _SHARED:
+    _SHARED[key] = Sampler(cfg, opts)
+  return _SHARED[key]
+
+
 def completions(tokens, lengths, eos_ids: Sequence[int] = ()) -> list[list[list[int]]]:
   """Host lists of each sample's tokens, cut at its length and without the end-of-sequence token."""
   tokens, lengths = np.asarray(tokens), np.asarray(lengths)

@@ -54,16 +54,8 @@ def _image_root(value: str):
   return (old, new) if sep else value
 
 
-_SAMPLERS: dict = {}
-
-
 def sampler_for(cfg, opts) -> sampling.Sampler:
-  """One Sampler per (architecture, options) in a process: models of the same shape (the LoRA runs
-  of a pipeline) share its compiled programs instead of compiling their own."""
-  key = (cfg, opts)
-  if key not in _SAMPLERS:
-    _SAMPLERS[key] = sampling.Sampler(cfg, opts)
-  return _SAMPLERS[key]
+  return sampling.shared_sampler(cfg, opts)
 
 
 def generator(config, ctx, model: LoadedModel, records, sp: sampling.SamplingParams, *, batch_size: int,

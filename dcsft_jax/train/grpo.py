@@ -12,6 +12,8 @@ term's (the paper's reason RL ignores easy and hard prompts).
 """
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 
 
@@ -59,6 +61,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float = 0.04,
 ROLLOUT_KEYS = ("completions", "completion_mask", "rewards")
 
 
+@functools.lru_cache(maxsize=None)
 def make_loss(*, beta: float = 0.04, clip_eps: float = 0.2):
   """The GRPO loss in the train step's form: loss(model, params, micro_batch, rng[, ref_params]).
 

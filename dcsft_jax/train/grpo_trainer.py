@@ -41,7 +41,7 @@ class GRPOTrainer(trainer.SFTTrainer):
     # A real copy: the state's frozen leaves are donated to the step and must not be the reference.
     self.ref_params = jax.tree.map(lambda x: x.copy(), self.state.params) if tc.lora is None else None
     self.sp = sampling_params
-    self.sampler = sampling.Sampler(cfg, self.opts)
+    self.sampler = sampling.shared_sampler(cfg, self.opts)
     self.records = {str(r.id): r for r in records}
     self.processor = processor
     self.reward_fn = reward_fn

@@ -113,8 +113,8 @@ class SFTTrainer:
                                opt_state=jax.tree.map(lambda x: x if x.ndim else jax.device_put(x, replicated),
                                                       state.opt_state))
     self.loss = loss
-    self.step_fn = sft.make_train_step(cfg, self.opts, self.tx, self.schedule, loss=loss, count_name=count_name,
-                                       state_sharding=jax.tree.map(lambda x: x.sharding, self.state))
+    self.step_fn = _shared_step(cfg, self.opts, tc.optim, loss, count_name,
+                                jax.tree.map(lambda x: x.sharding, self.state))
     self.ckpt_dir = os.path.join(workdir, "checkpoints")
     self.manager = ocp.CheckpointManager(self.ckpt_dir, options=ocp.CheckpointManagerOptions(
         max_to_keep=tc.keep, enable_async_checkpointing=True))
@@ -217,6 +217,20 @@ class SFTTrainer:
   @property
   def params(self):
     return self.state.params
+
+
+_STEPS: dict = {}
+
+
+def _shared_step(cfg, opts, oc: optim.OptimConfig, loss, count_name: str, state_sharding):
+  """One jitted step per (model, optimizer, loss, layout) in a process, so trainers built again (the
+  pipeline's SFT runs, a resumed run) reuse its compiled program."""
+  leaves, treedef = jax.tree.flatten(state_sharding)
+  key = (cfg, opts, oc, loss, count_name, treedef, tuple(leaves))
+  if key not in _STEPS:
+    _STEPS[key] = sft.make_train_step(cfg, opts, optim.optimizer(oc), optim.schedule(oc), loss=loss,
+                                      count_name=count_name, state_sharding=state_sharding)
+  return _STEPS[key]
 
 
 def _main_thread() -> bool:
