@@ -1,6 +1,7 @@
 """Dataset specs in configs -> Records. One string names a source, so configs stay flat:
 
   builtin:SPLIT            the embedded digits dataset (train | test | rendition | adversarial)
+  synthetic:N[:SPLIT]      N records of a builtin split at ImageNet-like sizes (JPEG bytes), for speed runs
   json:PATH  (or PATH.json) one of the paper's JSON files (ms-swift messages, or problem/solution)
   tfds:NAME[:SPLIT]        a prepared TFDS dataset under data.tfds_dir (ImageNet variants, RefCOCO)
   hf:PATH[:SPLIT]          a local Hugging Face dataset (save_to_disk dir, image folder, json/parquet)
@@ -19,7 +20,7 @@ from typing import Any
 from dcsft_jax.data import builtin
 from dcsft_jax.data.records import Record, read_hf_dataset, read_paper_json
 
-KINDS = ("builtin", "json", "tfds", "hf")
+KINDS = ("builtin", "synthetic", "json", "tfds", "hf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +76,12 @@ def _parse(s: str) -> Spec:
     return Spec(kind, rest)
   if kind == "json":
     return Spec(kind, rest)
+  if kind == "synthetic":
+    count, _, split = rest.partition(":")
+    if not count.isdigit() or int(count) < 1 or (split and split not in builtin.SPLITS):
+      raise ValueError(f"dataset spec {s!r}: expected synthetic:N[:SPLIT] with N >= 1 and SPLIT one of "
+                       f"{', '.join(builtin.SPLITS)}")
+    return Spec(kind, count, split or None)
   path, _, split = rest.rpartition(":") if rest.count(":") else (rest, "", "")
   return Spec(kind, path or rest, split or None)
 
@@ -127,6 +134,11 @@ def load(spec: Spec | str, *, seed: int = 0, limit: int | None = None, image_roo
   problem = check(spec, tfds_dir=tfds_dir)
   if problem:
     raise FileNotFoundError(problem)
+  if spec.kind == "synthetic":
+    split = spec.split or "train"
+    recs = builtin.load_synthetic(int(spec.path), split, seed=seed, label_noise=label_noise if split == "train"
+                                  else 0.0)
+    return recs[:limit] if limit is not None else recs
   if spec.kind == "builtin":
     return builtin.load_builtin(spec.path, seed=seed, limit=limit, label_noise=label_noise if spec.path == "train"
                                 else 0.0, image_size=image_size)

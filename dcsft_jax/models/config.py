@@ -268,3 +268,12 @@ def preset(name: str) -> Qwen25VLConfig:
 
 
 PRESETS = ("tiny", "3b", "7b")
+
+
+def with_tiny_tokenizer(cfg: Qwen25VLConfig) -> Qwen25VLConfig:
+  """`cfg` with the tiny tokenizer's special ids (ids < 414 fit any vocabulary): a random-weight model of
+  real shapes that the embedded processor can feed, for speed runs without a checkpoint."""
+  t = tiny_config()
+  return cfg.replace(image_token_id=t.image_token_id, video_token_id=t.video_token_id,
+                     vision_start_token_id=t.vision_start_token_id, vision_end_token_id=t.vision_end_token_id,
+                     bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id)

@@ -8,7 +8,8 @@ import jax
 from dcsft_jax import checkpoint, hf
 from dcsft_jax.data import tokenizer
 from dcsft_jax.models import qwen2_5_vl as model_lib
-from dcsft_jax.models.config import tiny_config
+from dcsft_jax.models.config import preset as get_preset
+from dcsft_jax.models.config import tiny_config, with_tiny_tokenizer
 
 BASE_DIR = "base_model"
 # save_model writes config.json after the params, so its presence means the directory is complete.
@@ -22,8 +23,10 @@ def init(config, ctx) -> dict:
     cfg, params = hf.load_hf(config.model.hf_path, mesh=ctx.mesh, opts=opts)
     source = config.model.hf_path
   else:
-    # The embedded default: the tiny Qwen2.5-VL architecture with random weights.
-    cfg = tiny_config()
+    # The embedded default: the tiny Qwen2.5-VL architecture with random weights; or, with
+    # model.preset=3b|7b, the real shapes with random weights and the tiny tokenizer (speed runs).
+    preset = config.model.preset
+    cfg = with_tiny_tokenizer(get_preset(preset)) if preset and preset != "tiny" else tiny_config()
     params = model_lib.init_params(cfg, opts, jax.random.PRNGKey(config.seed), mesh=ctx.mesh)
     source = None
   out = os.path.join(ctx.workdir, BASE_DIR)
@@ -31,7 +34,8 @@ def init(config, ctx) -> dict:
     # The tiny model's tokenizer and processor travel with it, so its HF export loads in transformers.
     tokenizer.save_tiny_processor(out)
   checkpoint.save_model(out, params, cfg, source_dir=source)
-  return {"parameters": model_lib.count_params(params), "source": source or "embedded tiny model",
+  return {"parameters": model_lib.count_params(params),
+          "source": source or f"random weights, {config.model.preset or 'tiny'} shapes",
           "written": out}
 
 
