@@ -159,3 +159,19 @@ def test_ood_shift_is_real(splits):
   assert acc["test"] > 0.85, acc
   assert acc["rendition"] < acc["test"] - 0.1, acc
   assert acc["adversarial"] < acc["test"] - 0.1, acc
+
+
+def test_synthetic_records_have_imagenet_like_sizes_and_are_deterministic():
+  import io
+  from PIL import Image
+  from dcsft_jax.data import sources
+  a = sources.load("synthetic:40:rendition", seed=3)
+  b = sources.load("synthetic:40:rendition", seed=3)
+  assert len(a) == 40 and [r.id for r in a] == [r.id for r in b] and all(x.image == y.image for x, y in zip(a, b))
+  sizes = [Image.open(io.BytesIO(r.image)).size for r in a]
+  assert all(250 <= w <= 500 and 250 <= h <= 500 for w, h in sizes) and len(set(sizes)) > 30
+  assert {r.answer for r in a} <= set(B.DIGIT_NAMES) and a[0].id == "synthetic-rendition-000000"
+  head, tail = sources.load("synthetic:40[:10]"), sources.load("synthetic:40[10:]")
+  assert len(head) == 10 and len(tail) == 30 and not {r.id for r in head} & {r.id for r in tail}
+  with pytest.raises(ValueError, match="synthetic:N"):
+    sources.parse("synthetic:many")
