@@ -3,6 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import numerics
+
 from dcsft_jax.train import grpo
 
 
@@ -89,6 +91,9 @@ def test_completion_logprobs_equal_a_full_forward_of_each_sequence():
       logits = forward(params, ids, pos, imgs)
       lp = jax.nn.log_softmax(logits[0, n - 1:n + T - 1].astype(jnp.float32), axis=-1)
       ref = np.asarray(jnp.take_along_axis(lp, jnp.asarray(comp[b, g])[:, None], axis=-1)[:, 0])
+      # Two programs of the same forward (shared prefix vs full sequence): reassociated fp32 sums in
+      # each layer; a log-prob is logit - logsumexp, so its error scales with the logits (~10), not
+      # with the log-prob: 1e-5 absolute is ~1e-6 of the terms.
       np.testing.assert_allclose(ours[b * G + g], ref, rtol=1e-5, atol=1e-5)
 
 
@@ -158,17 +163,17 @@ def test_step_matches_a_direct_computation_of_the_objective():
   stacked = {k: (v.reshape((2, 2) + v.shape[1:]) if k != "positions" else
                  v.reshape(3, 2, 2, -1).transpose(1, 0, 2, 3)) for k, v in batch.items()}
   state, metrics = step(state, stacked)
-  np.testing.assert_allclose(float(metrics["loss"]), float(want_loss), rtol=1e-5)
+  # The step's scan over 2 micro-batches vs one direct computation: reassociation only.
+  np.testing.assert_allclose(float(metrics["loss"]), float(want_loss), rtol=numerics.REASSOCIATION)
   assert float(metrics["completions"]) == 3 * G
   np.testing.assert_allclose(float(metrics["reward"]), rewards[:3].mean(), rtol=1e-6)
   np.testing.assert_allclose(float(metrics["zero_advantage"]), 1 / 3, rtol=1e-6)
   assert float(metrics["kl"]) > 1e-6
-  got = jax.tree.map(lambda x, y: None if x is None else x - y, train0, state.train, is_leaf=lambda x: x is None)
-  n = 0
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want_grads)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-7)
-    n += 1
-  assert n > 10
+  # SGD with lr 1 moved each adapter by its gradient: compare with w - (the hand-written gradient).
+  want = jax.tree.map(lambda x, g: None if x is None else x - np.asarray(g), train0, want_grads,
+                      is_leaf=lambda x: x is None)
+  assert len(numerics.leaves(want)) > 10
+  numerics.assert_sgd_steps_close(train0, state.train, want)
 
 
 def test_grpo_trainer_raises_the_reward(tmp_path):

@@ -134,6 +134,7 @@ def test_lora_is_merged_on_export(hf_dir, tmp_path):
   t = _tensors(out)
   q = params["layers"]["q_proj"]
   want = (np.asarray(q["kernel"][1]) + np.asarray(q["lora_a"][1]) @ np.asarray(q["lora_b"][1]) * 2.0).T
+  # The same fp32 rank-4 product and add on both sides (numpy's and XLA's summation order).
   np.testing.assert_allclose(t["model.layers.1.self_attn.q_proj.weight"], want, rtol=1e-6, atol=1e-6)
   assert not np.allclose(t["model.layers.1.self_attn.q_proj.weight"], np.asarray(q["kernel"][1]).T)
   # The merged model is what transformers runs: same logits as ours with adapters on.
