@@ -112,9 +112,7 @@ def load_model(directory: str, *, mesh=None, opts: model_lib.ModelOptions = mode
   abstract = model_lib.init_params(cfg, dataclasses.replace(opts, lora=lora), abstract=True)
   if mesh is None:
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  shardings = mesh_lib.param_shardings(abstract, mesh)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        model_lib.unbox(abstract), shardings)
+  target = mesh_lib.abstract_params(abstract, mesh)
   ckptr = ocp.StandardCheckpointer()
   path = os.path.join(directory, PARAMS)
   stored = ckptr.metadata(path)

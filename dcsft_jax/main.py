@@ -54,6 +54,7 @@ def run(config) -> dict:
   opts = run_config.model_options(config)
   maybe_initialize_distributed(config.distributed)
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  opts = dataclasses.replace(opts, platform=mesh_lib.platform(mesh))
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:

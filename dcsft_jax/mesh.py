@@ -113,6 +113,21 @@ def param_shardings(abstract_params, mesh: Mesh):
   return jax.tree.map(one, abstract_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
+def platform(mesh: Mesh) -> str:
+  """The platform of the mesh's devices ('cpu', 'gpu', 'tpu'): what its programs are compiled for,
+  which on a CPU host compiling for accelerators (dcsft_jax.aot) is not jax.default_backend()."""
+  return mesh.devices.flat[0].platform
+
+
+def abstract_params(abstract_params, mesh: Mesh):
+  """ShapeDtypeStructs with the shardings the rules give on `mesh`, boxes dropped: what a model's
+  parameters look like there, without allocating them."""
+  shardings = param_shardings(abstract_params, mesh)
+  unbox = lambda x: x.value if isinstance(x, nn.LogicallyPartitioned) else x
+  values = jax.tree.map(unbox, abstract_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), values, shardings)
+
+
 def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
   spec = [None] * ndim
   spec[batch_dim] = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1) or None

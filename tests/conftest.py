@@ -10,3 +10,9 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
+
+# The compile-only accelerator targets (tests/test_aot.py): JAX stays on the CPU, libtpu may load in
+# every pytest worker and stays quiet. Must happen before JAX starts a backend.
+from dcsft_jax import targets  # noqa: E402  (imports no JAX)
+
+targets.prepare_environment(attached=False)

@@ -48,7 +48,10 @@ def paper_base(a, size: str) -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"           # §1.2/§1.6: bf16 ...
   c.model.param_dtype = "float32"      # ... with fp32 master weights and Adam state (as DeepSpeed ZeRO-2 bf16)
   c.model.attention = "auto"
-  c.model.remat = False                # --config.model.remat=true if activations do not fit
+  # ms-swift's default gradient_checkpointing=True (swift/trainers/arguments.py), on in every paper run.
+  c.model.remat = True
+  # The authors load the model in bf16 (--torch_dtype bfloat16): a LoRA run's frozen base is bf16.
+  c.model.frozen_in_compute_dtype = True
 
   c.data.image_root = a.image_root     # e.g. /data/dataset/Imagenet=/mnt/imagenet (the JSONs' absolute paths)
   c.data.tfds_dir = a.tfds_dir

@@ -32,13 +32,18 @@ class Bucket:
   length: int    # tokens per row
 
 
+# Token lengths are rounded up to a multiple of this: cuDNN's attention backward refuses odd sequence
+# lengths, and accelerators tile matmuls in multiples of 8 (the padding is masked, results unchanged).
+LENGTH_MULTIPLE = 8
+
+
 def make_buckets(patch_sizes: Sequence[int], text_tokens: int, merge_unit: int = 4) -> tuple[Bucket, ...]:
   """One bucket per image size class: room for the image's tokens plus `text_tokens` of text."""
   out = []
   for p in sorted(set(int(p) for p in patch_sizes)):
     if p % merge_unit:
       raise ValueError(f"bucket of {p} patches is not a multiple of the merge unit {merge_unit}")
-    out.append(Bucket(p, p // merge_unit + text_tokens))
+    out.append(Bucket(p, -(-(p // merge_unit + text_tokens) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE))
   return tuple(out)
 
 
@@ -200,19 +205,8 @@ class BatchIterator:
     return ex
 
   def _assemble(self, bucket: Bucket, rows: np.ndarray, results: list) -> dict[str, np.ndarray]:
-    B, L, P = len(rows), bucket.length, bucket.patches
     vcfg = self.processor.cfg.vision
-    pad = self.processor.tokenizer.pad_token_id or 0
-    a = {
-        "input_ids": np.full((B, L), pad, np.int32), "attention_mask": np.zeros((B, L), np.int32),
-        "loss_mask": np.zeros((B, L), np.int32), "positions": np.zeros((3, B, L), np.int32),
-        "rope_deltas": np.zeros((B,), np.int32), "valid": np.zeros((B,), bool),
-        "lengths": np.zeros((B,), np.int32),
-        "pixel_values": np.zeros((B, max(P, vcfg.merge_unit), vcfg.patch_dim), np.float32),
-        "pos_hw": np.zeros((B, max(P, vcfg.merge_unit), 2), np.int32),
-        "frame_seg": np.full((B, max(P, vcfg.merge_unit)), -1, np.int32),
-        "window_seg": np.full((B, max(P, vcfg.merge_unit)), -1, np.int32),
-    }
+    a = empty_arrays(bucket, len(rows), vcfg, self.processor.tokenizer.pad_token_id or 0)
     for r, (i, ex) in enumerate(zip(rows, results)):
       if i < 0:
         continue
@@ -268,6 +262,22 @@ class BatchIterator:
 
   def close(self):
     self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def empty_arrays(bucket: Bucket, rows: int, vcfg, pad_id: int = 0) -> dict[str, np.ndarray]:
+  """A batch of `rows` padding rows in `bucket`'s shapes: every array a batch carries, with its
+  dtype. The batcher fills it; dcsft_jax.aot compiles against its shapes."""
+  B, L, P = rows, bucket.length, max(bucket.patches, vcfg.merge_unit)
+  return {
+      "input_ids": np.full((B, L), pad_id, np.int32), "attention_mask": np.zeros((B, L), np.int32),
+      "loss_mask": np.zeros((B, L), np.int32), "positions": np.zeros((3, B, L), np.int32),
+      "rope_deltas": np.zeros((B,), np.int32), "valid": np.zeros((B,), bool),
+      "lengths": np.zeros((B,), np.int32),
+      "pixel_values": np.zeros((B, P, vcfg.patch_dim), np.float32),
+      "pos_hw": np.zeros((B, P, 2), np.int32),
+      "frame_seg": np.full((B, P), -1, np.int32),
+      "window_seg": np.full((B, P), -1, np.int32),
+  }
 
 
 def model_inputs(arrays: dict[str, np.ndarray]) -> tuple:

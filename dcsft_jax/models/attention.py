@@ -5,31 +5,46 @@
 - Everywhere else (CPU, TPU, fp32 on GPU): an XLA einsum path with the numerics of transformers'
   eager attention: logits accumulated in fp32, softmax in fp32, probabilities cast back to the
   value dtype. GQA is computed by grouping query heads, never by copying K/V.
+
+The kernel is chosen for the platform of the devices a program is compiled for (ModelOptions.platform,
+set from the mesh), not for the host's default backend: a compile for GPUs from a CPU host
+(dcsft_jax.aot) must pick what the GPU will run.
+
+Padding. Rows are right-padded (each row's real tokens come first), so a row's padding is described by
+its length alone (`RightPadding`). cuDNN takes lengths natively (`query_seq_lengths`,
+`key_value_seq_lengths`): no [B, 1, T, S] bias is built or differentiated. cuDNN refuses a mask that
+broadcasts over queries ([B, 1, 1, S]); such masks are broadcast to [B, 1, T, S] before the call.
 """
 from __future__ import annotations
 
-import functools
-
+import flax
 import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
-@functools.lru_cache(maxsize=None)
-def _backend() -> str:
-  return jax.default_backend()
+@flax.struct.dataclass
+class RightPadding:
+  """Each row's first `lengths[b]` tokens are real, the rest padding (queries and keys alike)."""
+  lengths: jax.Array            # int32 [B]
+
+  def key_mask(self, S: int):
+    """bool [B, 1, 1, S]: which keys are real."""
+    return (jnp.arange(S)[None, :] < self.lengths[:, None])[:, None, None, :]
 
 
-def resolve(impl: str, dtype, head_dim: int) -> str:
-  """Turns 'auto' into the kernel this platform, dtype and shape can use."""
+def resolve(impl: str, dtype, head_dim: int, platform: str = "") -> str:
+  """Turns 'auto' into the kernel that `platform` ('gpu', 'tpu', 'cpu'; '' = this host's default
+  backend), dtype and shape can use."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {impl!r} is not one of {IMPLEMENTATIONS}")
-  cudnn_ok = (_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  platform = platform or jax.default_backend()
+  cudnn_ok = (platform in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
               and head_dim % 8 == 0 and head_dim <= 128)
   if impl == "cudnn" and not cudnn_ok:
     raise ValueError(f"cuDNN attention needs a GPU, bf16/fp16 and head_dim % 8 == 0 <= 128 "
-                     f"(backend={_backend()}, dtype={jnp.dtype(dtype).name}, head_dim={head_dim}); use 'auto'")
+                     f"(platform={platform}, dtype={jnp.dtype(dtype).name}, head_dim={head_dim}); use 'auto'")
   if impl == "auto":
     return "cudnn" if cudnn_ok else "xla"
   return impl
@@ -59,16 +74,27 @@ def _xla_attention(q, k, v, mask, is_causal, scale):
 
 
 def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, impl: str = "auto",
-                          scale: float | None = None):
-  """q [B, T, N, H]; k, v [B, S, K, H] with N % K == 0; mask bool, broadcastable to [B, N, T, S].
+                          scale: float | None = None, platform: str = ""):
+  """q [B, T, N, H]; k, v [B, S, K, H] with N % K == 0; mask bool, broadcastable to [B, N, T, S], or
+  a RightPadding (T == S: the rows' lengths).
 
   `is_causal` aligns the last query with the last key (T <= S), as a KV-cache append needs.
   """
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  kind = resolve(impl, q.dtype, q.shape[-1])
-  if kind == "cudnn" and not (is_causal and q.shape[1] != k.shape[1]):
+  kind = resolve(impl, q.dtype, q.shape[-1], platform)
+  B, T, S = q.shape[0], q.shape[1], k.shape[1]
+  if kind == "cudnn" and not (is_causal and T != S):
+    if isinstance(mask, RightPadding):
+      return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, query_seq_lengths=mask.lengths,
+                                          key_value_seq_lengths=mask.lengths, implementation="cudnn")
+    if mask is not None:
+      mask = jnp.asarray(mask)
+      mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+      mask = jnp.broadcast_to(mask, mask.shape[:2] + (T, S))
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale,
                                         implementation="cudnn")
+  if isinstance(mask, RightPadding):
+    mask = mask.key_mask(S)
   return _xla_attention(q, k, v, mask, is_causal, scale)
 
 

@@ -14,7 +14,8 @@ Inputs of `Qwen25VL.__call__`:
   images: None or {'pixel_values' [I, P, C*T*p*p], 'pos_hw' [I, P, 2], 'frame_seg' [I, P],
           'window_seg' [I, P]} (rope.vision_layout); the valid merged tokens of all images, in
           order, fill the <|image_pad|> positions in row-major order, as transformers' masked_scatter;
-  attention_mask [B, L] (optional; right padding needs none under the causal mask).
+  attention_mask [B, L] (optional): rows are right-padded, each row's real tokens first (the causal
+          mask alone keeps real tokens off the padding; the lengths let cuDNN skip it).
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class ModelOptions:
   remat: bool = False                 # recompute each layer in the backward pass
   lora: LoraSpec | None = None
   deterministic: bool = True          # False enables LoRA dropout (needs a 'dropout' rng)
+  platform: str = ""                  # the devices' platform the program is compiled for ('' = default backend)
 
 
 def _init(scale=0.02):
@@ -137,7 +139,7 @@ class VisionBlock(nn.Module):
     q = rope.apply_rope(q.astype(jnp.float32), cos, sin).astype(o.dtype)
     k = rope.apply_rope(k.astype(jnp.float32), cos, sin).astype(o.dtype)
     mask = jnp.where(is_full, mask_full, mask_window)
-    a = attn_lib.dot_product_attention(q, k, v, mask=mask, impl=o.attention)
+    a = attn_lib.dot_product_attention(q, k, v, mask=mask, impl=o.attention, platform=o.platform)
     x = x + lin("proj", D, ("heads", "embed"))(a.reshape(I, P, D))
     h = RMSNorm(1e-6, o.dtype, o.param_dtype, name="norm2")(x)
     g = lin("gate_proj", c.intermediate_size, ("embed", "mlp"))(h)
@@ -203,7 +205,7 @@ class DecoderLayer(nn.Module):
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
     new_cache = None
     if cache is None:
-      a = attn_lib.dot_product_attention(q, k, v, mask=mask, is_causal=True, impl=o.attention)
+      a = attn_lib.dot_product_attention(q, k, v, mask=mask, is_causal=True, impl=o.attention, platform=o.platform)
     else:
       ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
       cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
@@ -211,7 +213,7 @@ class DecoderLayer(nn.Module):
       if prefix is None:
         # The caller's mask says which cache slots each query may see (causality included).
         a = attn_lib.dot_product_attention(q, ck.astype(o.dtype), cv.astype(o.dtype), mask=mask,
-                                           impl=o.attention)
+                                           impl=o.attention, platform=o.platform)
       else:
         a = attn_lib.shared_prefix_attention(q, prefix["k"].astype(o.dtype), prefix["v"].astype(o.dtype),
                                              ck.astype(o.dtype), cv.astype(o.dtype), *mask)
@@ -277,7 +279,7 @@ class Qwen25VL(nn.Module):
     h = self.embed(input_ids, images)
     mask = None
     if attention_mask is not None:
-      mask = attention_mask.astype(bool)[:, None, None, :]   # keys; causality is added inside
+      mask = attn_lib.RightPadding(jnp.sum(attention_mask.astype(jnp.int32), axis=-1))
     h, _ = self.decode(h, positions, mask=mask)
     return h if return_hidden else self.logits(h)
 

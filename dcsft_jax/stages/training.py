@@ -45,10 +45,19 @@ def lora_spec(s) -> model_lib.LoraSpec | None:
                             language=True, vision=bool(s.lora_vision), merger=bool(s.lora_vision))
 
 
-def train_config(s, steps: int, seed: int) -> trainer.TrainConfig:
+def frozen_dtype(config):
+  """The dtype frozen weights are stored in (model.frozen_in_compute_dtype): a LoRA run's base and a
+  full-FT GRPO run's reference copy; None keeps param_dtype."""
+  from dcsft_jax import run_config
+  return run_config.DTYPES[config.model.dtype] if config.model.frozen_in_compute_dtype else None
+
+
+def train_config(config, s, steps: int, seed: int) -> trainer.TrainConfig:
+  lora = lora_spec(s)
   return trainer.TrainConfig(
-      steps=steps, batch_size=s.batch_size, accum=s.accum, lora=lora_spec(s), freeze_vit=bool(s.freeze_vit),
+      steps=steps, batch_size=s.batch_size, accum=s.accum, lora=lora, freeze_vit=bool(s.freeze_vit),
       freeze_aligner=bool(s.freeze_aligner), save_every=s.save_every, keep=s.keep, seed=seed,
+      frozen_dtype=frozen_dtype(config),
       optim=optim.OptimConfig(learning_rate=float(s.learning_rate), warmup_ratio=float(s.warmup_ratio),
                               schedule=s.schedule, weight_decay=float(s.weight_decay),
                               max_grad_norm=float(s.max_grad_norm), total_steps=steps))
@@ -144,12 +153,13 @@ def _sft_run(config, ctx, name: str, s, start_ref: str, start_key: str, spec, *,
   seed = config.seed + sum(map(ord, name))
   it = _iterator(config, records, model.processor, s, with_answers=True, seed=seed, source=str(spec),
                  key=key, mesh=ctx.mesh)
-  tc = train_config(s, _steps(s, it), seed)
+  tc = train_config(config, s, _steps(s, it), seed)
   params = model.params
   if tc.lora is not None:
     params = trainer.init_lora(params, model.cfg, tc.lora, seed=seed)
   t = trainer.SFTTrainer(model.cfg, ctx.model_options, params, tc, ctx.mesh,
                          os.path.join(ctx.workdir, TRAIN, name))
+  params = model.params = None   # the trainer holds the weights now (a LoRA base perhaps in bf16)
   return {"records": len(records), **_fit(config, ctx, name, t, it, s, model)}
 
 
@@ -184,7 +194,7 @@ def grpo(config, ctx) -> dict:
   seed = config.seed + sum(map(ord, "grpo"))
   it = _iterator(config, records, model.processor, g, with_answers=False, seed=seed, source=config.data.train,
                  key="grpo", mesh=ctx.mesh)
-  tc = train_config(g, _steps(g, it), seed)
+  tc = train_config(config, g, _steps(g, it), seed)
   params = model.params
   if tc.lora is not None:
     params = trainer.init_lora(params, model.cfg, tc.lora, seed=seed)
@@ -195,6 +205,7 @@ def grpo(config, ctx) -> dict:
   t = grpo_trainer.GRPOTrainer(model.cfg, ctx.model_options, params, tc, ctx.mesh,
                                os.path.join(ctx.workdir, TRAIN, "grpo"), sampling_params=sp, records=records,
                                processor=model.processor, beta=g.beta, clip_eps=g.clip_eps)
+  params = model.params = None   # the trainer holds the weights now
   figures = _fit(config, ctx, "grpo", t, it, g, model)
   h = history(ctx.workdir, "grpo")
   if h:

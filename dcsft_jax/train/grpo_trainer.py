@@ -39,7 +39,9 @@ class GRPOTrainer(trainer.SFTTrainer):
     super().__init__(cfg, opts, params, tc, mesh, workdir, loss=grpo.make_loss(beta=beta, clip_eps=clip_eps),
                      count_name="completions")
     # A real copy: the state's frozen leaves are donated to the step and must not be the reference.
-    self.ref_params = jax.tree.map(lambda x: x.copy(), self.state.params) if tc.lora is None else None
+    # It is frozen, so it is stored like the frozen base of a LoRA run (tc.frozen_dtype).
+    copy = (lambda x: x.astype(tc.frozen_dtype)) if tc.frozen_dtype is not None else (lambda x: x.copy())
+    self.ref_params = jax.tree.map(copy, self.state.params) if tc.lora is None else None
     self.sp = sampling_params
     self.sampler = sampling.shared_sampler(cfg, self.opts)
     self.records = {str(r.id): r for r in records}

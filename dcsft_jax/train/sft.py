@@ -36,10 +36,42 @@ class TrainState:
     return optim.merge(self.train, self.frozen)
 
 
-def init_state(params, tx: optax.GradientTransformation, mask, rng) -> TrainState:
+def init_state(params, tx: optax.GradientTransformation, mask, rng, frozen_dtype=None,
+               layout: TrainState | None = None) -> TrainState:
+  """The state of a run starting at `params` (the parameters are used as they are, not copied).
+
+  `frozen_dtype` (e.g. bf16 under LoRA) stores the frozen leaves in that dtype: the layers cast weights
+  to the compute dtype anyway, so a bf16 base computes what an fp32 one does in a bf16 run, in half
+  the memory; trainable leaves and Adam moments keep theirs. `layout` (state_layout's) places the
+  new leaves (moments, counters, step, RNG) where every step will keep them."""
   train, frozen = optim.split(params, mask)
-  opt_state = jax.jit(tx.init)(train)
-  return TrainState(jnp.zeros((), jnp.int32), train, frozen, opt_state, jnp.asarray(rng))
+  if frozen_dtype is not None:
+    frozen = jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
+  if layout is None:
+    return TrainState(jnp.zeros((), jnp.int32), train, frozen, jax.jit(tx.init)(train), jnp.asarray(rng))
+  opt_state = jax.jit(tx.init, out_shardings=shardings(layout.opt_state))(train)
+  step = jax.device_put(jnp.zeros((), jnp.int32), layout.step.sharding)
+  return TrainState(step, train, frozen, opt_state, jax.device_put(jnp.asarray(rng), layout.rng.sharding))
+
+
+def state_layout(params, tx: optax.GradientTransformation, mask, mesh, frozen_dtype=None) -> TrainState:
+  """The state `init_state` makes from `params` (ShapeDtypeStructs with shardings), as
+  ShapeDtypeStructs with shardings: the Adam moments lie like their parameters, the step, the RNG
+  and the optimizer's counters are replicated. The trainer builds its state into this layout and
+  pins every step's output to it; dcsft_jax.aot compiles against it without any real array."""
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  sds = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+  train, frozen = optim.split(params, mask)
+  if frozen_dtype is not None:
+    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, frozen_dtype, sharding=x.sharding), frozen)
+  opt_state = optax.tree_map_params(tx, lambda leaf, p: sds(leaf, p.sharding), jax.eval_shape(tx.init, train), train,
+                                    transform_non_params=lambda leaf: sds(leaf, rep))
+  rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+  return TrainState(sds(jax.ShapeDtypeStruct((), jnp.int32), rep), train, frozen, opt_state, sds(rng, rep))
+
+
+def shardings(tree):
+  return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def token_nll(logits, input_ids, loss_mask):

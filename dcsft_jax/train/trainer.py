@@ -52,6 +52,14 @@ class TrainConfig:
   keep: int = 2
   seed: int = 0
   loss_positions_only: bool = True   # logits only where a target is (same loss and gradients)
+  # Under LoRA, the frozen base is stored in this dtype (None: as given; see sft.init_state); a full
+  # fine-tuning GRPO run stores its reference copy in it.
+  frozen_dtype: Any = None
+
+  @property
+  def base_dtype(self):
+    """The dtype the state's frozen leaves are stored in (None: as given)."""
+    return self.frozen_dtype if self.lora is not None else None
 
   def __post_init__(self):
     if self.batch_size % self.accum:
@@ -95,26 +103,16 @@ class SFTTrainer:
   def __init__(self, cfg, opts: model_lib.ModelOptions, params, tc: TrainConfig, mesh, workdir: str,
                loss=sft.sft_loss, count_name: str = "tokens"):
     self.cfg, self.tc, self.mesh, self.workdir = cfg, tc, mesh, workdir
-    self.opts = dataclasses.replace(opts, lora=tc.lora,
-                                    deterministic=tc.lora is None or tc.lora.dropout == 0.0)
+    spec = step_spec(cfg, opts, tc, mesh, loss, count_name)
+    self.opts, self.tx, self.mask, self.step_fn = spec.opts, spec.tx, spec.mask, spec.step_fn
     self.schedule = optim.schedule(tc.optim)
-    self.tx = optim.optimizer(tc.optim)
-    self.mask = optim.trainable_mask(params, lora=tc.lora is not None, freeze_vit=tc.freeze_vit,
-                                     freeze_aligner=tc.freeze_aligner)
-    # Every leaf on the mesh by the logical rules, so restored checkpoints land in the same places.
-    from dcsft_jax import mesh as mesh_lib
-    abstract = model_lib.init_params(cfg, self.opts, abstract=True)
-    params = jax.device_put(params, mesh_lib.param_shardings(abstract, mesh))
     self.n_params = model_lib.count_params(params)
+    # Every leaf on the mesh by the logical rules, so restored checkpoints land in the same places,
+    # and the state in the layout every step keeps (sft.state_layout).
+    params = jax.device_put(params, sft.shardings(spec.params))
     rng = jax.random.key_data(jax.random.key(tc.seed))
-    state = sft.init_state(params, self.tx, self.mask, rng)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    self.state = state.replace(step=jax.device_put(state.step, replicated), rng=jax.device_put(state.rng, replicated),
-                               opt_state=jax.tree.map(lambda x: x if x.ndim else jax.device_put(x, replicated),
-                                                      state.opt_state))
+    self.state = sft.init_state(params, self.tx, self.mask, rng, tc.base_dtype, layout=spec.layout)
     self.loss = loss
-    self.step_fn = _shared_step(cfg, self.opts, tc.optim, loss, count_name,
-                                jax.tree.map(lambda x: x.sharding, self.state))
     self.ckpt_dir = os.path.join(workdir, "checkpoints")
     self.manager = ocp.CheckpointManager(self.ckpt_dir, options=ocp.CheckpointManagerOptions(
         max_to_keep=tc.keep, enable_async_checkpointing=True))
@@ -217,6 +215,33 @@ class SFTTrainer:
   @property
   def params(self):
     return self.state.params
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """What a run's jitted step is, without any real array: the model options it traces with, the
+  optimizer and trainable mask, the parameters' and the state's layout (ShapeDtypeStructs with
+  shardings) and the jitted step itself. The trainer runs it; dcsft_jax.aot compiles it for devices
+  this host does not have."""
+  opts: model_lib.ModelOptions
+  tx: Any
+  mask: Any
+  params: Any          # ShapeDtypeStructs of the (LoRA-augmented) parameters, sharded by the logical rules
+  layout: sft.TrainState
+  step_fn: Any
+
+
+def step_spec(cfg, opts: model_lib.ModelOptions, tc: TrainConfig, mesh, loss=sft.sft_loss,
+              count_name: str = "tokens") -> StepSpec:
+  from dcsft_jax import mesh as mesh_lib
+  opts = dataclasses.replace(opts, lora=tc.lora, deterministic=tc.lora is None or tc.lora.dropout == 0.0)
+  params = mesh_lib.abstract_params(model_lib.init_params(cfg, opts, abstract=True), mesh)
+  tx = optim.optimizer(tc.optim)
+  mask = optim.trainable_mask(params, lora=tc.lora is not None, freeze_vit=tc.freeze_vit,
+                              freeze_aligner=tc.freeze_aligner)
+  layout = sft.state_layout(params, tx, mask, mesh, tc.base_dtype)
+  step_fn = _shared_step(cfg, opts, tc.optim, loss, count_name, sft.shardings(layout))
+  return StepSpec(opts, tx, mask, params, layout, step_fn)
 
 
 _STEPS: dict = {}

@@ -1,0 +1,509 @@
+"""Will it fit? Compiles every jitted program a config's stages would run, for an accelerator this
+host may not have, and checks each against the device's memory.
+
+  python -m dcsft_jax.aot --config=configs/bench/imagenet_synthetic_3b.py --target=h100x1 [--json=out.json]
+      [--max_batch] [--programs=cold_start,score] [--records=N] [--patches=P --tokens=L]
+
+Targets (dcsft_jax/targets.py): h100x1, h100x8, h200x1, h200x8, a100-80x8 (XLA:GPU through the CUDA
+plugin) and v4-8, v5e-4, v5e-8, v5p-8, v6e-8 (XLA:TPU through libtpu); `pip install -r
+requirements-aot.txt` brings both compilers. On a host with the target's accelerators attached, their
+real devices are used.
+
+Programs, at the config's shapes (batch, accumulation, K, bucket sizes, new tokens), for the stages in
+config.stages: the cold-start step (full SFT), the LoRA SFT step (finetune), GRPO's rollout prefill and
+decode at G and its train step (completion log-probs, clipped loss, KL), scoring's prefill and decode at
+K, and greedy evaluation's. The batch shapes are the largest bucket the config's data needs (image
+headers read, nothing decoded); where a source is not on this machine they come from data.max_pixels
+(or --patches/--tokens).
+
+For each program: the per-device bytes (arguments, outputs, temporaries, aliased, total) beside the
+device's memory, the compile seconds, the attention kernel in the compiled program, and whether it fits;
+with --max_batch, the largest per-device micro-batch that fits. The exit status is 1 when a program
+fails to compile or does not fit, and the message names it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from dcsft_jax import targets as targets_lib
+
+if __name__ == "__main__":
+  # Before JAX starts a backend: compile-only devices need JAX on the CPU (targets.prepare_environment).
+  _t = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--target=")), "")
+  _attached = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--attached=")), "auto")
+  if _t in targets_lib.TARGETS:
+    _p = targets_lib.TARGETS[_t].platform
+    targets_lib.prepare_environment(_attached == "yes" or (_attached == "auto" and targets_lib.hardware_present(_p)))
+
+# pylint: disable=wrong-import-position
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dcsft_jax import mesh as mesh_lib  # noqa: E402
+from dcsft_jax import run_config, sampling  # noqa: E402
+from dcsft_jax.data import batching, sources  # noqa: E402
+from dcsft_jax.models import qwen2_5_vl as model_lib  # noqa: E402
+
+GiB = 1 << 30
+
+
+# ------------------------------------------------------------------------------------------ shapes
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  bucket: batching.Bucket
+  answer_tokens: int            # target tokens per row (the SFT loss gathers logits at this many)
+  source: str                   # where the shape comes from: the data, or the config's max_pixels
+
+
+def model_and_processor(config):
+  """The config's model shapes, and a processor to measure its data with (None without a tokenizer)."""
+  from dcsft_jax.data.processor import Processor
+  from dcsft_jax.models.config import Qwen25VLConfig, preset, tiny_config, with_tiny_tokenizer
+  m, d = config.model, config.data
+  kw = dict(min_pixels=d.min_pixels or None, max_pixels=d.max_pixels or None)
+  if m.hf_path and os.path.isfile(os.path.join(m.hf_path, "config.json")):
+    cfg = Qwen25VLConfig.from_pretrained(m.hf_path)
+    return cfg, Processor.from_pretrained(m.hf_path, cfg=cfg, **kw)
+  if m.hf_path:
+    if not m.preset or m.preset == "tiny":
+      raise ValueError(f"config.model.hf_path={m.hf_path!r} is not on this machine: set config.model.preset "
+                       f"(3b | 7b) so the shapes are known")
+    return preset(m.preset), None
+  cfg = with_tiny_tokenizer(preset(m.preset)) if m.preset and m.preset != "tiny" else tiny_config()
+  return cfg, Processor.tiny(cfg=cfg, **kw)
+
+
+def plan_shape(config, specs: list[str], processor, cfg, *, with_answers: bool, records: int = 0,
+               patches: int = 0, tokens: int = 0) -> Shape:
+  """The largest bucket the stage's data needs (what sets its peak memory)."""
+  mu = cfg.vision.merge_unit
+  if patches and tokens:
+    return Shape(batching.Bucket(patches, tokens), 16, "--patches/--tokens")
+  found, answers = [], 1
+  d = config.data
+  for text in specs:
+    spec = sources.parse(text)
+    if processor is None or sources.check(spec, tfds_dir=d.tfds_dir) is not None:
+      found = None
+      break
+    from dcsft_jax.stages import common
+    recs = common.load_records(config, spec, limit=records or None)
+    found += list(batching.auto_buckets(recs, processor, with_answers=with_answers, max_buckets=d.max_buckets,
+                                        skip_bad_records=True))
+    if with_answers:
+      for r in recs[:256]:
+        with_a = processor.measure(None, r.prompt, r.answer)[1]
+        answers = max(answers, with_a - processor.measure(None, r.prompt, None)[1] + 1)
+  if found:
+    b = max(found, key=lambda x: (x.patches, x.length))
+    length = max(x.length for x in found)
+    return Shape(batching.Bucket(b.patches, length), answers, "data")
+  max_pixels = d.max_pixels or (processor.image_settings.max_pixels if processor is not None else 0)
+  if not max_pixels:
+    raise ValueError("no data to plan shapes from and no data.max_pixels: give --patches and --tokens")
+  merged = max_pixels // (28 * 28)
+  text = 64 if not with_answers else 96
+  return Shape(batching.Bucket(merged * mu, -(-(merged + text) // 8) * 8), 32 if with_answers else 1,
+               f"max_pixels {max_pixels} + {text} text tokens")
+
+
+def _abstract_batch(arrays: dict[str, np.ndarray], mesh, micro_axis: bool) -> dict:
+  """Host arrays -> ShapeDtypeStructs sharded as the trainers and samplers shard real batches."""
+  out = {}
+  for k, v in arrays.items():
+    dim = (1 if k == "positions" else 0) + (1 if micro_axis else 0)
+    out[k] = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh_lib.batch_sharding(mesh, v.ndim, dim))
+  return out
+
+
+# ------------------------------------------------------------------------------------------ programs
+@dataclasses.dataclass
+class Program:
+  name: str
+  stage: str
+  rows: int                                  # global rows of its batch (micro-batch, prompts)
+  shape: Shape
+  build: Callable[[int], tuple[Any, tuple]]  # global rows -> (jitted function, abstract arguments)
+  note: str = ""
+
+
+@dataclasses.dataclass
+class Result:
+  name: str
+  stage: str
+  compiled: bool
+  fits: bool
+  attention: str
+  bytes: dict
+  device_bytes: int
+  budget_bytes: int
+  seconds: float
+  rows: int
+  rows_per_device: int
+  shape: str
+  error: str = ""
+  note: str = ""
+  max_rows_per_device: int | None = None
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _stack(arrays: dict[str, np.ndarray], accum: int) -> dict[str, np.ndarray]:
+  return {k: np.stack([v] * accum) for k, v in arrays.items()}
+
+
+def sft_program(config, name: str, section, cfg, opts, mesh, shape: Shape) -> Program:
+  from dcsft_jax.stages import training
+  from dcsft_jax.train import sft, trainer
+  s = section
+  tc = training.train_config(config, s, max(int(s.steps), 1), config.seed)
+  spec = trainer.step_spec(cfg, opts, tc, mesh)
+
+  def build(rows: int):
+    host = _stack(batching.empty_arrays(shape.bucket, rows, cfg.vision), s.accum)
+    host["loss_mask"][..., :min(shape.answer_tokens, shape.bucket.length)] = 1
+    host["valid"][:] = True
+    host["loss_index"], host["loss_select"] = sft.loss_positions(host["loss_mask"], host["valid"])
+    return spec.step_fn, (spec.layout, _abstract_batch(host, mesh, micro_axis=True))
+
+  kind = "LoRA" if tc.lora is not None else "full"
+  return Program(f"{name} step", name, s.batch_size // s.accum, shape, build,
+                 f"{kind} SFT, accum {s.accum}")
+
+
+def grpo_programs(config, cfg, opts, mesh, shape: Shape, attached: bool = False) -> list[Program]:
+  from dcsft_jax.stages import training
+  from dcsft_jax.train import grpo, sft, trainer
+  g = config.grpo
+  tc = training.train_config(config, g, max(int(g.steps), 1), config.seed)
+  spec = trainer.step_spec(cfg, opts, tc, mesh, loss=grpo.make_loss(beta=g.beta, clip_eps=g.clip_eps),
+                           count_name="completions")
+  G, T = g.num_generations, g.max_new_tokens
+  sp = sampling.SamplingParams(max_new_tokens=T, num_samples=G, temperature=g.temperature, top_k=g.top_k,
+                               top_p=g.top_p, eos_ids=(cfg.eos_token_id or 0,))
+  params = sft.TrainState(None, spec.layout.train, spec.layout.frozen, None, None).params
+  micro = g.batch_size // g.accum
+  ref = None
+  if tc.lora is None:        # full fine-tuning keeps a frozen reference copy (trainer: tc.frozen_dtype)
+    dt = tc.frozen_dtype
+    ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt or x.dtype, sharding=x.sharding), spec.params)
+
+  def build_step(rows: int):
+    host = _stack({**batching.empty_arrays(shape.bucket, rows, cfg.vision),
+                   "completions": np.zeros((rows, G, T), np.int32),
+                   "completion_mask": np.ones((rows, G, T), np.int32),
+                   "rewards": np.zeros((rows, G), np.float32)}, g.accum)
+    args = (spec.layout, _abstract_batch(host, mesh, micro_axis=True)) + ((ref,) if ref is not None else ())
+    return spec.step_fn, args
+
+  prefill, decode = sampler_programs("grpo rollout", "grpo", cfg, spec.opts, params, shape, sp, mesh, micro, attached)
+  step = Program("grpo step", "grpo", micro, shape, build_step,
+                 f"{'LoRA' if tc.lora else 'full'}, G {G} x {T} tokens, accum {g.accum}")
+  return [prefill, decode, step]
+
+
+def sampler_programs(name: str, stage: str, cfg, opts, params, shape: Shape, sp: sampling.SamplingParams, mesh,
+                     rows: int, attached: bool = False) -> list[Program]:
+  sampler = sampling.shared_sampler(cfg, opts)
+  compiled_prefill: dict[int, Any] = {}
+
+  def prefill_args(r: int):
+    a = _abstract_batch(batching.empty_arrays(shape.bucket, r, cfg.vision), mesh, micro_axis=False)
+    images = {k: a[k] for k in ("pixel_values", "pos_hw", "frame_seg", "window_seg")}
+    return a, (params, a["input_ids"], a["positions"], a["attention_mask"], a["lengths"], images)
+
+  def build_prefill(r: int):
+    return sampler.prefill, prefill_args(r)[1]
+
+  def build_decode(r: int):
+    a, args = prefill_args(r)
+    if r not in compiled_prefill:
+      compiled_prefill[r] = compile_lowered(sampler.prefill.lower(*args), attached)[0]
+    c = compiled_prefill[r]
+    outs = jax.tree.map(lambda i, s: jax.ShapeDtypeStruct(i.shape, i.dtype, sharding=s), c.out_info,
+                        c.output_shardings)
+    logits, prefix, prefix_mask = outs
+    keys = jax.ShapeDtypeStruct((r, sp.num_samples, 2), jnp.uint32, sharding=mesh_lib.batch_sharding(mesh, 3))
+    return _Bound(sampler.decode, dict(params_=sp)), (params, prefix, prefix_mask, logits, a["lengths"], keys)
+
+  what = "greedy" if sp.greedy else f"K {sp.num_samples}, T {sp.temperature}, top-k {sp.top_k}"
+  return [Program(f"{name} prefill", stage, rows, shape, build_prefill, "vision tower + prompt, once per prompt"),
+          Program(f"{name} decode", stage, rows, shape, build_decode, f"{what}, {sp.max_new_tokens} new tokens")]
+
+
+@dataclasses.dataclass
+class _Bound:
+  """A jitted function with static keyword arguments, lowered like the plain ones."""
+  fn: Any
+  kwargs: dict
+
+  def lower(self, *args):
+    return self.fn.lower(*args, **self.kwargs)
+
+
+def programs(config, mesh, *, records: int = 0, patches: int = 0, tokens: int = 0, only: set[str] | None = None,
+             attached: bool = False) -> tuple[list[Program], dict]:
+  """Every program the config's stages run, on `mesh`, with what it was planned from."""
+  import dataclasses as dc
+  from dcsft_jax.stages import training
+  names = run_config.validate(config, _stage_names(), check_files=False)
+  cfg, processor = model_and_processor(config)
+  opts = dc.replace(run_config.model_options(config), platform=mesh_lib.platform(mesh))
+  shape_of = lambda specs, answers: plan_shape(config, specs, processor, cfg, with_answers=answers, records=records,
+                                               patches=patches, tokens=tokens)
+  d = config.data
+  train = [d.train]
+  base_params = mesh_lib.abstract_params(model_lib.init_params(cfg, opts, abstract=True), mesh)
+  out: list[Program] = []
+  want = lambda stage: stage in names and (not only or stage in only)
+  if want("cold_start"):
+    out.append(sft_program(config, "cold_start", config.cold_start, cfg, opts, mesh,
+                           shape_of([config.cold_start.data], True)))
+  if want("score"):
+    s = config.score
+    sp = sampling.SamplingParams(max_new_tokens=s.max_new_tokens, num_samples=s.num_samples, temperature=s.temperature,
+                                 top_k=s.top_k, top_p=s.top_p, eos_ids=(cfg.eos_token_id or 0,))
+    out += sampler_programs("score", "score", cfg, opts, base_params, shape_of(train, False), sp, mesh, s.batch_size,
+                            attached)
+  if want("finetune"):
+    out.append(sft_program(config, "finetune", config.finetune, cfg, opts, mesh, shape_of(train, True)))
+  if want("grpo"):
+    out += grpo_programs(config, cfg, opts, mesh, shape_of(train, False), attached)
+  if want("evaluate"):
+    e = config.evaluate
+    lora = training.lora_spec(config.finetune) if "finetune" in names else None
+    eopts = dc.replace(opts, lora=lora)
+    eparams = mesh_lib.abstract_params(model_lib.init_params(cfg, eopts, abstract=True), mesh)
+    sp = sampling.SamplingParams(max_new_tokens=e.max_new_tokens, num_samples=1, temperature=0.0,
+                                 eos_ids=(cfg.eos_token_id or 0,))
+    specs = [str(v) for v in sources.parse_sets(d.eval).values()]
+    out += sampler_programs("evaluate", "evaluate", cfg, eopts, eparams, shape_of(specs, False), sp, mesh,
+                            e.batch_size, attached)
+  info = {"model": {"parameters": model_lib.count_params(base_params), "dtype": config.model.dtype,
+                    "param_dtype": config.model.param_dtype,
+                    "frozen_in_compute_dtype": bool(config.model.frozen_in_compute_dtype),
+                    "remat": bool(config.model.remat)},
+          "mesh": dict(mesh.shape)}
+  return out, info
+
+
+def _stage_names():
+  from dcsft_jax import stages
+  return [s.name for s in stages.STAGES]
+
+
+# ------------------------------------------------------------------------------------------ compiling
+def _attention(compiled_text: str | None) -> str:
+  """The attention kernel in a compiled program: cuDNN's fused attention shows as custom calls
+  (`__cudnn$fmha...`, one per attention in a scanned layer body, forward and backward); anything
+  else is XLA's own attention (models/attention.py's einsum path, the only one off the GPU)."""
+  n = compiled_text.count("__cudnn$fmha") if compiled_text else 0
+  return f"cudnn ({n} fmha calls)" if n else "xla"
+
+
+def _memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  get = lambda k: int(getattr(m, k, 0) or 0)
+  b = {"arguments": get("argument_size_in_bytes"), "outputs": get("output_size_in_bytes"),
+       "temporaries": get("temp_size_in_bytes"), "aliased": get("alias_size_in_bytes"),
+       "code": get("generated_code_size_in_bytes")}
+  # Donated inputs that become outputs are counted once.
+  b["total"] = b["arguments"] + b["outputs"] - b["aliased"] + b["temporaries"] + b["code"]
+  return b
+
+
+TRITON_NOTE = "cuBLAS GEMMs (compile-only XLA:GPU cannot autotune a Triton tiling for a small matrix)"
+
+
+def compile_lowered(lowered, attached: bool):
+  """-> (compiled, note). XLA:GPU without a device cannot autotune its Triton GEMM tilings; on the
+  hardware the autotuner drops a tiling that does not compile for a small matrix (the tiny model's)
+  and takes cuBLAS, which is what the retry asks for."""
+  try:
+    return lowered.compile(), ""
+  except Exception as e:  # pylint: disable=broad-except
+    if attached or "output tile sizes" not in str(e):
+      raise
+  return lowered.compile(compiler_options={"xla_gpu_enable_triton_gemm": False}), TRITON_NOTE
+
+
+def compile_program(p: Program, devices: targets_lib.Devices, mesh, rows: int | None = None) -> Result:
+  rows = p.rows if rows is None else rows
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shape = f"{p.shape.bucket.patches} patches, {p.shape.bucket.length} tokens ({p.shape.source})"
+  base = dict(name=p.name, stage=p.stage, budget_bytes=devices.budget_bytes, rows=rows,
+              rows_per_device=rows // max(shards, 1), shape=shape)
+  if rows % shards:
+    return Result(compiled=False, fits=False, attention="-", bytes={}, device_bytes=devices.memory_bytes, seconds=0.0,
+                  error=f"{rows} rows do not divide over the mesh's {shards} batch shards", **base)
+  t0 = time.time()
+  note = ""
+  try:
+    with mesh_lib.use(mesh):
+      fn, args = p.build(rows)
+      compiled, note = compile_lowered(fn.lower(*args), devices.attached)
+  except Exception as e:  # pylint: disable=broad-except
+    msg = f"{type(e).__name__}: {e}".strip().splitlines()
+    short = next((ln for ln in msg if "RESOURCE_EXHAUSTED" in ln or "Ran out of memory" in ln), msg[0] if msg else "")
+    return Result(compiled=False, fits=False, attention="-", bytes={}, device_bytes=devices.memory_bytes,
+                  seconds=round(time.time() - t0, 1), error=short[:500], **base)
+  seconds = round(time.time() - t0, 1)
+  b = _memory(compiled)
+  text = compiled.as_text() if devices.target.platform == "gpu" else None
+  return Result(compiled=True, fits=b["total"] <= devices.budget_bytes,
+                attention=_attention(text), bytes=b, device_bytes=devices.memory_bytes,
+                seconds=seconds, note=note, **base)
+
+
+def max_rows(p: Program, devices: targets_lib.Devices, mesh, first: Result, limit_per_device: int = 4096) -> int:
+  """The largest per-device batch that fits. Memory grows about linearly with the rows, so each next
+  try is where the line through two measured points crosses the budget (regula falsi), which lands
+  within a compile or two of the answer; a compile that runs out of memory (XLA:TPU refuses
+  programs that do not fit) gives no bytes, and the bracket is then halved instead."""
+  step = mesh.shape["data"] * mesh.shape["fsdp"]
+  seen: dict[int, Result] = {first.rows_per_device: first}
+  budget = devices.budget_bytes
+
+  def fits(n: int) -> bool:
+    if n not in seen:
+      seen[n] = compile_program(p, devices, mesh, rows=n * step)
+    return seen[n].fits
+
+  total = lambda n: seen[n].bytes.get("total") if seen[n].compiled else None
+
+  def crossing(a: int, b: int) -> int | None:
+    ta, tb = total(a), total(b)
+    if ta is None or tb is None or tb == ta:
+      return None
+    return a + int((budget - ta) * (b - a) / (tb - ta))
+
+  n = max(first.rows_per_device, 1)
+  if fits(n):
+    lo, hi = n, None
+    nxt = 2 * n
+    while hi is None:
+      if nxt > limit_per_device:
+        return lo
+      if not fits(nxt):
+        hi = nxt
+        break
+      prev, lo = lo, nxt
+      guess = crossing(prev, lo)
+      nxt = min(max(guess if guess is not None else 2 * lo, lo + 1), limit_per_device + 1)
+  else:
+    hi = n
+    while hi > 1 and not fits(hi // 2):
+      hi //= 2
+    if hi == 1:
+      return 0
+    lo = hi // 2
+  while hi - lo > 1:
+    guess = crossing(lo, hi)
+    mid = min(max(guess, lo + 1), hi - 1) if guess is not None else (lo + hi) // 2
+    if fits(mid):
+      lo = mid
+    else:
+      hi = mid
+  return lo
+
+
+def _gib(n: int | None) -> str:
+  return "-" if n is None else f"{n / GiB:.2f}"
+
+
+def report(results: list[Result], devices: targets_lib.Devices, info: dict) -> str:
+  t = devices.target
+  lines = [f"target {t.name}: {t.description}, {'attached' if devices.attached else 'compile-only'}, "
+           f"{_gib(devices.memory_bytes)} GiB per device; a program fits in {_gib(devices.budget_bytes)} GiB "
+           f"({devices.budget_note})",
+           f"mesh {info['mesh']}; model {info['model']['parameters'] / 1e6:,.1f} M parameters, compute "
+           f"{info['model']['dtype']}, params {info['model']['param_dtype']}, frozen in compute dtype "
+           f"{info['model']['frozen_in_compute_dtype']}, remat {info['model']['remat']}", "",
+           "| program | rows/device | shape | compile s | attention | arguments | outputs | temporaries | aliased "
+           "| total GiB | fits | max rows/device |", "|" + "---|" * 12]
+  for r in results:
+    b = r.bytes
+    lines.append(f"| {r.name} | {r.rows_per_device} | {r.shape} | {r.seconds} | {r.attention} | "
+                 f"{_gib(b.get('arguments'))} | {_gib(b.get('outputs'))} | {_gib(b.get('temporaries'))} | "
+                 f"{_gib(b.get('aliased'))} | {_gib(b.get('total'))} | "
+                 f"{'yes' if r.fits else 'NO'} | {'-' if r.max_rows_per_device is None else r.max_rows_per_device} |")
+  for r in results:
+    if r.error or r.note:
+      lines.append(f"{r.name}: {r.error or r.note}")
+  return "\n".join(lines)
+
+
+def run(config, target: str, *, max_batch: bool = False, only: set[str] | None = None, records: int = 0,
+        patches: int = 0, tokens: int = 0, attached: bool | None = None, log=print) -> dict:
+  devices = targets_lib.devices(target, attached=attached)
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices=devices.devices)
+  progs, info = programs(config, mesh, records=records, patches=patches, tokens=tokens, only=only,
+                         attached=devices.attached)
+  results = []
+  for p in progs:
+    log(f"[aot {target}] {p.name} ({p.note}): {p.rows} rows ...")
+    r = compile_program(p, devices, mesh)
+    if max_batch:
+      r.max_rows_per_device = max_rows(p, devices, mesh, r)
+    log(f"[aot {target}] {p.name}: {'compiled' if r.compiled else 'FAILED'} in {r.seconds} s, "
+        f"{_gib(r.bytes.get('total'))} GiB of {_gib(devices.budget_bytes)}, attention {r.attention}"
+        + (f", max {r.max_rows_per_device} rows/device" if r.max_rows_per_device is not None else "")
+        + (f": {r.error}" if r.error else ""))
+    results.append(r)
+  return {"target": target, "description": devices.target.description, "attached": devices.attached,
+          "platform": devices.target.platform, "device_bytes": devices.memory_bytes,
+          "budget_bytes": devices.budget_bytes, "budget": devices.budget_note, **info,
+          "jax": jax.__version__, "programs": [r.to_json() for r in results],
+          "table": report(results, devices, info)}
+
+
+def main(argv):
+  from absl import flags
+  F = flags.FLAGS
+  if len(argv) > 1:
+    sys.exit(f"unexpected arguments {argv[1:]}")
+  if F.config is None:
+    sys.exit("give --config=CONFIG.py")
+  if F.target not in targets_lib.TARGETS:
+    sys.exit(f"give --target=NAME, one of {', '.join(targets_lib.TARGETS)}")
+  attached = {"yes": True, "no": False}.get(F.attached)
+  only = {x.strip() for x in F.programs.split(",") if x.strip()} or None
+  try:
+    out = run(F.config, F.target, max_batch=F.max_batch, only=only, records=F.records, patches=F.patches,
+              tokens=F.tokens, attached=attached)
+  except (run_config.ConfigError, ValueError, RuntimeError) as e:
+    sys.exit(f"aot: {e}")
+  print(out["table"])
+  if F.json:
+    from dcsft_jax.stages import common
+    common.write_json(os.path.abspath(F.json), {k: v for k, v in out.items() if k != "table"})
+  bad = [p for p in out["programs"] if not (p["compiled"] and p["fits"])]
+  if bad:
+    sys.exit("aot: " + "; ".join(f"{p['name']} {'does not fit' if p['compiled'] else 'failed to compile'}"
+                                  f" ({p['error'] or _gib(p['bytes'].get('total')) + ' GiB'})" for p in bad))
+
+
+if __name__ == "__main__":
+  from absl import app, flags, logging
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "the run's config file (configs/dcsft.py)", lock_config=True)
+  flags.DEFINE_string("target", "", f"one of {', '.join(targets_lib.TARGETS)}")
+  flags.DEFINE_string("json", "", "also write the results here")
+  flags.DEFINE_bool("max_batch", False, "search the largest per-device micro-batch that fits, per program")
+  flags.DEFINE_string("programs", "", "only these stages' programs (comma list: cold_start,score,finetune,grpo,"
+                      "evaluate)")
+  flags.DEFINE_integer("records", 0, "plan bucket shapes from the first N records of each source (0 = all)")
+  flags.DEFINE_integer("patches", 0, "force one bucket: patches per image (with --tokens)")
+  flags.DEFINE_integer("tokens", 0, "force one bucket: tokens per row (with --patches)")
+  flags.DEFINE_string("attached", "auto", "auto | yes | no: use this host's accelerators (auto: when it has them)")
+  logging.set_verbosity(logging.WARNING)
+  app.run(main)

@@ -1,0 +1,143 @@
+"""Compile-only checks (dcsft_jax.aot): every program of the default run compiles for an H100 (with cuDNN
+attention where the resolver picks it) and for a Cloud TPU v5e 2x2 on a mesh that really shards; the
+CLI's exit status and JSON; the largest-batch search; the kernel choice follows the target platform.
+
+The compilers come from requirements-aot.txt (requirements-test.txt includes it): the CUDA PJRT plugin
+with cuDNN, and libtpu. Without them these tests fail, saying so (they are not skipped)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from dcsft_jax import aot, targets
+from dcsft_jax.models import attention
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDNN = "cudnn"
+
+
+def _default_config(**overrides):
+  spec = importlib.util.spec_from_file_location("dcsft_default_cfg", os.path.join(REPO, "configs", "dcsft.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.model.dtype = "bfloat16"            # cuDNN's attention needs bf16/fp16
+  c.data.train_limit = 64               # planning reads image headers only; keep it short
+  c.evaluate.limit = 64
+  for k, v in overrides.items():
+    section, key = k.split(".")
+    c[section][key] = v
+  return c
+
+
+def _needs_plugins(platform: str):
+  name = {"gpu": "jax_cuda12_plugin", "tpu": "libtpu"}[platform]
+  assert importlib.util.find_spec(name) is not None, (
+      f"{name} is not installed: pip install -r requirements-aot.txt (requirements-test.txt includes it)")
+
+
+@pytest.fixture(scope="module")
+def h100():
+  _needs_plugins("gpu")
+  return aot.run(_default_config(), "h100x1", log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def v5e():
+  _needs_plugins("tpu")
+  return aot.run(_default_config(**{"mesh.fsdp": 2, "mesh.tensor": 2}), "v5e-4", log=lambda *_: None)
+
+
+EVERY_PROGRAM = {"cold_start step", "score prefill", "score decode", "finetune step", "grpo rollout prefill",
+                 "grpo rollout decode", "grpo step", "evaluate prefill", "evaluate decode"}
+
+
+def test_every_program_compiles_for_an_h100_with_cudnn_attention(h100):
+  progs = {p["name"]: p for p in h100["programs"]}
+  assert set(progs) == EVERY_PROGRAM
+  for name, p in progs.items():
+    assert p["compiled"] and p["fits"], (name, p["error"])
+    assert 0 < p["bytes"]["total"] <= p["budget_bytes"] < p["device_bytes"] == 84942979072
+  # The training steps and the prefills run the decoder (and its backward) through cuDNN's fused
+  # attention; decoding reads the shared prompt cache with XLA's attention.
+  for name in ("cold_start step", "finetune step", "grpo step", "score prefill", "grpo rollout prefill",
+               "evaluate prefill"):
+    assert progs[name]["attention"].startswith(CUDNN), (name, progs[name]["attention"])
+  # Forward and backward: the steps hold more fused-attention calls than a forward-only prefill.
+  count = lambda n: int(progs[n]["attention"].split("(")[1].split()[0])
+  assert count("cold_start step") > count("score prefill")
+  assert progs["score decode"]["attention"] == "xla"
+  assert h100["platform"] == "gpu" and not h100["attached"]
+
+
+def test_every_program_compiles_for_a_sharded_tpu_v5e(v5e):
+  assert v5e["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+  progs = {p["name"]: p for p in v5e["programs"]}
+  assert set(progs) == EVERY_PROGRAM
+  for name, p in progs.items():
+    assert p["compiled"] and p["fits"] and p["attention"] == "xla", (name, p["error"])
+    # The batch really splits over fsdp: each device holds its share of the rows.
+    assert p["rows_per_device"] * 2 == p["rows"], name
+  assert v5e["budget_bytes"] == targets.TARGETS["v5e-4"].tpu_hbm_bytes
+
+
+def test_cli_exit_status_names_the_program_that_does_not_fit(tmp_path):
+  """A budget no program meets: exit 1, the message names each program, the JSON has every field."""
+  _needs_plugins("gpu")
+  out = tmp_path / "out.json"
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_PYTHON_CLIENT_MEM_FRACTION="1e-9", XLA_FLAGS="")
+  env.pop("JAX_PLATFORMS", None)
+  r = subprocess.run([sys.executable, "-m", "dcsft_jax.aot", "--config=configs/dcsft.py", "--target=h100x1",
+                      "--programs=score", "--config.model.dtype=bfloat16", "--config.data.train_limit=16",
+                      f"--json={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 1, r.stderr[-2000:]
+  assert "score prefill does not fit" in r.stderr and "score decode does not fit" in r.stderr, r.stderr[-2000:]
+  assert "| score prefill |" in r.stdout
+  got = json.loads(out.read_text())
+  assert got["target"] == "h100x1" and [p["name"] for p in got["programs"]] == ["score prefill", "score decode"]
+  for p in got["programs"]:
+    assert p["compiled"] and not p["fits"] and p["attention"]
+    assert set(p["bytes"]) >= {"arguments", "outputs", "temporaries", "aliased", "total"}
+    assert p["device_bytes"] == 84942979072
+
+
+def test_largest_batch_search_finds_the_crossing(monkeypatch):
+  """Memory linear in the rows (a + b * rows): the search returns the last per-device batch under the
+  budget, in a few compiles; with compiles that fail when too big (XLA:TPU) it bisects."""
+  dev = targets.Devices(targets.TARGETS["h100x1"], [], False, 100, 1000, "")
+  mesh = type("M", (), {"shape": {"data": 1, "fsdp": 2, "tensor": 1}})()
+  calls = []
+
+  def fake(p, devices, mesh, rows=None):
+    per = rows // 2
+    calls.append(per)
+    total = 100 + 7 * per
+    fits = total <= devices.budget_bytes
+    tpu_like = p == "tpu"
+    return aot.Result(name="x", stage="x", compiled=fits or not tpu_like, fits=fits, attention="xla",
+                      bytes={} if (tpu_like and not fits) else {"total": total}, device_bytes=100,
+                      budget_bytes=devices.budget_bytes, seconds=0.0, rows=rows, rows_per_device=per, shape="")
+
+  monkeypatch.setattr(aot, "compile_program", fake)
+  for kind, start in (("gpu", 4), ("tpu", 4), ("gpu", 300), ("tpu", 300)):
+    calls.clear()
+    first = fake(kind, dev, mesh, rows=2 * start)
+    assert aot.max_rows(kind, dev, mesh, first) == 128, (kind, start)     # 100 + 7 * 128 = 996 <= 1000 < 1003
+    assert len(calls) <= (6 if kind == "gpu" else 14), (kind, start, calls)
+
+
+def test_attention_kernel_follows_the_target_platform():
+  assert attention.resolve("auto", jnp.bfloat16, 128, "gpu") == "cudnn"
+  assert attention.resolve("auto", jnp.bfloat16, 80, "gpu") == "cudnn"
+  assert attention.resolve("auto", jnp.bfloat16, 12, "gpu") == "xla"      # head_dim not a multiple of 8
+  assert attention.resolve("auto", jnp.float32, 128, "gpu") == "xla"
+  assert attention.resolve("auto", jnp.bfloat16, 128, "tpu") == "xla"
+  assert attention.resolve("auto", jnp.bfloat16, 128, "cpu") == "xla"
+  with pytest.raises(ValueError, match="cuDNN"):
+    attention.resolve("cudnn", jnp.bfloat16, 128, "tpu")
