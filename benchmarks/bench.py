@@ -455,14 +455,14 @@ def bench_sft(lora: bool, shape, opts, params, model_dir_model, prompts, device,
   kw["labels"] = torch.tensor(labels, device=device)
   trainable = [(n, q) for n, q in tm.named_parameters() if q.requires_grad]
   out["hf_trainable_params"] = int(sum(q.numel() for _, q in trainable))
-  no_decay = lambda n: n.endswith("bias") or "norm" in n
+  no_decay = lambda n: n.endswith("bias") or "layernorm" in n     # optim.decayed's rule
   groups = [{"params": [q for n, q in trainable if not no_decay(n)], "weight_decay": 0.1},
             {"params": [q for n, q in trainable if no_decay(n)], "weight_decay": 0.0}]
   try:
-    opt = torch.optim.AdamW(groups, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    opt = torch.optim.AdamW(groups, lr=1e-5, betas=(oc.b1, oc.b2), eps=oc.eps, fused=True)
     out["hf_adamw"] = "fused"
   except (RuntimeError, TypeError):
-    opt = torch.optim.AdamW(groups, lr=1e-5, betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.AdamW(groups, lr=1e-5, betas=(oc.b1, oc.b2), eps=oc.eps)
     out["hf_adamw"] = "default"
 
   def theirs():

@@ -37,6 +37,7 @@ if __name__ == "__main__":
     targets_lib.prepare_environment(_attached == "yes" or (_attached == "auto" and targets_lib.hardware_present(_p)))
 
 # pylint: disable=wrong-import-position
+import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -82,7 +83,7 @@ def model_and_processor(config):
 
 
 def plan_shape(config, specs: list[str], processor, cfg, *, with_answers: bool, records: int = 0,
-               patches: int = 0, tokens: int = 0) -> Shape:
+               patches: int = 0, tokens: int = 0, max_pixels: int = 0) -> Shape:
   """The largest bucket the stage's data needs (what sets its peak memory)."""
   mu = cfg.vision.merge_unit
   if patches and tokens:
@@ -106,7 +107,7 @@ def plan_shape(config, specs: list[str], processor, cfg, *, with_answers: bool, 
     b = max(found, key=lambda x: (x.patches, x.length))
     length = max(x.length for x in found)
     return Shape(batching.Bucket(b.patches, length), answers, "data")
-  max_pixels = d.max_pixels or (processor.image_settings.max_pixels if processor is not None else 0)
+  max_pixels = max_pixels or d.max_pixels or (processor.image_settings.max_pixels if processor is not None else 0)
   if not max_pixels:
     raise ValueError("no data to plan shapes from and no data.max_pixels: give --patches and --tokens")
   merged = max_pixels // (28 * 28)
@@ -185,11 +186,12 @@ def grpo_programs(config, cfg, opts, mesh, shape: Shape, attached: bool = False)
   from dcsft_jax.train import grpo, sft, trainer
   g = config.grpo
   tc = training.train_config(config, g, max(int(g.steps), 1), config.seed)
-  spec = trainer.step_spec(cfg, opts, tc, mesh, loss=grpo.make_loss(beta=g.beta, clip_eps=g.clip_eps),
-                           count_name="completions")
+  loss = grpo.make_loss(beta=g.beta, clip_eps=g.clip_eps, temperature=float(g.temperature))
+  spec = trainer.step_spec(cfg, opts, tc, mesh, loss=loss, count_name="completions")
   G, T = g.num_generations, g.max_new_tokens
   sp = sampling.SamplingParams(max_new_tokens=T, num_samples=G, temperature=g.temperature, top_k=g.top_k,
-                               top_p=g.top_p, eos_ids=(cfg.eos_token_id or 0,))
+                               top_p=g.top_p, eos_ids=(cfg.eos_token_id or 0,),
+                               repetition_penalty=_penalty(config, g.repetition_penalty))
   params = sft.TrainState(None, spec.layout.train, spec.layout.frozen, None, None).params
   micro = g.batch_size // g.accum
   ref = None
@@ -198,10 +200,12 @@ def grpo_programs(config, cfg, opts, mesh, shape: Shape, attached: bool = False)
     ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt or x.dtype, sharding=x.sharding), spec.params)
 
   def build_step(rows: int):
-    host = _stack({**batching.empty_arrays(shape.bucket, rows, cfg.vision),
-                   "completions": np.zeros((rows, G, T), np.int32),
-                   "completion_mask": np.ones((rows, G, T), np.int32),
-                   "rewards": np.zeros((rows, G), np.float32)}, g.accum)
+    # The loss tokens: T sampled + the <|im_end|> a truncated completion gets (grpo.loss_tokens).
+    rollouts = {"completions": np.zeros((rows, G, T + 1), np.int32),
+                "completion_mask": np.ones((rows, G, T + 1), np.int32), "rewards": np.zeros((rows, G), np.float32)}
+    if g.num_iterations > 1:
+      rollouts["old_logprobs"] = np.zeros((rows, G, T + 1), np.float32)
+    host = _stack({**batching.empty_arrays(shape.bucket, rows, cfg.vision), **rollouts}, g.accum)
     args = (spec.layout, _abstract_batch(host, mesh, micro_axis=True)) + ((ref,) if ref is not None else ())
     return spec.step_fn, args
 
@@ -233,9 +237,13 @@ def sampler_programs(name: str, stage: str, cfg, opts, params, shape: Shape, sp:
                         c.output_shardings)
     logits, prefix, prefix_mask = outs
     keys = jax.ShapeDtypeStruct((r, sp.num_samples, 2), jnp.uint32, sharding=mesh_lib.batch_sharding(mesh, 3))
-    return _Bound(sampler.decode, dict(params_=sp)), (params, prefix, prefix_mask, logits, a["lengths"], keys)
+    prompt_ids = a["input_ids"] if sp.repetition_penalty != 1.0 else None
+    return _Bound(sampler.decode, dict(params_=sp)), (params, prefix, prefix_mask, logits, a["lengths"], keys,
+                                                      prompt_ids)
 
   what = "greedy" if sp.greedy else f"K {sp.num_samples}, T {sp.temperature}, top-k {sp.top_k}"
+  if sp.repetition_penalty != 1.0:
+    what += f", repetition penalty {sp.repetition_penalty}"
   return [Program(f"{name} prefill", stage, rows, shape, build_prefill, "vision tower + prompt, once per prompt"),
           Program(f"{name} decode", stage, rows, shape, build_decode, f"{what}, {sp.max_new_tokens} new tokens")]
 
@@ -258,8 +266,13 @@ def programs(config, mesh, *, records: int = 0, patches: int = 0, tokens: int = 
   names = run_config.validate(config, _stage_names(), check_files=False)
   cfg, processor = model_and_processor(config)
   opts = dc.replace(run_config.model_options(config), platform=mesh_lib.platform(mesh))
-  shape_of = lambda specs, answers: plan_shape(config, specs, processor, cfg, with_answers=answers, records=records,
-                                               patches=patches, tokens=tokens)
+  def shape_of(specs, answers, max_pixels=0):
+    p = processor
+    if max_pixels and p is not None:       # a stage's own image cap (scoring, evaluation)
+      p = copy.copy(p)
+      p.image_settings = dc.replace(p.image_settings, max_pixels=int(max_pixels))
+    return plan_shape(config, specs, p, cfg, with_answers=answers, records=records, patches=patches, tokens=tokens,
+                      max_pixels=max_pixels)
   d = config.data
   train = [d.train]
   base_params = mesh_lib.abstract_params(model_lib.init_params(cfg, opts, abstract=True), mesh)
@@ -271,9 +284,10 @@ def programs(config, mesh, *, records: int = 0, patches: int = 0, tokens: int = 
   if want("score"):
     s = config.score
     sp = sampling.SamplingParams(max_new_tokens=s.max_new_tokens, num_samples=s.num_samples, temperature=s.temperature,
-                                 top_k=s.top_k, top_p=s.top_p, eos_ids=(cfg.eos_token_id or 0,))
-    out += sampler_programs("score", "score", cfg, opts, base_params, shape_of(train, False), sp, mesh, s.batch_size,
-                            attached)
+                                 top_k=s.top_k, top_p=s.top_p, eos_ids=(cfg.eos_token_id or 0,),
+                                 repetition_penalty=_penalty(config, s.repetition_penalty))
+    out += sampler_programs("score", "score", cfg, opts, base_params, shape_of(train, False, s.max_pixels), sp, mesh,
+                            s.batch_size, attached)
   if want("finetune"):
     out.append(sft_program(config, "finetune", config.finetune, cfg, opts, mesh, shape_of(train, True)))
   if want("grpo"):
@@ -284,16 +298,26 @@ def programs(config, mesh, *, records: int = 0, patches: int = 0, tokens: int = 
     eopts = dc.replace(opts, lora=lora)
     eparams = mesh_lib.abstract_params(model_lib.init_params(cfg, eopts, abstract=True), mesh)
     sp = sampling.SamplingParams(max_new_tokens=e.max_new_tokens, num_samples=1, temperature=0.0,
-                                 eos_ids=(cfg.eos_token_id or 0,))
+                                 eos_ids=(cfg.eos_token_id or 0,),
+                                 repetition_penalty=_penalty(config, e.repetition_penalty))
     specs = [str(v) for v in sources.parse_sets(d.eval).values()]
-    out += sampler_programs("evaluate", "evaluate", cfg, eopts, eparams, shape_of(specs, False), sp, mesh,
-                            e.batch_size, attached)
+    out += sampler_programs("evaluate", "evaluate", cfg, eopts, eparams, shape_of(specs, False, e.max_pixels), sp,
+                            mesh, e.batch_size, attached)
   info = {"model": {"parameters": model_lib.count_params(base_params), "dtype": config.model.dtype,
                     "param_dtype": config.model.param_dtype,
                     "frozen_in_compute_dtype": bool(config.model.frozen_in_compute_dtype),
                     "remat": bool(config.model.remat)},
           "mesh": dict(mesh.shape)}
   return out, info
+
+
+def _penalty(config, value: float) -> float:
+  """A stage's repetition penalty: its own, or (0) the model's generation_config.json, or where the
+  checkpoint is not on this machine Qwen2.5-VL-Instruct's 1.05 (a presence mask more in decode)."""
+  if value:
+    return float(value)
+  gen = sampling.generation_config(config.model.hf_path or None)
+  return float(gen.get("repetition_penalty") or (1.05 if config.model.hf_path or config.model.preset else 1.0))
 
 
 def _stage_names():

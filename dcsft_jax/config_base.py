@@ -9,7 +9,8 @@ import ml_collections
 
 def train_section(**overrides) -> ml_collections.ConfigDict:
   """One training run's settings. The paper: AdamW, lr 1e-5, warmup 0.1, batch 16 (1 x accum 2 x 8
-  GPUs), ms-swift's cosine schedule, weight decay 0.1, clipping at 1.0; LoRA r32 a64 dropout .05."""
+  GPUs), ms-swift's cosine schedule, weight decay 0.1, clipping at 1.0; LoRA r32 a64 dropout .05.
+  What the paper's scripts leave unset is ms-swift 3.6's default (FIDELITY.md)."""
   s = ml_collections.ConfigDict(dict(
       model="cold_start_model",    # the starting model: a stage's model directory in the workdir, or a path
       steps=0,                     # optimizer steps; 0 = `epochs` passes over the data
@@ -20,7 +21,12 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
       warmup_ratio=0.1,
       schedule="cosine",           # cosine | linear | constant
       weight_decay=0.1,
+      b1=0.9,                      # AdamW betas and epsilon: ms-swift's defaults (adam_beta2 0.95,
+      b2=0.95,                     # not transformers' 0.999)
+      eps=1e-8,
       max_grad_norm=1.0,
+      max_length=0,                # > 0: drop samples longer than this many tokens, image tokens
+                                   # included (ms-swift's max_length; counted and reported), 0 = keep all
       lora=True,                   # False = full fine-tuning
       lora_rank=32,
       lora_alpha=64.0,
@@ -88,6 +94,10 @@ def base() -> ml_collections.ConfigDict:
   c.score.top_p = 1.0
   c.score.max_new_tokens = 128
   c.score.batch_size = 16            # prompts per batch (each gives num_samples answers)
+  # transformers' repetition penalty (over prompt and answer, before temperature); 0 = the scored
+  # model's generation_config.json (Qwen2.5-VL-Instruct: 1.05), as HF generate takes it.
+  c.score.repetition_penalty = 0.0
+  c.score.max_pixels = 0             # image size cap while scoring; 0 = data.max_pixels
 
   # Step 3: curation into recipes among sft_m (medium), sft_em (easy+medium), sft (all), easy, medium, hard.
   c.curate = ml_collections.ConfigDict()
@@ -109,6 +119,8 @@ def base() -> ml_collections.ConfigDict:
   c.grpo.max_new_tokens = 128
   c.grpo.beta = 0.04
   c.grpo.clip_eps = 0.2
+  c.grpo.num_iterations = 1          # mu: optimizer steps per batch of rollouts (> 1 makes clip_eps act)
+  c.grpo.repetition_penalty = 1.0    # the rollouts' (0 = the model's generation_config.json)
 
   # Step 5: greedy evaluation of each NAME=MODEL on every data.eval set.
   c.evaluate = ml_collections.ConfigDict()
@@ -117,6 +129,8 @@ def base() -> ml_collections.ConfigDict:
   c.evaluate.batch_size = 32
   c.evaluate.max_new_tokens = 128
   c.evaluate.limit = 0               # 0 = every record of each set
+  c.evaluate.repetition_penalty = 0.0   # 0 = each model's generation_config.json (as HF generate)
+  c.evaluate.max_pixels = 0          # image size cap while evaluating; 0 = data.max_pixels
 
   c.report = ml_collections.ConfigDict()
   c.report.curve_limit = 0           # records per OOD set for the accuracy-vs-step curves (0 = all)

@@ -1,11 +1,12 @@
 """Try a model on one image:
 
   python -m dcsft_jax.generate --model=DIR --image=PATH --prompt=TEXT --max_new_tokens=N \
-      [--num_samples=K --temperature=T --top_k=K --top_p=P --seed=S]
+      [--num_samples=K --temperature=T --top_k=K --top_p=P --repetition_penalty=R --seed=S]
 
 DIR is a Hugging Face Qwen2.5-VL directory (with its tokenizer and processor files) or a model
 directory this project wrote. Prints one JSON object: {"texts": [...], "token_ids": [[...], ...]}.
-Without --temperature (or with 0) decoding is greedy.
+Without --temperature (or with 0) decoding is greedy. Without --repetition_penalty the model's
+generation_config.json sets it (Qwen2.5-VL-Instruct: 1.05), as transformers' generate does.
 """
 from __future__ import annotations
 
@@ -22,13 +23,16 @@ _NUM = flags.DEFINE_integer("num_samples", 1, "Answers to sample (they share one
 _TEMP = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "0 = off.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "1.0 = off.")
+_PENALTY = flags.DEFINE_float("repetition_penalty", 0.0, "transformers' repetition penalty; 0 = the model's "
+                              "generation_config.json (1.0 where it has none).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _MAX_PIXELS = flags.DEFINE_integer("max_pixels", None, "Resize the image to at most this many pixels.")
 
 
 def generate(model_dir: str, image: str | None, prompt: str, *, max_new_tokens: int = 32, num_samples: int = 1,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, dtype: str = "float32",
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 0.0,
+             seed: int = 0, dtype: str = "float32",
              max_pixels: int | None = None, mesh=None) -> dict:
   import jax.numpy as jnp
 
@@ -47,9 +51,9 @@ def generate(model_dir: str, image: str | None, prompt: str, *, max_new_tokens: 
     if lora is not None:
       opts = model_lib.ModelOptions(dtype=dt, param_dtype=dt, lora=lora)
     processor = Processor.from_pretrained(model_dir, cfg=cfg, max_pixels=max_pixels)
-    sp = sampling.SamplingParams(max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
-                                 top_k=top_k, top_p=top_p, eos_ids=sampling.stop_ids(model_dir, processor),
-                                 pad_id=cfg.pad_token_id or 0)
+    sp = sampling.settings(model_dir, processor, repetition_penalty=repetition_penalty, pad_id=cfg.pad_token_id or 0,
+                           max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
+                           top_k=top_k, top_p=top_p)
     rec = Record("cli", image, prompt, "-", "classification")
     buckets = batching.auto_buckets([rec], processor, with_answers=False, max_buckets=1)
     # One prompt, padded with empty rows to one per batch shard of the mesh.
@@ -67,7 +71,7 @@ def main(argv):
   try:
     result = generate(_MODEL.value, _IMAGE.value, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
                       num_samples=_NUM.value, temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                      seed=_SEED.value, dtype=_DTYPE.value, max_pixels=_MAX_PIXELS.value)
+                      repetition_penalty=_PENALTY.value, seed=_SEED.value, dtype=_DTYPE.value, max_pixels=_MAX_PIXELS.value)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   print(json.dumps(result))

@@ -27,11 +27,13 @@ from dcsft_jax.models.config import Qwen25VLConfig
 
 log = logging.getLogger(__name__)
 
-# Files of a processor/tokenizer that travel with the weights.
+# Files of a processor/tokenizer that travel with the weights, unchanged, from the source checkpoint
+# through every model directory to the HF export. generation_config.json among them: it holds the end
+# tokens (Qwen2.5-VL-Instruct has two) and the repetition penalty that HF generate applies.
 PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
     "added_tokens.json", "preprocessor_config.json", "video_preprocessor_config.json",
-    "processor_config.json", "chat_template.json", "chat_template.jinja",
+    "processor_config.json", "chat_template.json", "chat_template.jinja", "generation_config.json",
 )
 
 
@@ -341,15 +343,12 @@ def save_hf(params: dict, cfg: Qwen25VLConfig, out_dir: str, *, source_dir: str 
   conf.setdefault("architectures", ["Qwen2_5_VLForConditionalGeneration"])
   with open(os.path.join(tmp, "config.json"), "w") as f:
     json.dump(conf, f, indent=2)
-  gen_src = os.path.join(source_dir, "generation_config.json") if source_dir else None
-  if gen_src and os.path.exists(gen_src):
-    shutil.copy2(gen_src, os.path.join(tmp, "generation_config.json"))
-  else:
+  if "generation_config.json" not in copy_processor_files(source_dir, tmp):
+    # No source file to carry: the end tokens from config.json, greedy.
     eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
       json.dump({"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id,
                  "do_sample": False}, f, indent=2)
-  copy_processor_files(source_dir, tmp)
   _commit_dir(tmp, out_dir)
   log.info("wrote %s (%d shard(s), %.1f MB, %s)", out_dir, nshards, total / 1e6, dtype_name)
   return out_dir

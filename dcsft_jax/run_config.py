@@ -99,6 +99,11 @@ def _validate_training(config, stages) -> None:
     _check(0 <= s.warmup_ratio < 1, f"{name}.warmup_ratio", f"{s.warmup_ratio!r} must be in [0, 1)")
     _check(s.schedule in optim.SCHEDULES, f"{name}.schedule", f"{s.schedule!r} is not one of {optim.SCHEDULES}")
     _check(s.weight_decay >= 0, f"{name}.weight_decay", f"{s.weight_decay!r} must be >= 0")
+    for f in ("b1", "b2"):
+      _check(0 <= s[f] < 1, f"{name}.{f}", f"{s[f]!r} must be in [0, 1)")
+    _check(s.eps > 0, f"{name}.eps", f"{s.eps!r} must be > 0")
+    _check(isinstance(s.max_length, int) and s.max_length >= 0, f"{name}.max_length",
+           f"{s.max_length!r} must be an int >= 0 (0 = no limit)")
     _check(s.max_grad_norm >= 0, f"{name}.max_grad_norm", f"{s.max_grad_norm!r} must be >= 0 (0 = no clipping)")
     _check(0 <= s.lora_dropout < 1, f"{name}.lora_dropout", f"{s.lora_dropout!r} must be in [0, 1)")
     _check(s.lora_alpha > 0, f"{name}.lora_alpha", f"{s.lora_alpha!r} must be > 0")

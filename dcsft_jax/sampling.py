@@ -38,6 +38,9 @@ class SamplingParams:
   top_p: float = 1.0                   # 1.0 = no nucleus filter
   eos_ids: tuple[int, ...] = ()        # any of them ends a sequence (kept in the output)
   pad_id: int = 0                      # written after a sequence has ended
+  # transformers' RepetitionPenaltyLogitsProcessor: the logit of every token already in the prompt
+  # or the answer is divided by it (multiplied where negative), before temperature; greedy too.
+  repetition_penalty: float = 1.0
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -50,6 +53,8 @@ class SamplingParams:
       raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if not self.repetition_penalty > 0:
+      raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
     object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
 
   @property
@@ -104,6 +109,23 @@ def kth_largest(x, k: int):
   t = jax.lax.fori_loop(0, 32, bit, jnp.zeros(x.shape[:-1], jnp.uint32))
   back = jnp.where(t >= sign, t & ~sign, ~t)
   return jax.lax.bitcast_convert_type(back, jnp.float32)
+
+
+def penalize(logits, seen, penalty: float):
+  """RepetitionPenaltyLogitsProcessor on fp32 logits [R, V] with `seen` [R, V] bool: the tokens of the
+  prompt and of the answer so far (each counts once, however often it occurs)."""
+  if penalty == 1.0:
+    return logits
+  p = jnp.float32(penalty)
+  return jnp.where(seen, jnp.where(logits < 0, logits * p, logits / p), logits)
+
+
+def prompt_tokens_seen(input_ids, attention_mask, vocab: int):
+  """[B, L] prompt ids (padding excluded) -> [B, V] bool: which tokens the prompt holds."""
+  B = input_ids.shape[0]
+  rows = jnp.broadcast_to(jnp.arange(B)[:, None], input_ids.shape)
+  ids = jnp.clip(input_ids, 0, vocab - 1)
+  return jnp.zeros((B, vocab), bool).at[rows, ids].max(attention_mask.astype(bool))
 
 
 def choose_tokens(logits, keys, step, params: SamplingParams):
@@ -168,14 +190,25 @@ class Sampler:
     return logits, _cache_constraint(prefix), valid
 
   # -- decode
-  def _decode(self, params, prefix, prefix_mask, first_logits, start_positions, keys, params_: SamplingParams):
+  def _decode(self, params, prefix, prefix_mask, first_logits, start_positions, keys, prompt_ids=None, *,
+              params_: SamplingParams):
     t, sp = self.cfg.text, params_
     B, K, T = first_logits.shape[0], sp.num_samples, sp.max_new_tokens
-    R = B * K
+    R, V = B * K, first_logits.shape[-1]
     keys = keys.reshape(R, 2)
     eos = jnp.asarray(sp.eos_ids or (-1,), jnp.int32)
     logits0 = jnp.repeat(first_logits, K, axis=0)                      # [R, V]: rows are prompt-major
-    tok = choose_tokens(logits0, keys, 0, sp)
+    rows = jnp.arange(R)
+    if sp.repetition_penalty != 1.0:
+      if prompt_ids is None:
+        raise ValueError("a repetition penalty needs the prompt's token ids (decode(..., prompt_ids))")
+      # Which tokens each row has seen, [R, V] bool (Qwen's 152k vocabulary x 128 rows is 19 MB).
+      seen = jnp.repeat(prompt_tokens_seen(prompt_ids, prefix_mask, V), K, axis=0)
+    else:
+      seen = jnp.zeros((R, 0), bool)                                   # no penalty: carried empty
+    tok = choose_tokens(penalize(logits0, seen, sp.repetition_penalty), keys, 0, sp)
+    if sp.repetition_penalty != 1.0:
+      seen = seen.at[rows, tok].set(True)
     tokens = jnp.full((R, T), sp.pad_id, jnp.int32).at[:, 0].set(tok)
     done = jnp.isin(tok, eos)
     cache = {n: jnp.zeros((t.num_hidden_layers, R, T, t.num_key_value_heads, t.head_dim), self.cache_dtype)
@@ -185,11 +218,11 @@ class Sampler:
     slots = jnp.arange(T)
 
     def cond(state):
-      step, _, _, _, done = state
+      step, _, _, _, done, _ = state
       return (step < T - 1) & ~jnp.all(done)
 
     def body(state):
-      step, tok, tokens, cache, done = state
+      step, tok, tokens, cache, done, seen = state
       pos = jnp.broadcast_to((start + step)[None, :, None], (3, R, 1))
       own_mask = (slots <= step)[None, None, :]
 
@@ -200,12 +233,14 @@ class Sampler:
         return m.logits(h)[:, 0].astype(jnp.float32), new_cache
 
       logits, cache = self.model.apply({"params": params}, method=run)
-      nxt = choose_tokens(logits, keys, step + 1, sp)
+      nxt = choose_tokens(penalize(logits, seen, sp.repetition_penalty), keys, step + 1, sp)
       nxt = jnp.where(done, sp.pad_id, nxt)
+      if sp.repetition_penalty != 1.0:
+        seen = seen.at[rows, nxt].set(True)
       tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step + 1))
-      return step + 1, nxt, tokens, _cache_constraint(cache), done | jnp.isin(nxt, eos)
+      return step + 1, nxt, tokens, _cache_constraint(cache), done | jnp.isin(nxt, eos), seen
 
-    steps, _, tokens, _, done = jax.lax.while_loop(cond, body, (jnp.int32(0), tok, tokens, cache, done))
+    steps, _, tokens, _, done, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), tok, tokens, cache, done, seen))
     # Completion length: up to and including the first end-of-sequence token.
     is_eos = jnp.isin(tokens, eos)
     first = jnp.argmax(is_eos, axis=1)
@@ -219,7 +254,8 @@ class Sampler:
     logits, prefix, prefix_mask = self.prefill(params, arrays["input_ids"], arrays["positions"],
                                                arrays["attention_mask"], arrays["lengths"], images)
     start = jnp.asarray(arrays["lengths"]) + jnp.asarray(arrays["rope_deltas"])
-    return self.decode(params, prefix, prefix_mask, logits, start, jnp.asarray(keys), params_=sampling)
+    prompt_ids = arrays["input_ids"] if sampling.repetition_penalty != 1.0 else None
+    return self.decode(params, prefix, prefix_mask, logits, start, jnp.asarray(keys), prompt_ids, params_=sampling)
 
 
 _SHARED: dict = {}
@@ -251,18 +287,44 @@ def completions(tokens, lengths, eos_ids: Sequence[int] = ()) -> list[list[list[
 
 
 
+GENERATION_CONFIG = "generation_config.json"
+
+
+def generation_config(directory: str | None) -> dict:
+  """A model directory's generation_config.json ({} where it has none)."""
+  import json
+  import os
+  path = os.path.join(directory, GENERATION_CONFIG) if directory else None
+  if not path or not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      out = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: unreadable generation config ({e}); fix or delete the file") from None
+  if not isinstance(out, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(out).__name__}")
+  return out
+
+
 def stop_ids(directory: str | None, processor) -> tuple[int, ...]:
   """End-of-sequence ids: generation_config.json's eos_token_id (Qwen2.5-VL: <|im_end|> and
   <|endoftext|>) plus the chat template's <|im_end|>, which ends every assistant turn."""
-  import json
-  import os
   ids = {int(processor.im_end_id)}
-  path = os.path.join(directory, "generation_config.json") if directory else None
-  if path and os.path.exists(path):
-    with open(path) as f:
-      eos = json.load(f).get("eos_token_id")
-    ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
+  eos = generation_config(directory).get("eos_token_id")
+  ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
   return tuple(sorted(ids))
+
+
+def settings(directory: str | None, processor, *, repetition_penalty: float = 0.0, pad_id: int = 0,
+             **kw) -> SamplingParams:
+  """SamplingParams for a model directory: its end tokens, and its generation_config.json's
+  repetition_penalty where `repetition_penalty` is 0 (what transformers' generate does with a
+  setting the call leaves out); 1.0 where the file has none."""
+  if not repetition_penalty:
+    repetition_penalty = float(generation_config(directory).get("repetition_penalty") or 1.0)
+  return SamplingParams(eos_ids=stop_ids(directory, processor), pad_id=pad_id,
+                        repetition_penalty=float(repetition_penalty), **kw)
 
 
 def _to_host(x) -> np.ndarray:

@@ -15,7 +15,9 @@ from dcsft_jax import curation, plots
 from dcsft_jax.curation import ScoreRow
 from dcsft_jax.data.records import BadRecord, Record, read_paper_json
 
-PAPER_DATA = "/work/shared/paper_data"
+# The paper's data files, in ../shared/paper_data beside the repository (never copied into it).
+PAPER_DATA = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
+                                           "paper_data"))
 K = 8
 PROMPT = "Please provide the object name in the image. Output the answer using one word."
 

@@ -1,5 +1,8 @@
 """GRPO's objective against hand-computed values; equal-reward groups give no policy gradient."""
+import os
+
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 
@@ -59,8 +62,10 @@ def test_equal_rewards_give_no_policy_gradient():
   assert np.abs(np.asarray(g)).max() > 0
 
 
-def test_completion_logprobs_equal_a_full_forward_of_each_sequence():
-  """The shared-prefix teacher-forced log-probs equal those of each prompt + completion run alone."""
+@pytest.mark.parametrize("temperature", [1.0, 0.9])
+def test_completion_logprobs_equal_a_full_forward_of_each_sequence(temperature):
+  """The shared-prefix teacher-forced log-probs equal those of each prompt + completion run alone,
+  log_softmax(logits / T) at the rollout temperature T (ms-swift's, for policy and reference)."""
   from dcsft_jax.data import batching, builtin
   from dcsft_jax.data.processor import Processor
   from dcsft_jax.models import qwen2_5_vl as M
@@ -79,7 +84,8 @@ def test_completion_logprobs_equal_a_full_forward_of_each_sequence():
   G, T = 3, 5
   comp = np.asarray(jax.random.randint(jax.random.key(0), (2, G, T), 0, 400), np.int32)
   model = M.Qwen25VL(cfg)
-  ours = np.asarray(jax.jit(lambda p: grpo.completion_logprobs(model, p, a, jnp.asarray(comp)))(params))
+  ours = np.asarray(jax.jit(lambda p: grpo.completion_logprobs(model, p, a, jnp.asarray(comp),
+                                                               temperature=temperature))(params))
   forward = jax.jit(lambda p, ids, pos, imgs: model.apply({"params": p}, ids, pos, imgs))
   for b in range(2):
     n = int(a["lengths"][b])
@@ -89,7 +95,7 @@ def test_completion_logprobs_equal_a_full_forward_of_each_sequence():
       pos = np.concatenate([a["positions"][:, b:b + 1, :n], tail], axis=2).astype(np.int32)
       imgs = {k: a[k][b:b + 1] for k in ("pixel_values", "pos_hw", "frame_seg", "window_seg")}
       logits = forward(params, ids, pos, imgs)
-      lp = jax.nn.log_softmax(logits[0, n - 1:n + T - 1].astype(jnp.float32), axis=-1)
+      lp = jax.nn.log_softmax(logits[0, n - 1:n + T - 1].astype(jnp.float32) / temperature, axis=-1)
       ref = np.asarray(jnp.take_along_axis(lp, jnp.asarray(comp[b, g])[:, None], axis=-1)[:, 0])
       # Two programs of the same forward (shared prefix vs full sequence): reassociated fp32 sums in
       # each layer; a log-prob is logit - logsumexp, so its error scales with the logits (~10), not
@@ -112,9 +118,12 @@ def _generation_batch(n=4, seed=0):
   return cfg, proc, recs, a
 
 
-def test_step_matches_a_direct_computation_of_the_objective():
+@pytest.mark.parametrize("stored_old", [False, True])
+def test_step_matches_a_direct_computation_of_the_objective(stored_old):
   """The jitted GRPO step (2 accumulated micro-batches, LoRA, reference = adapters off, a padding
-  prompt) gives the loss and gradient of the objective written out by hand."""
+  prompt, log-probs at the rollout temperature 0.9) gives the loss, KL, clip fraction and gradient
+  of the objective written out by hand. stored_old: the rollouts serve num_iterations > 1 steps,
+  so the ratio is to the stored rollout policy's log-probs and the clip acts."""
   from dcsft_jax.models import qwen2_5_vl as M
   from dcsft_jax.train import optim, sft, trainer
   import dataclasses
@@ -141,30 +150,53 @@ def test_step_matches_a_direct_computation_of_the_objective():
 
   model = M.Qwen25VL(cfg, opts)
   ref_model = M.Qwen25VL(cfg, dataclasses.replace(opts, lora=None))
-  ref_lp = np.asarray(jax.jit(lambda p: grpo.completion_logprobs(ref_model, p, a, jnp.asarray(comp)))(params))
+  temp = 0.9
+  lp_at = lambda m, p: grpo.completion_logprobs(m, p, a, jnp.asarray(comp), temperature=temp)
+  ref_lp = np.asarray(jax.jit(lambda p: lp_at(ref_model, p))(params))
+  cur_lp = np.asarray(jax.jit(lambda p: lp_at(model, p))(params))
   r = rewards
   adv = (r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + 1e-4)
+  m = cmask.reshape(-1, T).astype(np.float32)
+  if stored_old:
+    # The rollout policy as it was some updates ago: ratios spread over and beyond [0.8, 1.2].
+    old_lp = cur_lp + rng.normal(0, 0.3, cur_lp.shape).astype(np.float32)
+    ratio = np.exp(cur_lp - old_lp)
+    out = ((ratio < 0.8) | (ratio > 1.2)) * m
+    want_clip = (out.sum(1) / m.sum(1))[:3 * G].mean()
+    assert 0.2 < want_clip < 0.8, want_clip
+  else:
+    want_clip = 0.0
 
   def direct(train):
-    lp = grpo.completion_logprobs(model, optim.merge(train, frozen), a, jnp.asarray(comp))
-    ratio = jnp.exp(lp - jax.lax.stop_gradient(lp))
-    pol = -ratio * jnp.asarray(adv.reshape(-1))[:, None]        # ratio = 1: no clipping
+    lp = lp_at(model, optim.merge(train, frozen))
+    old = jnp.asarray(old_lp) if stored_old else jax.lax.stop_gradient(lp)
+    ratio = jnp.exp(lp - old)
+    A = jnp.asarray(adv.reshape(-1))[:, None]
+    pol = -jnp.minimum(ratio * A, jnp.clip(ratio, 0.8, 1.2) * A)
     d = jnp.asarray(ref_lp) - lp
-    per_tok = pol + 0.04 * (jnp.exp(d) - d - 1)
-    m = jnp.asarray(cmask.reshape(-1, T), jnp.float32)
+    kl = jnp.exp(d) - d - 1
+    per_tok = pol + 0.04 * kl
     per_seq = (per_tok * m).sum(1) / m.sum(1)
-    return per_seq[:3 * G].mean()                                # prompt 3 is padding
+    kl_seq = (kl * m).sum(1) / m.sum(1)
+    return per_seq[:3 * G].mean(), kl_seq[:3 * G].mean()         # prompt 3 is padding
 
-  want_loss, want_grads = jax.jit(jax.value_and_grad(direct))(train0)
+  (want_loss, want_kl), want_grads = jax.jit(jax.value_and_grad(direct, has_aux=True))(train0)
   tx = optax.sgd(1.0)
-  step = sft.make_train_step(cfg, opts, tx, lambda s: 1.0, loss=grpo.make_loss(beta=0.04), count_name="completions")
+  step = sft.make_train_step(cfg, opts, tx, lambda s: 1.0, loss=grpo.make_loss(beta=0.04, temperature=temp),
+                             count_name="completions")
   state = sft.init_state(params, tx, mask, jax.random.key_data(jax.random.key(0)))
   batch = {**a, "completions": comp, "completion_mask": cmask, "rewards": rewards}
+  if stored_old:
+    batch["old_logprobs"] = old_lp.reshape(4, G, T)
   stacked = {k: (v.reshape((2, 2) + v.shape[1:]) if k != "positions" else
                  v.reshape(3, 2, 2, -1).transpose(1, 0, 2, 3)) for k, v in batch.items()}
   state, metrics = step(state, stacked)
   # The step's scan over 2 micro-batches vs one direct computation: reassociation only.
   np.testing.assert_allclose(float(metrics["loss"]), float(want_loss), rtol=numerics.REASSOCIATION)
+  # k3 = e^d - d - 1 of log-prob differences d ~ 1e-2 whose own reassociation error is ~1e-6: ~1e-4 relative.
+  np.testing.assert_allclose(float(metrics["kl"]), float(want_kl), rtol=1e-3)
+  # Near the clip edges a ratio may land on either side by float noise; at most a token or two.
+  np.testing.assert_allclose(float(metrics["clip_fraction"]), want_clip, atol=2 / (3 * G * T))
   assert float(metrics["completions"]) == 3 * G
   np.testing.assert_allclose(float(metrics["reward"]), rewards[:3].mean(), rtol=1e-6)
   np.testing.assert_allclose(float(metrics["zero_advantage"]), 1 / 3, rtol=1e-6)
@@ -193,7 +225,7 @@ def test_grpo_trainer_raises_the_reward(tmp_path):
   sp = sampling.SamplingParams(max_new_tokens=1, num_samples=8, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(),
                                pad_id=0)
   tc = trainer.TrainConfig(steps=16, batch_size=8, accum=2, save_every=100,
-                           optim=optim.OptimConfig(learning_rate=5e-3, warmup_ratio=0.0, schedule="constant",
+                           optim=optim.OptimConfig(learning_rate=1e-2, warmup_ratio=0.0, schedule="constant",
                                                    total_steps=16, weight_decay=0.0))
   # One device: this test is about learning; sharded equals unsharded is shown for the shared step.
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
@@ -258,3 +290,81 @@ def test_grpo_killed_run_resumes_bit_identical(tmp_path):
   strip = lambda h: [{k: v for k, v in r.items() if k not in trainer.TIMING_KEYS} for r in h]
   assert strip(full["history"]) == strip(resumed["history"]) and len(full["history"]) == 4
   assert any(0 < r["reward"] < 1 for r in full["history"])
+
+
+def test_loss_tokens_end_with_one_im_end():
+  """ms-swift re-encodes a completion as answer + <|im_end|>: the sampled end token (<|im_end|> or
+  <|endoftext|>) becomes <|im_end|>, and a completion cut at T tokens gets one appended."""
+  IM_END, EOT = 402, 400
+  tokens = np.array([[[5, 6, IM_END, 0], [5, 6, 7, 8], [5, EOT, 0, 0], [IM_END, 0, 0, 0]]], np.int32)
+  lengths = np.array([[3, 4, 2, 1]])
+  comp, mask = grpo.loss_tokens(tokens, lengths, (EOT, IM_END), IM_END)
+  assert comp.shape == mask.shape == (1, 4, 5)
+  assert comp[0].tolist() == [[5, 6, IM_END, 0, 0], [5, 6, 7, 8, IM_END], [5, IM_END, 0, 0, 0],
+                              [IM_END, 0, 0, 0, 0]]
+  assert mask[0].sum(1).tolist() == [3, 5, 2, 1]
+  assert (mask[0, :, :1] == 1).all() and mask[0, 0].tolist() == [1, 1, 1, 0, 0]
+
+
+def test_num_iterations_reuses_rollouts_and_resumes_mid_cycle(tmp_path):
+  """num_iterations = 2: one rollout per 2 steps (the second step trains on the same rollouts against
+  their stored log-probs, so the clip acts after the first update), and a run killed in the middle
+  of a cycle resumes from the rollouts it wrote, bit-identical to an uninterrupted run."""
+  from dcsft_jax import mesh as mesh_lib
+  from dcsft_jax import sampling
+  from dcsft_jax.data import batching
+  from dcsft_jax.models import qwen2_5_vl as M
+  from dcsft_jax.train import grpo_trainer, optim, trainer
+  cfg, proc, recs, _ = _generation_batch(8)
+  lora = M.LoraSpec(rank=4, alpha=8, dropout=0.0)
+  sp = sampling.SamplingParams(max_new_tokens=3, num_samples=4, temperature=0.9, top_k=0, top_p=1.0, eos_ids=(),
+                               pad_id=0)
+  tc = trainer.TrainConfig(steps=4, batch_size=4, save_every=1, lora=lora,
+                           optim=optim.OptimConfig(learning_rate=0.3, warmup_ratio=0.0, schedule="constant",
+                                                   total_steps=4))
+  odd = lambda rec, text: float(len(text) > 0 and ord(text[0]) % 2 == 1)
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  calls = []
+
+  def make(workdir):
+    buckets = batching.auto_buckets(recs, proc, with_answers=False, max_buckets=1)
+    it = batching.BatchIterator(recs, proc, batch_size=4, buckets=buckets, with_answers=False, shuffle=True,
+                                seed=2, epochs=None)
+    params = trainer.init_lora(M.unbox(M.init_params(cfg, rng=jax.random.PRNGKey(0))), cfg, lora, seed=1)
+    t = grpo_trainer.GRPOTrainer(cfg, M.ModelOptions(), params, tc, mesh, str(workdir), sampling_params=sp,
+                                 records=recs, processor=proc, reward_fn=odd, num_iterations=2)
+    gen = t.sampler.generate
+    t.sampler = type("Counting", (), {"generate": lambda self, *a: calls.append(1) or gen(*a)})()
+    return it, t
+
+  class Killed(Exception):
+    pass
+
+  def die(step, m):
+    if step == 4:
+      raise Killed()
+
+  with mesh_lib.use(mesh):
+    it, t = make(tmp_path / "a")
+    full = t.fit(it, progress=False)
+    want = jax.tree.map(np.asarray, t.params)
+    assert len(calls) == 2                                     # steps 0 and 2 sample; 1 and 3 reuse
+    calls.clear()
+    it, t = make(tmp_path / "b")
+    with pytest.raises(Killed):
+      t.fit(it, progress=False, on_step=die)                   # killed after step 4's update, before its save
+    it, t = make(tmp_path / "b")
+    resumed = t.fit(it, progress=False)                        # resumes at step 3: cycle 2's rollouts from disk
+    got = jax.tree.map(np.asarray, t.params)
+  assert len(calls) == 2                                       # the killed run's two; the resume sampled none
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(x, y)
+  strip = lambda h: [{k: v for k, v in r.items() if k not in trainer.TIMING_KEYS} for r in h]
+  assert strip(full["history"]) == strip(resumed["history"])
+  h = full["history"]
+  # First step of a cycle: the stored log-probs are the policy's own (ratio 1 up to float noise).
+  assert h[0]["clip_fraction"] == 0 and h[2]["clip_fraction"] == 0
+  # Second step: one update later, with a large learning rate, some ratios leave [0.8, 1.2].
+  assert h[1]["clip_fraction"] > 0 or h[3]["clip_fraction"] > 0
+  # Rollout files older than the oldest kept checkpoint's cycle are gone.
+  assert sorted(os.listdir(tmp_path / "a" / "rollouts")) == ["00000002.p0.npz"]

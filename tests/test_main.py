@@ -8,6 +8,7 @@ import sys
 import pytest
 import transformers
 
+from dcsft_jax.data import tokenizer
 from dcsft_jax.stages import STAGES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +63,14 @@ def test_default_run_fills_the_report_exports_and_resumes(tmp_path):
   assert sum(p.numel() for p in model.parameters()) == summary["init"]["parameters"]
   tok = transformers.AutoTokenizer.from_pretrained(os.path.join(wd, "hf_export"))
   assert tok.convert_tokens_to_ids("<|image_pad|>") == model.config.image_token_id
+  # The source's generation_config.json (the base model's: both end tokens, repetition penalty 1.05)
+  # travels unchanged through the cold-start and SFT-EM directories to the export, and loads.
+  gen = {d: open(os.path.join(wd, d, "generation_config.json"), "rb").read()
+         for d in ("base_model", "cold_start_model", "models/sft_em", "hf_export")}
+  assert len(set(gen.values())) == 1, gen
+  assert json.loads(gen["hf_export"]) == tokenizer.generation_config()
+  g = transformers.GenerationConfig.from_pretrained(os.path.join(wd, "hf_export"))
+  assert g.repetition_penalty == 1.05 and list(g.eos_token_id) == [402, 400]
   r = _main(f"--config.workdir={wd}")
   assert r.returncode == 0 and r.stdout.count("skipped") == len(names), r.stdout
 

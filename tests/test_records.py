@@ -254,13 +254,13 @@ def test_write_swift_json_round_trip(tmp_path):
   assert rows[3]["task"] == "reasoning" and "task" not in rows[1]
 
 
-def test_write_rounds_boxes_and_rejects_pil(tmp_path):
+def test_write_truncates_boxes_and_rejects_pil(tmp_path):
   path = tmp_path / "g.json"
   R.write_swift_json([R.Record("a", "/a.jpg", "dog", "[1.4, 2.6, 30.5, 40.49]", "grounding")], path)
-  assert R.read_paper_json(path)[0].answer == "[1, 3, 30, 40]"  # Python round(), as in the paper's sample.py
+  assert R.read_paper_json(path)[0].answer == "[1, 2, 30, 40]"  # int(x), as the paper's infer/sample.py
   with pytest.raises(ValueError, match="PIL image"):
     R.write_swift_json([R.Record("a", Image.new("RGB", (2, 2)), "q", "cat", "classification")], path)
-  assert R.read_paper_json(path)[0].answer == "[1, 3, 30, 40]"  # a failed write leaves the old file
+  assert R.read_paper_json(path)[0].answer == "[1, 2, 30, 40]"  # a failed write leaves the old file
 
 
 @needs_paper_data

@@ -2,6 +2,7 @@
 prompt, shared prefix == independent copies, sharding, EOS handling, the CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -85,6 +86,7 @@ def _hf_generate(model, processor, records, eos, max_new):
                          mm_token_type_ids=torch.tensor(rope.mm_token_types(ids, cfg)),
                          pixel_values=torch.tensor(pv), image_grid_thw=torch.tensor(grid),
                          do_sample=False, max_new_tokens=max_new, eos_token_id=list(eos), pad_token_id=400,
+                         repetition_penalty=1.0,
                          temperature=None, top_k=None, top_p=None, output_scores=True,
                          return_dict_in_generate=True)
   return out.sequences[:, L:].numpy(), torch.stack(out.scores, 1).numpy()
@@ -123,6 +125,44 @@ def test_greedy_matches_transformers_generate(hf_dir, tmp_path):
     assert (ours[r, n:] == 400).all()
     if n < theirs.shape[1]:
       assert (theirs[r, n:] == 400).all()
+
+
+@pytest.mark.parametrize("penalty", [1.05, 1.5])
+def test_repetition_penalty_matches_transformers_generate(hf_dir, tmp_path, penalty):
+  """Greedy decoding with transformers' RepetitionPenaltyLogitsProcessor (over the prompt's ids and the
+  answer's, before temperature) equals HF generate token for token. One prompt per HF call: HF also
+  penalises the pad tokens of a left-padded row, which our right-padded batches leave out."""
+  cfg, params, _ = checkpoint.load_any(hf_dir)
+  processor = Processor.from_pretrained(hf_dir, cfg=cfg)
+  records = _records(_images(tmp_path))
+  b = _batch(processor, records)
+  T = 12
+  keys = sampling.sample_keys(0, b.ids, 1)
+  sampler = sampling.Sampler(cfg)
+  sp = sampling.SamplingParams(max_new_tokens=T, pad_id=400, repetition_penalty=penalty)
+  ours = np.asarray(sampler.generate(params, b.arrays, keys, sp)[0])[:, 0]
+  plain = np.asarray(sampler.generate(params, b.arrays, keys, dataclasses.replace(sp, repetition_penalty=1.0))[0])
+  model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, attn_implementation="eager").eval()
+  for r, rec in enumerate(records):
+    e = processor.encode(rec.image, rec.prompt)
+    ids = np.asarray(e["input_ids"], np.int64)[None]
+    with torch.no_grad():
+      out = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.ones_like(torch.tensor(ids)),
+                           mm_token_type_ids=torch.tensor(rope.mm_token_types(ids, cfg)),
+                           pixel_values=torch.tensor(e["pixel_values"]),
+                           image_grid_thw=torch.tensor(np.asarray(e["image_grid_thw"], np.int64)), do_sample=False,
+                           max_new_tokens=T,
+                           repetition_penalty=penalty, eos_token_id=None, pad_token_id=400,
+                           temperature=None, top_k=None, top_p=None, output_scores=True,
+                           return_dict_in_generate=True)
+    theirs = out.sequences[0, ids.shape[1]:].numpy()
+    scores = torch.stack(out.scores, 1)[0].numpy()          # after the penalty
+    top2 = np.sort(scores, axis=-1)[..., -2:]
+    assert (top2[:, 1] - top2[:, 0]).min() > 1e-3           # no near-ties: float noise cannot flip a token
+    assert ours[r].tolist() == theirs.tolist(), f"row {r}"
+  if penalty == 1.5:
+    # The penalty really changed the answers: the test would catch it being ignored.
+    assert (ours != plain[:, 0]).any()
 
 
 def _target_probs(logits, temperature, top_k, top_p):

@@ -1,9 +1,10 @@
 """Shared by the paper configs in configs/paper/ (files starting with '_' are not configs).
 
 ml_collections' config_flags loads a config file by its path, and configs/ is not a Python package,
-so each paper config loads this file by path too (`load_common(__file__)` in its few lines). Every
-number below is from /work/shared/paper/NOTES.md (section numbers in the comments); where NOTES says a
-number is unknown, the comment says so and the closest documented value is used.
+so each paper config loads this file by path too (`load_common(__file__)` in its few lines). The
+numbers are the paper's (section numbers in the comments refer to the paper notes summarised in
+FIDELITY.md); what the paper leaves unset is the authors' code's (github.com/byyx666/DC-SFT, ms-swift
+3.6.0.dev0), and FIDELITY.md cites the file and line of each choice.
 
 Config-file argument (big_vision style), the same keys for every paper config:
   --config=configs/paper/FILE.py:data_dir=DIR,image_root=OLD=NEW,hf_path=DIR,tfds_dir=DIR,workdir=DIR
@@ -72,6 +73,12 @@ def paper_base(a, size: str) -> ml_collections.ConfigDict:
   c.score.top_p = 1.0
   c.score.max_new_tokens = 128
   c.score.batch_size = 16
+  # The authors score with HF generate (infer/test_dp.py), which keeps the checkpoint's generation
+  # config for what it does not pass: repetition_penalty 1.05 for Qwen2.5-VL-Instruct (0 = read it).
+  c.score.repetition_penalty = 0.0
+  # test_dp.py resizes with qwen_vl_utils' defaults, up to 16384 * 28 * 28 pixels, for scoring and
+  # evaluation alike; training (ms-swift) uses MAX_PIXELS = 802,816.
+  c.score.max_pixels = 12845056
 
   # Step 3 (§1.4-1.5): easy = 8/8, hard = 0/8, medium = the rest; SFT = all, SFT-M = medium, SFT-EM = easy+medium.
   c.curate.recipes = "sft,sft_m,sft_em"
@@ -91,6 +98,8 @@ def paper_base(a, size: str) -> ml_collections.ConfigDict:
   c.grpo.max_new_tokens = 128
   c.grpo.beta = 0.04
   c.grpo.clip_eps = 0.2                # not stated; ms-swift's default epsilon 0.2
+  c.grpo.num_iterations = 1            # ms-swift's default: one update per rollout batch
+  c.grpo.repetition_penalty = 1.0      # ms-swift's GRPO passes its own default, 1.0
 
   # Step 5 (§1.8): greedy decoding, 128 new tokens, every set whole.
   c.evaluate.models = ("cold_start=cold_start_model,sft=models/sft,grpo=models/grpo,sft_m=models/sft_m,"
@@ -98,6 +107,8 @@ def paper_base(a, size: str) -> ml_collections.ConfigDict:
   c.evaluate.batch_size = 32
   c.evaluate.max_new_tokens = 128
   c.evaluate.limit = 0
+  c.evaluate.repetition_penalty = 0.0  # the checkpoint's generation_config.json (1.05), as test_dp.py
+  c.evaluate.max_pixels = 12845056     # qwen_vl_utils' default (test_dp.py), not training's 802,816
 
   # Fig. 3: OOD accuracy every 100 steps. The paper's curves use the whole OOD sets (step 0 equals its
   # Table 1 numbers); 2048 records per set keeps the 7 points per run affordable. 0 = the paper's.
@@ -118,7 +129,12 @@ def _train(s, *, model: str, lora: bool, steps: int, epochs: float = 1.0) -> Non
   s.warmup_ratio = 0.1
   s.schedule = "cosine"                # ms-swift's default scheduler
   s.weight_decay = 0.1                 # ms-swift's default
+  s.b1, s.b2, s.eps = 0.9, 0.95, 1e-8  # ms-swift's adam_beta1/adam_beta2/adam_epsilon defaults
   s.max_grad_norm = 1.0                # ms-swift's default
+  # The scripts' --max_length 128 counts image tokens, which a typical ImageNet image alone exceeds at
+  # 802,816 pixels; ms-swift would resample such samples and fail after 10 tries, yet the authors'
+  # runs trained, so their effective image sizes are unknown (FIDELITY.md). Off: every sample trains.
+  s.max_length = 0
   s.lora = lora
   s.lora_rank = 32
   s.lora_alpha = 64.0
@@ -199,8 +215,9 @@ def mmk12(arg: str | None, size: str) -> ml_collections.ConfigDict:
   # evaluation's 4,096 new tokens, and chain-of-thought answers do not fit in classification's 128.
   c.score.max_new_tokens = 4096
   c.grpo.max_new_tokens = 4096
-  c.evaluate.max_new_tokens = 4096   # §2.3: greedy, max 4,096 new tokens. Its repetition penalty 1.1
-  c.evaluate.batch_size = 16         # has no config key here (greedy decoding without a penalty).
+  c.evaluate.max_new_tokens = 4096   # §2.3: greedy, max 4,096 new tokens,
+  c.evaluate.repetition_penalty = 1.1   # and repetition penalty 1.1
+  c.evaluate.batch_size = 16
   # Batch size, lr, LoRA and the number of generations for reasoning are not stated: the ImageNet
   # values (§1.6, §1.7) are kept. Six multiple-choice benchmarks; the 6th is unknown (§2.3), add it
   # with --config.data.eval=...,NAME=json:PATH and --config.data.ood=...,NAME.

@@ -143,8 +143,9 @@ def parse_box(text: str, *, strict: bool = False) -> tuple[float, float, float, 
 
 
 def format_box(box: Sequence[float]) -> str:
-  """The paper's integer box text (sample.py rewrites grounding answers this way): "[x1, y1, x2, y2]"."""
-  return "[" + ", ".join(str(int(round(v))) for v in box) + "]"
+  """The paper's integer box text, "[x1, y1, x2, y2]": infer/sample.py rewrites grounding answers with
+  int(x), which truncates (toward zero) rather than rounds."""
+  return "[" + ", ".join(str(int(v)) for v in box) + "]"
 
 
 _OPTION_ANSWER = re.compile(r"\(?[A-Ha-h]\)?[.:]?")

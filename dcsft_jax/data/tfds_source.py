@@ -166,7 +166,8 @@ def _grounding(ds, source, name, split, grounding_prompt, limit, skip_bad_record
           skipped.append((i, f"object {o} has an empty referring expression"))
           continue
         records.append(Record(id=f"{name}/{split}/{image_id}/{int(rid)}", image=image,
-                              prompt=grounding_prompt.format(expression=text.strip()), answer=format_box(pixel),
+                              prompt=grounding_prompt.format(expression=text.strip()),
+                              answer=format_box([round(v) for v in pixel]),
                               task="grounding", meta={"source": source, "index": i, "box": pixel,
                                                       "image_size": (w, h)}))
   return _finish(source, records, skipped, skip_bad_records)

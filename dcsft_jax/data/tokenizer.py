@@ -144,11 +144,21 @@ def preprocessor_config(min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1
   }
 
 
+def generation_config() -> dict:
+  """Qwen2.5-VL-Instruct's Hub generation_config.json, at the tiny tokenizer's ids: both end tokens,
+  repetition penalty 1.05, and its near-greedy sampling defaults (which the stages' explicit
+  settings replace, as the authors' generate calls replace them)."""
+  ids = {t: NUM_ORDINARY + i for i, t in enumerate(SPECIAL_TOKENS)}
+  return {"bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"], "do_sample": True,
+          "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "repetition_penalty": 1.05,
+          "temperature": 0.1, "top_p": 0.001, "top_k": 1}
+
+
 def save_tiny_processor(directory: str, *, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280) -> str:
   """Writes the files of a Qwen2.5-VL processor directory for the tiny tokenizer; returns `directory`.
 
   tokenizer.json, tokenizer_config.json (chat template inside, as on the Hub), chat_template.json
-  (what processors read), preprocessor_config.json. Loadable with `AutoTokenizer.from_pretrained`
+  (what processors read), preprocessor_config.json, generation_config.json. Loadable with `AutoTokenizer.from_pretrained`
   and `Qwen2VLImageProcessorPil.from_pretrained`.
   """
   os.makedirs(directory, exist_ok=True)
@@ -157,6 +167,7 @@ def save_tiny_processor(directory: str, *, min_pixels: int = 56 * 56, max_pixels
       "tokenizer_config.json": json.dumps(_tokenizer_config(), indent=2, ensure_ascii=False),
       "chat_template.json": json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}, indent=2, ensure_ascii=False),
       "preprocessor_config.json": json.dumps(preprocessor_config(min_pixels, max_pixels), indent=2),
+      "generation_config.json": json.dumps(generation_config(), indent=2),
   }
   for name, text in files.items():
     with open(os.path.join(directory, name), "w", encoding="utf-8") as f:

@@ -68,6 +68,12 @@ def _init(scale=0.02):
   return nn.initializers.normal(stddev=scale)
 
 
+# PEFT initialises LoRA's A as torch's nn.Linear does, kaiming_uniform_(a=sqrt(5)): gain sqrt(1/3),
+# bound gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in). variance_scaling(1/3, fan_in, uniform) has the
+# same bound, sqrt(3 * (1/3) / fan_in).
+LORA_A_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
 class RMSNorm(nn.Module):
   """w * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(in_dtype): the cast comes before the scale."""
   eps: float = 1e-6
@@ -105,8 +111,8 @@ class Linear(nn.Module):
       y = y + bias.astype(self.dtype)
     if self.lora is not None:
       r = self.lora.rank
-      a = self.param("lora_a", nn.with_logical_partitioning(
-          nn.initializers.variance_scaling(1.0, "fan_in", "uniform"), (self.axes[0], "lora_rank")),
+      # PEFT's init of A: kaiming_uniform(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)); B = 0.
+      a = self.param("lora_a", nn.with_logical_partitioning(LORA_A_INIT, (self.axes[0], "lora_rank")),
           (x.shape[-1], r), self.param_dtype)
       b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", self.axes[1])),
                      (r, self.features), self.param_dtype)

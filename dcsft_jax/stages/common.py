@@ -30,13 +30,19 @@ class LoadedModel:
   processor: Processor
 
 
-def load_model(config, ctx, ref: str) -> LoadedModel:
+def load_model(config, ctx, ref: str, *, max_pixels: int = 0) -> LoadedModel:
+  """The model at `ref` with its processor; `max_pixels` (a stage's own cap) over data.max_pixels."""
   directory = model_path(ctx, ref)
   cfg, params, lora = checkpoint.load_any(directory, mesh=ctx.mesh, opts=ctx.model_options)
   opts = dataclasses.replace(ctx.model_options, lora=lora)
-  processor = Processor.from_pretrained(directory, cfg=cfg, min_pixels=config.data.min_pixels or None,
-                                        max_pixels=config.data.max_pixels or None)
-  return LoadedModel(directory, cfg, params, opts, processor)
+  return LoadedModel(directory, cfg, params, opts, processor_for(config, directory, cfg, max_pixels))
+
+
+def processor_for(config, directory: str, cfg, max_pixels: int = 0) -> Processor:
+  """The model directory's processor at the run's image sizes: a stage's own max_pixels (scoring and
+  evaluation: the authors' qwen_vl_utils cap), else data.max_pixels (training's), else its own."""
+  return Processor.from_pretrained(directory, cfg=cfg, min_pixels=config.data.min_pixels or None,
+                                   max_pixels=max_pixels or config.data.max_pixels or None)
 
 
 def load_records(config, spec, *, limit=None, train: bool = False):

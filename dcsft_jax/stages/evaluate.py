@@ -26,9 +26,9 @@ def _image_name(rec) -> str:
 def greedy_results(config, ctx, model, records, source: str, *, desc: str, sampler=None) -> list[dict]:
   """Greedy answers to `records`, verified -> (test_dp.py-shaped rows in record order, skipped)."""
   e = config.evaluate
-  sp = sampling.SamplingParams(max_new_tokens=e.max_new_tokens, num_samples=1, temperature=0.0,
-                               eos_ids=sampling.stop_ids(model.directory, model.processor),
-                               pad_id=model.cfg.pad_token_id or 0)
+  sp = sampling.settings(model.directory, model.processor, repetition_penalty=e.repetition_penalty,
+                         pad_id=model.cfg.pad_token_id or 0, max_new_tokens=e.max_new_tokens, num_samples=1,
+                         temperature=0.0)
   gen, it = common.generator(config, ctx, model, records, sp, batch_size=e.batch_size, seed=config.seed,
                              source=source, batch_key="evaluate.batch_size", sampler=sampler)
   results = []
@@ -91,7 +91,7 @@ def run(config, ctx) -> dict:
         with open(path) as f:
           acc[label][name] = json.load(f)["accuracy"]
         continue
-      model = model or common.load_model(config, ctx, ref)
+      model = model or common.load_model(config, ctx, ref, max_pixels=e.max_pixels)
       res = evaluate_set(config, ctx, model, name, spec, path)
       acc[label][name] = res["accuracy"]
       figures[f"{label}/{name}_prompts_per_s"] = res["prompts_per_s"]

@@ -20,16 +20,15 @@ PARTIAL = os.path.join(DIR, "scores.partial.jsonl")
 
 
 def sampling_params(s, model) -> sampling.SamplingParams:
-  return sampling.SamplingParams(max_new_tokens=s.max_new_tokens, num_samples=s.num_samples,
-                                 temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                 eos_ids=sampling.stop_ids(model.directory, model.processor),
-                                 pad_id=model.cfg.pad_token_id or 0)
+  return sampling.settings(model.directory, model.processor, repetition_penalty=s.repetition_penalty,
+                           pad_id=model.cfg.pad_token_id or 0, max_new_tokens=s.max_new_tokens,
+                           num_samples=s.num_samples, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
 
 
 def run(config, ctx) -> dict:
   s = config.score
   records = common.load_records(config, config.data.train, limit=config.data.train_limit, train=True)
-  model = common.load_model(config, ctx, s.model)
+  model = common.load_model(config, ctx, s.model, max_pixels=s.max_pixels)
   sp = sampling_params(s, model)
   gen, it = common.generator(config, ctx, model, records, sp, batch_size=s.batch_size, seed=config.seed + 1,
                              source=config.data.train, batch_key="score.batch_size")

@@ -59,8 +59,9 @@ def train_config(config, s, steps: int, seed: int) -> trainer.TrainConfig:
       freeze_aligner=bool(s.freeze_aligner), save_every=s.save_every, keep=s.keep, seed=seed,
       frozen_dtype=frozen_dtype(config),
       optim=optim.OptimConfig(learning_rate=float(s.learning_rate), warmup_ratio=float(s.warmup_ratio),
-                              schedule=s.schedule, weight_decay=float(s.weight_decay),
-                              max_grad_norm=float(s.max_grad_norm), total_steps=steps))
+                              schedule=s.schedule, weight_decay=float(s.weight_decay), b1=float(s.b1),
+                              b2=float(s.b2), eps=float(s.eps), max_grad_norm=float(s.max_grad_norm),
+                              total_steps=steps))
 
 
 def _iterator(config, records, processor, s, *, with_answers: bool, seed: int, source: str, key: str, mesh):
@@ -95,7 +96,9 @@ class Curve:
     names = [x.strip() for x in config.data.ood.split(",") if x.strip()] or list(sets)
     limit = config.report.curve_limit or None
     self.sets = {n: common.load_records(config, sets[n], limit=limit) for n in names}
-    self.model = dataclasses.replace(model, opts=opts)
+    # Evaluated as the evaluate stage would: its image sizes (evaluate.max_pixels), not training's.
+    processor = common.processor_for(config, model.directory, model.cfg, config.evaluate.max_pixels)
+    self.model = dataclasses.replace(model, opts=opts, processor=processor)
     self.sampler = common.sampler_for(model.cfg, opts)
 
   def __call__(self, step: int, params) -> None:
@@ -150,6 +153,7 @@ def _sft_run(config, ctx, name: str, s, start_ref: str, start_key: str, spec, *,
     raise ValueError(f"{name}: {spec} holds no records. For a curated recipe this means the cold-start model "
                      f"got every prompt right or every prompt wrong; check scores/ and curation/summary.json "
                      f"(a stronger or weaker cold start, or more training prompts, fixes it)")
+  records, dropped = within_max_length(records, model.processor, s.max_length, key)
   seed = config.seed + sum(map(ord, name))
   it = _iterator(config, records, model.processor, s, with_answers=True, seed=seed, source=str(spec),
                  key=key, mesh=ctx.mesh)
@@ -160,7 +164,32 @@ def _sft_run(config, ctx, name: str, s, start_ref: str, start_key: str, spec, *,
   t = trainer.SFTTrainer(model.cfg, ctx.model_options, params, tc, ctx.mesh,
                          os.path.join(ctx.workdir, TRAIN, name))
   params = model.params = None   # the trainer holds the weights now (a LoRA base perhaps in bf16)
-  return {"records": len(records), **_fit(config, ctx, name, t, it, s, model)}
+  out = {"records": len(records), **_fit(config, ctx, name, t, it, s, model)}
+  if s.max_length:
+    out["dropped_over_max_length"] = dropped
+  return out
+
+
+def within_max_length(records, processor, max_length: int, key: str):
+  """(the records whose whole sample, image tokens included, fits max_length tokens, how many were
+  dropped): ms-swift's max_length with the over-length samples left out instead of resampled."""
+  if not max_length:
+    return records, 0
+  keep = []
+  for r in records:
+    try:
+      n = processor.measure(r.image, r.prompt, r.answer, name=str(r.id))[1]
+    except ValueError:
+      n = 0                   # an unreadable record is the batcher's to report or skip
+    if n <= max_length:
+      keep.append(r)
+  dropped = len(records) - len(keep)
+  if dropped:
+    print(f"[{key}] max_length {max_length}: dropped {dropped} of {len(records)} samples that are longer")
+  if not keep:
+    raise ValueError(f"config.{key}.max_length={max_length} drops all {len(records)} samples (image tokens count); "
+                     f"raise it, lower data.max_pixels, or set 0 to keep every sample")
+  return keep, dropped
 
 
 def cold_start(config, ctx) -> dict:
@@ -198,13 +227,13 @@ def grpo(config, ctx) -> dict:
   params = model.params
   if tc.lora is not None:
     params = trainer.init_lora(params, model.cfg, tc.lora, seed=seed)
-  sp = sampling.SamplingParams(max_new_tokens=g.max_new_tokens, num_samples=g.num_generations,
-                               temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                               eos_ids=sampling.stop_ids(model.directory, model.processor),
-                               pad_id=model.cfg.pad_token_id or 0)
+  sp = sampling.settings(model.directory, model.processor, repetition_penalty=g.repetition_penalty,
+                         pad_id=model.cfg.pad_token_id or 0, max_new_tokens=g.max_new_tokens,
+                         num_samples=g.num_generations, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
   t = grpo_trainer.GRPOTrainer(model.cfg, ctx.model_options, params, tc, ctx.mesh,
                                os.path.join(ctx.workdir, TRAIN, "grpo"), sampling_params=sp, records=records,
-                               processor=model.processor, beta=g.beta, clip_eps=g.clip_eps)
+                               processor=model.processor, beta=g.beta, clip_eps=g.clip_eps,
+                               num_iterations=g.num_iterations)
   params = model.params = None   # the trainer holds the weights now
   figures = _fit(config, ctx, "grpo", t, it, g, model)
   h = history(ctx.workdir, "grpo")

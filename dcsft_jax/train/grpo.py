@@ -1,6 +1,9 @@
 """GRPO, the paper's RL baseline: the objective's pieces as pure functions.
 
 For a group of G completions of one prompt with rewards r_1..r_G (binary, from the verifiers):
+  logp_t     log-softmax(logits / T_rollout): the log-probs at the rollout temperature, for the
+             policy, the reference and the stored rollout policy alike (ms-swift and TRL divide the
+             logits by the sampling temperature)
   advantage  A_i = (r_i - mean(r)) / (std(r) + eps)      (the paper's Eq. 5; std with Bessel's
              correction and eps = 1e-4, as TRL/ms-swift compute it)
   ratio      rho_t = exp(logp_t - logp_old_t)             (per completion token)
@@ -9,12 +12,21 @@ For a group of G completions of one prompt with rewards r_1..r_G (binary, from t
   loss       mean over completions of (sum_t mask * (policy + beta * KL) / sum_t mask)
 A group whose rewards are all equal has A = 0: it contributes no policy gradient, only the KL
 term's (the paper's reason RL ignores easy and hard prompts).
+
+logp_old: with one optimizer step per batch of rollouts (num_iterations mu = 1, the paper's) it is
+the current policy, detached, so the ratio is 1 and the clip never acts; with mu > 1 the rollout
+policy's log-probs are stored with the rollouts and reused for mu steps, and the clip is real.
+
+The loss tokens (`loss_tokens`) are what ms-swift re-encodes a completion into: the answer and one
+<|im_end|>, which replaces the sampled end token or, for a completion cut at max_new_tokens, is
+appended to it.
 """
 from __future__ import annotations
 
 import functools
 
 import jax.numpy as jnp
+import numpy as np
 
 
 def group_advantages(rewards, eps: float = 1e-4):
@@ -58,18 +70,36 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float = 0.04,
   return per_seq.mean(), metrics
 
 
-ROLLOUT_KEYS = ("completions", "completion_mask", "rewards")
+ROLLOUT_KEYS = ("completions", "completion_mask", "rewards", "old_logprobs")
+
+
+def loss_tokens(tokens, lengths, eos_ids, im_end_id: int, pad_id: int = 0):
+  """Sampled tokens [b, G, T] and lengths [b, G] (up to and including an end token) -> the loss's
+  completions and mask, [b, G, T + 1]: the answer followed by <|im_end|>, which replaces the end
+  token a completion stopped on (Qwen2.5-VL also stops on <|endoftext|>) and is appended to one
+  that reached T tokens without stopping, as ms-swift's re-encoding of a completion does."""
+  tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+  b, G, T = tokens.shape
+  out = np.full((b, G, T + 1), pad_id, np.int32)
+  out[..., :T] = tokens
+  last = np.take_along_axis(tokens, np.maximum(lengths - 1, 0)[..., None], axis=-1)[..., 0]
+  ended = (lengths > 0) & np.isin(last, np.asarray(list(eos_ids) or [-1]))
+  n = np.where(ended, lengths, lengths + 1)          # tokens in the loss, <|im_end|> included
+  np.put_along_axis(out, (n - 1)[..., None], np.int32(im_end_id), axis=-1)
+  mask = (np.arange(T + 1)[None, None, :] < n[..., None]).astype(np.int32)
+  return out, mask
 
 
 @functools.lru_cache(maxsize=None)
-def make_loss(*, beta: float = 0.04, clip_eps: float = 0.2):
+def make_loss(*, beta: float = 0.04, clip_eps: float = 0.2, temperature: float = 1.0):
   """The GRPO loss in the train step's form: loss(model, params, micro_batch, rng[, ref_params]).
 
   micro_batch: a generation batch of b prompts (input_ids, positions, attention_mask, lengths,
-  rope_deltas, valid, image arrays) plus completions [b, G, T], completion_mask [b, G, T] (tokens up
-  to and including the end-of-sequence token) and rewards [b, G]. Returns the summed per-completion
-  loss over the valid prompts' completions and {"count": completions, "kl", "clip_fraction",
-  "reward", "zero_advantage"} sums.
+  rope_deltas, valid, image arrays) plus completions [b, G, T], completion_mask [b, G, T] (the loss
+  tokens, `loss_tokens`), rewards [b, G] and, when the rollouts serve several steps, old_logprobs
+  [b, G, T] (the rollout policy's). Log-probs are taken at `temperature`, the rollouts'. Returns the
+  summed per-completion loss over the valid prompts' completions and {"count": completions, "kl",
+  "clip_fraction", "reward", "zero_advantage"} sums.
 
   The reference policy: `ref_params` when given (full fine-tuning keeps a frozen copy of the
   starting weights); otherwise the same params with the adapters switched off (LoRA: the base
@@ -85,18 +115,21 @@ def make_loss(*, beta: float = 0.04, clip_eps: float = 0.2):
     prompt = {k: v for k, v in mb.items() if k not in ROLLOUT_KEYS}
     comp, mask, rewards = mb["completions"], mb["completion_mask"], mb["rewards"]
     b, G, T = comp.shape
-    logp = completion_logprobs(model, params, prompt, comp, rngs={"dropout": rng})
+    logp = completion_logprobs(model, params, prompt, comp, rngs={"dropout": rng}, temperature=temperature)
     if ref_params is None:
       if model.opts.lora is None:
         raise ValueError("GRPO with full fine-tuning needs the reference params (a frozen copy)")
       ref_params = params           # read without the adapters below
     ref_model = model_lib.Qwen25VL(model.cfg, dataclasses.replace(model.opts, lora=None, deterministic=True))
     ref_logp = jax.lax.stop_gradient(completion_logprobs(ref_model, jax.lax.stop_gradient(ref_params), prompt,
-                                                         comp))
+                                                         comp, temperature=temperature))
     adv = group_advantages(rewards).reshape(b * G)
-    # One policy update per batch of rollouts: the sampling policy is the current one, detached.
-    per_seq, kl_seq, clipped, tokens = sequence_terms(logp, jax.lax.stop_gradient(logp), ref_logp, adv,
-                                                      mask.reshape(b * G, T), beta=beta, clip_eps=clip_eps)
+    if "old_logprobs" in mb:       # rollouts reused for num_iterations > 1 steps: their policy's
+      old = mb["old_logprobs"].reshape(b * G, T).astype(jnp.float32)
+    else:                          # one update per batch of rollouts: the current policy, detached
+      old = jax.lax.stop_gradient(logp)
+    per_seq, kl_seq, clipped, tokens = sequence_terms(logp, old, ref_logp, adv, mask.reshape(b * G, T), beta=beta,
+                                                      clip_eps=clip_eps)
     row = jnp.repeat(prompt["valid"].astype(jnp.float32), G)
     r = rewards.astype(jnp.float32)
     zero = jnp.repeat(jnp.all(r == r[:, :1], axis=1).astype(jnp.float32), G)   # groups with A = 0
@@ -109,8 +142,9 @@ def make_loss(*, beta: float = 0.04, clip_eps: float = 0.2):
   return loss
 
 
-def completion_logprobs(model, params, prompt: dict, completions, *, rngs=None):
-  """log p(completion token | prompt, earlier tokens) [B*G, T] under `model`, differentiable.
+def completion_logprobs(model, params, prompt: dict, completions, *, rngs=None, temperature: float = 1.0):
+  """log p(completion token | prompt, earlier tokens) [B*G, T] under `model` with its logits divided
+  by `temperature` (the rollouts'), differentiable.
 
   prompt: a generation batch (input_ids, positions, attention_mask, lengths, rope_deltas and the
   image arrays) of B prompts; completions [B, G, T]. As in the sampler, the prompt (and its image)
@@ -134,13 +168,14 @@ def completion_logprobs(model, params, prompt: dict, completions, *, rngs=None):
     mask = jnp.tril(jnp.ones((L, L), bool))[None, None] & valid[:, None, None, :]
     hp, prefix = m.decode(h, prompt["positions"], mask=mask, cache=zeros(B, L), cache_index=0)
     last = jnp.take_along_axis(hp, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)     # [B, 1, D]
-    first = jax.nn.log_softmax(m.logits(last)[:, 0].astype(jnp.float32), axis=-1)            # [B, V]
+    temp = jnp.float32(temperature)
+    first = jax.nn.log_softmax(m.logits(last)[:, 0].astype(jnp.float32) / temp, axis=-1)    # [B, V]
     first = jnp.take_along_axis(jnp.repeat(first, G, axis=0), comp[:, :1], axis=1)           # [B*G, 1]
     start = jnp.repeat(lengths + prompt["rope_deltas"], G)
     pos = jnp.broadcast_to((start[:, None] + jnp.arange(T)[None])[None], (3, B * G, T))
     own = jnp.tril(jnp.ones((T, T), bool))[None]
     hc, _ = m.decode(m.embed(comp), pos, mask=(valid, own), cache=zeros(B * G, T), cache_index=0, prefix=prefix)
-    rest = jax.nn.log_softmax(m.logits(hc[:, :-1]).astype(jnp.float32), axis=-1)
+    rest = jax.nn.log_softmax(m.logits(hc[:, :-1]).astype(jnp.float32) / temp, axis=-1)
     rest = jnp.take_along_axis(rest, comp[:, 1:, None], axis=-1)[..., 0]
     return jnp.concatenate([first, rest], axis=1)
 

@@ -1,5 +1,8 @@
-"""The GRPO training loop: each step samples G answers per prompt with the current policy, scores
-them with the verifiers, and takes one jitted policy-gradient step (train/grpo.py's loss).
+"""The GRPO training loop: every num_iterations (mu) steps it samples G answers per prompt with the
+current policy and scores them with the verifiers; each step is one jitted policy-gradient step
+(train/grpo.py's loss) on the latest rollouts. With mu > 1 the rollout policy's log-probs are stored
+with the rollouts (and written to train/grpo/rollouts/, so a run resumed in the middle of a cycle
+trains on the same rollouts), which is what makes the clip act (ms-swift's num_iterations).
 
 It is the SFT loop (trainer.SFTTrainer) with a different way of making a batch: the same optimizer,
 LoRA, sharding, Orbax checkpoints, SIGTERM handling and metrics. Rollout keys come from (seed, step,
@@ -7,6 +10,9 @@ record id, k), so a resumed run draws the same answers as an uninterrupted one.
 """
 from __future__ import annotations
 
+import dataclasses
+import glob
+import os
 import time
 from typing import Callable
 
@@ -33,11 +39,17 @@ class GRPOTrainer(trainer.SFTTrainer):
 
   def __init__(self, cfg, opts: model_lib.ModelOptions, params, tc: trainer.TrainConfig, mesh, workdir: str, *,
                sampling_params: sampling.SamplingParams, records, processor, beta: float = 0.04,
-               clip_eps: float = 0.2, reward_fn: Callable[[object, str], float] = _reward):
+               clip_eps: float = 0.2, num_iterations: int = 1,
+               reward_fn: Callable[[object, str], float] = _reward):
     if sampling_params.num_samples < 2:
       raise ValueError(f"GRPO needs at least 2 generations per prompt, got {sampling_params.num_samples}")
-    super().__init__(cfg, opts, params, tc, mesh, workdir, loss=grpo.make_loss(beta=beta, clip_eps=clip_eps),
-                     count_name="completions")
+    if num_iterations < 1:
+      raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+    loss = grpo.make_loss(beta=beta, clip_eps=clip_eps, temperature=float(sampling_params.temperature or 1.0))
+    super().__init__(cfg, opts, params, tc, mesh, workdir, loss=loss, count_name="completions")
+    self.num_iterations = int(num_iterations)
+    self._rollouts: tuple[int, dict, dict] | None = None     # (cycle's first step, host arrays, figures)
+    self._old_logprobs = None
     # A real copy: the state's frozen leaves are donated to the step and must not be the reference.
     # It is frozen, so it is stored like the frozen base of a LoRA run (tc.frozen_dtype).
     copy = (lambda x: x.astype(tc.frozen_dtype)) if tc.frozen_dtype is not None else (lambda x: x.copy())
@@ -52,10 +64,65 @@ class GRPOTrainer(trainer.SFTTrainer):
   def _rollout_seed(self, step: int) -> int:
     return int(self.tc.seed) * 1_000_003 + step
 
+  # ------------------------------------------------------------------ rollouts, kept for mu steps
+  def _rollout_path(self, cycle: int) -> str:
+    return os.path.join(self.workdir, "rollouts", f"{cycle:08d}.p{jax.process_index()}.npz")
+
   def _host_batch(self, batches):
+    step = int(self.state.step)
+    mu = self.num_iterations
+    if mu == 1:
+      return self._rollout(batches, step)
+    cycle = step - step % mu
+    if self._rollouts is None or self._rollouts[0] != cycle:
+      path = self._rollout_path(cycle)
+      if step != cycle:
+        # Resumed in the middle of a cycle: its rollouts (and their policy's log-probs) are on disk.
+        if not os.path.exists(path):
+          raise FileNotFoundError(f"{path}: the rollouts of steps {cycle}..{cycle + mu - 1} are missing, so step "
+                                  f"{step} cannot resume; delete {self.ckpt_dir} to restart GRPO")
+        with np.load(path) as z:
+          host = {k: z[k] for k in z.files}
+        info = {"_tokens_in": float(host["attention_mask"].sum() + host["completion_mask"].sum())}
+      else:
+        host, info = self._rollout(batches, step)
+        host["old_logprobs"] = self._rollout_logprobs(host)
+        _save_npz(path, host)
+      self._rollouts = (cycle, host, info)
+    _, host, info = self._rollouts
+    return host, {**info, "rollout_seconds": info.get("rollout_seconds", 0.0) if step == cycle else 0.0}
+
+  def _rollout_logprobs(self, host: dict) -> np.ndarray:
+    """The rollout policy's log-probs of each micro-batch's loss tokens, [A, b, G, T + 1] (no dropout)."""
+    from dcsft_jax.data import batching
+    if self._old_logprobs is None:
+      model = model_lib.Qwen25VL(self.cfg, dataclasses.replace(self.opts, deterministic=True))
+      temp = float(self.sp.temperature or 1.0)
+      self._old_logprobs = jax.jit(lambda p, mb: grpo.completion_logprobs(
+          model, p, {k: v for k, v in mb.items() if k not in grpo.ROLLOUT_KEYS}, mb["completions"],
+          temperature=temp))
+    out = []
+    for a in range(host["input_ids"].shape[0]):
+      mb = batching.to_global({k: v[a] for k, v in host.items()}, self.mesh)
+      lp = sampling._to_host(self._old_logprobs(self.state.params, mb))
+      b = host["input_ids"].shape[1]
+      lo = jax.process_index() * b
+      out.append(lp.reshape(-1, *host["completions"].shape[2:])[lo:lo + b])
+    return np.stack(out).astype(np.float32)
+
+  def save(self, iterator_state: dict, history: list[dict]) -> None:
+    super().save(iterator_state, history)
+    if self.num_iterations > 1:
+      # Rollouts older than the oldest kept checkpoint's cycle can no longer be resumed into.
+      steps = self.manager.all_steps()
+      floor = min(steps) - min(steps) % self.num_iterations if steps else 0
+      for p in glob.glob(os.path.join(self.workdir, "rollouts", f"*.p{jax.process_index()}.npz")):
+        if int(os.path.basename(p).split(".")[0]) < floor:
+          os.remove(p)
+
+  def _rollout(self, batches, step: int):
     from dcsft_jax.data import batching
     t0 = time.time()
-    step = int(self.state.step)
     params = self.state.params
     G, T = self.sp.num_samples, self.sp.max_new_tokens
     micro, prompt_tokens = [], 0.0
@@ -70,7 +137,7 @@ class GRPOTrainer(trainer.SFTTrainer):
       lo = jax.process_index() * b
       tokens = sampling._to_host(tokens)[lo:lo + b]
       lengths = sampling._to_host(lengths)[lo:lo + b]
-      mask = (np.arange(T)[None, None, :] < lengths[:, :, None]).astype(np.int32)
+      comps, mask = grpo.loss_tokens(tokens, lengths, self.sp.eos_ids, self.processor.im_end_id, self.sp.pad_id)
       rewards = np.zeros((b, G), np.float32)
       toks = sampling.completions(tokens, lengths, self.sp.eos_ids)
       for i, rid in enumerate(batch.ids):
@@ -78,7 +145,7 @@ class GRPOTrainer(trainer.SFTTrainer):
           continue
         rec = self.records[rid]
         rewards[i] = [self.reward_fn(rec, self.processor.decode(t)) for t in toks[i]]
-      micro.append({**arrays, "completions": tokens.astype(np.int32), "completion_mask": mask, "rewards": rewards})
+      micro.append({**arrays, "completions": comps, "completion_mask": mask, "rewards": rewards})
       prompt_tokens += float(arrays["attention_mask"].sum())
     host = trainer.stack_micro(micro)
     info = {"_tokens_in": prompt_tokens + float(host["completion_mask"].sum()),
@@ -92,3 +159,11 @@ class GRPOTrainer(trainer.SFTTrainer):
 
   def _postfix(self, m: dict) -> dict:
     return {"loss": f"{m['loss']:.4f}", "reward": f"{m['reward']:.3f}", "kl": f"{m['kl']:.4f}"}
+
+
+def _save_npz(path: str, arrays: dict) -> None:
+  """Atomically: a crash never leaves a half-written rollout file to resume from."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)

@@ -7,13 +7,13 @@ get no gradient buffers and no Adam moments: with LoRA the optimizer state is th
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("cosine", "linear", "constant")
-DECAYED = ("kernel", "embedding", "lora_a", "lora_b")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +23,7 @@ class OptimConfig:
   schedule: str = "cosine"         # ms-swift's default; 'linear' is transformers' Trainer default
   weight_decay: float = 0.1
   b1: float = 0.9
-  b2: float = 0.999
+  b2: float = 0.95                 # ms-swift's default adam_beta2 (transformers' own is 0.999)
   eps: float = 1e-8
   max_grad_norm: float = 1.0
   total_steps: int = 100
@@ -38,8 +38,13 @@ class OptimConfig:
       raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
+def warmup_steps(c: OptimConfig) -> int:
+  """transformers' TrainingArguments.get_warmup_steps: ceil(ratio * steps) (3 of 25, not round's 2)."""
+  return math.ceil(c.warmup_ratio * c.total_steps)
+
+
 def schedule(c: OptimConfig) -> optax.Schedule:
-  warm = int(round(c.warmup_ratio * c.total_steps))
+  warm = warmup_steps(c)
   decay = max(c.total_steps - warm, 1)
   end = c.learning_rate * c.min_lr_ratio
   if c.schedule == "cosine":
@@ -54,12 +59,22 @@ def schedule(c: OptimConfig) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, c.learning_rate, warm), after], [warm])
 
 
+def decayed(path) -> bool:
+  """Whether a parameter gets weight decay, by transformers' Trainer rule in the versions ms-swift
+  3.6 runs on (<4.53, get_decay_parameter_names): every parameter except biases and those whose
+  name contains 'layernorm' or 'rmsnorm'. So the LLM's input/post-attention norms are exempt, while
+  the final `norm`, the ViT's norm1/norm2 and the merger's ln_q are decayed. Layers are stacked, so
+  a bias is 2-D here: the rule goes by name, not by rank."""
+  names = [str(getattr(p, "key", p)).lower() for p in path]
+  return names[-1] != "bias" and not any("layernorm" in n or "rmsnorm" in n for n in names)
+
+
+def decay_mask(params):
+  return jax.tree_util.tree_map_with_path(lambda path, x: None if x is None else decayed(path), params,
+                                          is_leaf=lambda x: x is None)
+
+
 def optimizer(c: OptimConfig) -> optax.GradientTransformation:
-  # Biases and norm scales get no weight decay, as in transformers' Trainer (layers are stacked,
-  # so a bias is 2-D here: decide by name, not by rank).
-  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, x: None if x is None else getattr(path[-1], "key", "") in DECAYED, params,
-      is_leaf=lambda x: x is None)
   return optax.chain(
       optax.clip_by_global_norm(c.max_grad_norm) if c.max_grad_norm > 0 else optax.identity(),
       optax.adamw(schedule(c), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask),

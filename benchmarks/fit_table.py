@@ -1,0 +1,94 @@
+"""BENCHMARKS.md's memory table: `python -m dcsft_jax.aot` for each (config, target), one process each
+(a process holds one compiler's backend), then one markdown table of stages x targets.
+
+  python benchmarks/fit_table.py --out=DIR [--configs=A.py,B.py] [--targets=h100x1,h100x8,v5e-8,v5p-8,v6e-8]
+      [--max_batch_targets=h100x1,h100x8] [--records=2048] [-- EXTRA AOT FLAGS]
+
+A cell is the stage's binding program: fits (every program of the stage fits), its per-device GiB (the
+largest of the stage's programs) and the largest per-device micro-batch where searched (the smallest
+over the stage's programs). Runs already in DIR (their JSON) are reused, so an interrupted table resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = "configs/bench/imagenet_synthetic_3b.py,configs/bench/imagenet_synthetic_7b.py"
+TARGETS = "h100x1,h100x8,v5e-8,v5p-8,v6e-8"
+# The paper's sizes (NOTES §1): scoring 16 prompts x K 8, GRPO 16 prompts x G 8, 128 new tokens each.
+PAPER = ["--config.stages=init,cold_start,score,curate,finetune,grpo,evaluate",
+         "--config.score.batch_size=16", "--config.score.max_new_tokens=128",
+         "--config.evaluate.batch_size=32", "--config.evaluate.max_new_tokens=128"]
+STAGES = [("cold_start", "cold start (full SFT)"), ("finetune", "LoRA SFT"), ("grpo", "GRPO (G = 8)"),
+          ("score", "scoring (K = 8)"), ("evaluate", "evaluation (greedy)")]
+
+
+def run_one(config: str, target: str, out: str, *, max_batch: bool, records: int, extra: list[str]) -> dict:
+  path = os.path.join(out, f"{os.path.basename(config)[:-3]}.{target}.json")
+  if os.path.exists(path):
+    return json.load(open(path))
+  cmd = [sys.executable, "-m", "dcsft_jax.aot", f"--config={config}", f"--target={target}", f"--json={path}",
+         f"--records={records}", *PAPER, *extra] + (["--max_batch"] if max_batch else [])
+  t0 = time.time()
+  print("$", " ".join(cmd), flush=True)
+  r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  log = os.path.join(out, os.path.basename(path)[:-5] + ".log")
+  with open(log, "w") as f:
+    f.write(r.stdout + "\n" + r.stderr)
+  print(f"  exit {r.returncode} in {time.time() - t0:.0f} s; {log}", flush=True)
+  if not os.path.exists(path):
+    raise SystemExit(f"{config} on {target}: no JSON (exit {r.returncode}); see {log}")
+  return json.load(open(path))
+
+
+def cell(programs: list[dict]) -> str:
+  if not programs:
+    return "-"
+  fits = all(p["compiled"] and p["fits"] for p in programs)
+  gib = max((p["bytes"].get("total") or 0) for p in programs) / 2 ** 30
+  rows = [p.get("max_rows_per_device") for p in programs]
+  mb = "" if any(r is None for r in rows) else f", max {min(rows)}"
+  return f"{'yes' if fits else '**no**'} {gib:.1f}{mb}"
+
+
+def table(results: dict) -> str:
+  targets = list(dict.fromkeys(t for _, t in results))
+  configs = list(dict.fromkeys(c for c, _ in results))
+  lines = ["| model | stage | " + " | ".join(targets) + " |", "|---|---|" + "---|" * len(targets)]
+  for c in configs:
+    size = "7B" if "7b" in c else "3B"
+    for stage, label in STAGES:
+      cells = [cell([p for p in results[(c, t)]["programs"] if p["stage"] == stage]) for t in targets]
+      lines.append(f"| {size} | {label} | " + " | ".join(cells) + " |")
+  budget = "; ".join(f"{t}: {results[(configs[0], t)]['budget_bytes'] / 2 ** 30:.1f} GiB" for t in targets)
+  return "\n".join(lines) + f"\n\nA program fits in (per device): {budget}.\n"
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--configs", default=CONFIGS)
+  ap.add_argument("--targets", default=TARGETS)
+  ap.add_argument("--max_batch_targets", default="h100x1,h100x8")
+  ap.add_argument("--records", type=int, default=2048)
+  a, extra = ap.parse_known_args()
+  extra = [x for x in extra if x != "--"]
+  os.makedirs(a.out, exist_ok=True)
+  searched = set(a.max_batch_targets.split(","))
+  results = {}
+  for c in a.configs.split(","):
+    for t in a.targets.split(","):
+      results[(c, t)] = run_one(c, t, a.out, max_batch=t in searched, records=a.records, extra=extra)
+  md = table(results)
+  with open(os.path.join(a.out, "table.md"), "w") as f:
+    f.write(md)
+  print(md)
+
+
+if __name__ == "__main__":
+  main()
