@@ -129,6 +129,15 @@ def _validate_training(config, stages) -> None:
     raise ConfigError(f"config.grpo: {e}") from None
   _check(g.temperature > 0, "grpo.temperature", "GRPO samples: temperature must be > 0")
   _check(g.beta >= 0, "grpo.beta", f"{g.beta!r} must be >= 0")
+  _positive(config, "grpo.num_iterations")
+  for key in ("score.repetition_penalty", "evaluate.repetition_penalty", "grpo.repetition_penalty"):
+    section, field = key.split(".")
+    v = config[section][field]
+    _check(v >= 0, key, f"{v!r} must be > 0, or 0 for the model's generation_config.json (1.0 = no penalty)")
+  for key in ("score.max_pixels", "evaluate.max_pixels"):
+    section, field = key.split(".")
+    v = config[section][field]
+    _check(isinstance(v, int) and v >= 0, key, f"{v!r} must be an int >= 0 (0 = data.max_pixels)")
   _check(0 < g.clip_eps < 1, "grpo.clip_eps", f"{g.clip_eps!r} must be in (0, 1)")
   _check(isinstance(config.report.curve_limit, int) and config.report.curve_limit >= 0, "report.curve_limit",
          f"{config.report.curve_limit!r} must be an int >= 0")

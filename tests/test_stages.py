@@ -213,6 +213,11 @@ def test_evaluate_table_averages_ood_sets():
     ("grpo.num_generations", 1, "config.grpo.num_generations"),
     ("grpo.beta", -0.1, "config.grpo.beta"),
     ("model.preset", "13b", "config.model.preset"),
+    ("grpo.num_iterations", 0, "config.grpo.num_iterations"),
+    ("evaluate.repetition_penalty", -1.0, "config.evaluate.repetition_penalty"),
+    ("score.max_pixels", -5, "config.score.max_pixels"),
+    ("finetune.b2", 1.0, "config.finetune.b2"),
+    ("cold_start.max_length", -1, "config.cold_start.max_length"),
 ])
 def test_bad_stage_config_names_the_key(tmp_path, key, value, needle):
   c = _config(tmp_path / "wd", **{key: value})
