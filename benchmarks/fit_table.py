@@ -2,11 +2,12 @@
 (a process holds one compiler's backend), then one markdown table of stages x targets.
 
   python benchmarks/fit_table.py --out=DIR [--configs=A.py,B.py] [--targets=h100x1,h100x8,v5e-8,v5p-8,v6e-8]
-      [--max_batch_targets=h100x1,h100x8] [--records=2048] [-- EXTRA AOT FLAGS]
+      [--max_batch_targets=h100x1,h100x8] [--records=2048] [--existing_only] [-- EXTRA AOT FLAGS]
 
 A cell is the stage's binding program: fits (every program of the stage fits), its per-device GiB (the
 largest of the stage's programs) and the largest per-device micro-batch where searched (the smallest
-over the stage's programs). Runs already in DIR (their JSON) are reused, so an interrupted table resumes.
+over the stage's programs). Runs already in DIR (their JSON) are reused, so an interrupted table resumes;
+--existing_only makes the table from them alone ("not run" where a pair has none).
 """
 from __future__ import annotations
 
@@ -56,16 +57,17 @@ def cell(programs: list[dict]) -> str:
   return f"{'yes' if fits else '**no**'} {gib:.1f}{mb}"
 
 
-def table(results: dict) -> str:
-  targets = list(dict.fromkeys(t for _, t in results))
-  configs = list(dict.fromkeys(c for c, _ in results))
+def table(results: dict, configs: list[str], targets: list[str]) -> str:
   lines = ["| model | stage | " + " | ".join(targets) + " |", "|---|---|" + "---|" * len(targets)]
   for c in configs:
     size = "7B" if "7b" in c else "3B"
     for stage, label in STAGES:
-      cells = [cell([p for p in results[(c, t)]["programs"] if p["stage"] == stage]) for t in targets]
+      cells = [cell([p for p in results[(c, t)]["programs"] if p["stage"] == stage]) if (c, t) in results
+               else "not run" for t in targets]
       lines.append(f"| {size} | {label} | " + " | ".join(cells) + " |")
-  budget = "; ".join(f"{t}: {results[(configs[0], t)]['budget_bytes'] / 2 ** 30:.1f} GiB" for t in targets)
+  budget = "; ".join(f"{t}: {r['budget_bytes'] / 2 ** 30:.1f} GiB"
+                     for t in targets for r in [next((results[(c, t)] for c in configs if (c, t) in results), None)]
+                     if r is not None)
   return "\n".join(lines) + f"\n\nA program fits in (per device): {budget}.\n"
 
 
@@ -76,15 +78,20 @@ def main():
   ap.add_argument("--targets", default=TARGETS)
   ap.add_argument("--max_batch_targets", default="h100x1,h100x8")
   ap.add_argument("--records", type=int, default=2048)
+  ap.add_argument("--existing_only", action="store_true", help="table from the JSONs already in --out")
   a, extra = ap.parse_known_args()
   extra = [x for x in extra if x != "--"]
   os.makedirs(a.out, exist_ok=True)
   searched = set(a.max_batch_targets.split(","))
   results = {}
-  for c in a.configs.split(","):
-    for t in a.targets.split(","):
+  configs, targets = a.configs.split(","), a.targets.split(",")
+  for c in configs:
+    for t in targets:
+      path = os.path.join(a.out, f"{os.path.basename(c)[:-3]}.{t}.json")
+      if a.existing_only and not os.path.exists(path):
+        continue
       results[(c, t)] = run_one(c, t, a.out, max_batch=t in searched, records=a.records, extra=extra)
-  md = table(results)
+  md = table(results, configs, targets)
   with open(os.path.join(a.out, "table.md"), "w") as f:
     f.write(md)
   print(md)
