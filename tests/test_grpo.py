@@ -245,12 +245,10 @@ def test_grpo_trainer_raises_the_reward(tmp_path):
 def test_grpo_killed_run_resumes_bit_identical(tmp_path):
   """GRPO with LoRA (dropout on), killed after step 3 and resumed from its step-2 checkpoint: the
   rollouts (keys from seed/step/record), rewards, params and metrics equal an uninterrupted run."""
-  import pytest
   from dcsft_jax import mesh as mesh_lib
   from dcsft_jax import sampling
-  from dcsft_jax.data import batching
   from dcsft_jax.models import qwen2_5_vl as M
-  from dcsft_jax.train import grpo_trainer, optim, trainer
+  from dcsft_jax.train import optim, trainer
   cfg, proc, recs, _ = _generation_batch(8)
   lora = M.LoraSpec(rank=4, alpha=8, dropout=0.05)
   sp = sampling.SamplingParams(max_new_tokens=2, num_samples=4, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(),
@@ -260,31 +258,9 @@ def test_grpo_killed_run_resumes_bit_identical(tmp_path):
   odd = lambda rec, text: float(len(text) > 0 and ord(text[0]) % 2 == 1)
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
 
-  def make(workdir):
-    buckets = batching.auto_buckets(recs, proc, with_answers=False, max_buckets=1)
-    it = batching.BatchIterator(recs, proc, batch_size=4, buckets=buckets, with_answers=False, shuffle=True,
-                                seed=2, epochs=None)
-    params = trainer.init_lora(M.unbox(M.init_params(cfg, rng=jax.random.PRNGKey(0))), cfg, lora, seed=1)
-    return it, grpo_trainer.GRPOTrainer(cfg, M.ModelOptions(), params, tc, mesh, str(workdir), sampling_params=sp,
-                                        records=recs, processor=proc, reward_fn=odd)
-
-  class Killed(Exception):
-    pass
-
-  def die(step, m):
-    if step == 3:
-      raise Killed()
-
+  make = _lora_grpo_run(cfg, proc, recs, lora, tc, sp, mesh, reward_fn=odd)
   with mesh_lib.use(mesh):
-    it, t = make(tmp_path / "a")
-    full = t.fit(it, progress=False)
-    want = jax.tree.map(np.asarray, t.params)
-    it, t = make(tmp_path / "b")
-    with pytest.raises(Killed):
-      t.fit(it, progress=False, on_step=die)
-    it, t = make(tmp_path / "b")
-    resumed = t.fit(it, progress=False)
-    got = jax.tree.map(np.asarray, t.params)
+    full, want, resumed, got = _killed_and_resumed(make, tmp_path, kill_at=3)
   for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_array_equal(x, y)
   strip = lambda h: [{k: v for k, v in r.items() if k not in trainer.TIMING_KEYS} for r in h]
@@ -312,9 +288,8 @@ def test_num_iterations_reuses_rollouts_and_resumes_mid_cycle(tmp_path):
   of a cycle resumes from the rollouts it wrote, bit-identical to an uninterrupted run."""
   from dcsft_jax import mesh as mesh_lib
   from dcsft_jax import sampling
-  from dcsft_jax.data import batching
   from dcsft_jax.models import qwen2_5_vl as M
-  from dcsft_jax.train import grpo_trainer, optim, trainer
+  from dcsft_jax.train import optim, trainer
   cfg, proc, recs, _ = _generation_batch(8)
   lora = M.LoraSpec(rank=4, alpha=8, dropout=0.0)
   sp = sampling.SamplingParams(max_new_tokens=3, num_samples=4, temperature=0.9, top_k=0, top_p=1.0, eos_ids=(),
@@ -324,39 +299,23 @@ def test_num_iterations_reuses_rollouts_and_resumes_mid_cycle(tmp_path):
                                                    total_steps=4))
   odd = lambda rec, text: float(len(text) > 0 and ord(text[0]) % 2 == 1)
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  calls = []
+  calls = []      # which run (1 full, 2 killed, 3 resumed) each rollout belongs to
+  build = _lora_grpo_run(cfg, proc, recs, lora, tc, sp, mesh, reward_fn=odd, num_iterations=2)
 
   def make(workdir):
-    buckets = batching.auto_buckets(recs, proc, with_answers=False, max_buckets=1)
-    it = batching.BatchIterator(recs, proc, batch_size=4, buckets=buckets, with_answers=False, shuffle=True,
-                                seed=2, epochs=None)
-    params = trainer.init_lora(M.unbox(M.init_params(cfg, rng=jax.random.PRNGKey(0))), cfg, lora, seed=1)
-    t = grpo_trainer.GRPOTrainer(cfg, M.ModelOptions(), params, tc, mesh, str(workdir), sampling_params=sp,
-                                 records=recs, processor=proc, reward_fn=odd, num_iterations=2)
-    gen = t.sampler.generate
-    t.sampler = type("Counting", (), {"generate": lambda self, *a: calls.append(1) or gen(*a)})()
+    it, t = build(workdir)
+    run, gen = make.runs + 1, t.sampler.generate
+    make.runs = run
+    t.sampler = type("Counting", (), {"generate": lambda self, *a: calls.append(run) or gen(*a)})()
     return it, t
-
-  class Killed(Exception):
-    pass
-
-  def die(step, m):
-    if step == 4:
-      raise Killed()
+  make.runs = 0
 
   with mesh_lib.use(mesh):
-    it, t = make(tmp_path / "a")
-    full = t.fit(it, progress=False)
-    want = jax.tree.map(np.asarray, t.params)
-    assert len(calls) == 2                                     # steps 0 and 2 sample; 1 and 3 reuse
-    calls.clear()
-    it, t = make(tmp_path / "b")
-    with pytest.raises(Killed):
-      t.fit(it, progress=False, on_step=die)                   # killed after step 4's update, before its save
-    it, t = make(tmp_path / "b")
-    resumed = t.fit(it, progress=False)                        # resumes at step 3: cycle 2's rollouts from disk
-    got = jax.tree.map(np.asarray, t.params)
-  assert len(calls) == 2                                       # the killed run's two; the resume sampled none
+    # Killed after step 4's update, before its save: the resume starts at step 3, mid-cycle.
+    full, want, resumed, got = _killed_and_resumed(make, tmp_path, kill_at=4)
+  assert calls.count(1) == 2                                   # steps 0 and 2 sample; 1 and 3 reuse
+  assert calls.count(2) == 2                                   # the killed run's two
+  assert calls.count(3) == 0                                   # the resume reads cycle 2's rollouts from disk
   for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_array_equal(x, y)
   strip = lambda h: [{k: v for k, v in r.items() if k not in trainer.TIMING_KEYS} for r in h]
@@ -368,3 +327,40 @@ def test_num_iterations_reuses_rollouts_and_resumes_mid_cycle(tmp_path):
   assert h[1]["clip_fraction"] > 0 or h[3]["clip_fraction"] > 0
   # Rollout files older than the oldest kept checkpoint's cycle are gone.
   assert sorted(os.listdir(tmp_path / "a" / "rollouts")) == ["00000002.p0.npz"]
+
+
+def _lora_grpo_run(cfg, proc, recs, lora, tc, sp, mesh, **kw):
+  """make(workdir) -> (iterator, GRPOTrainer): the same LoRA GRPO run from scratch, every call."""
+  from dcsft_jax.data import batching
+  from dcsft_jax.models import qwen2_5_vl as M
+  from dcsft_jax.train import grpo_trainer, trainer
+
+  def make(workdir):
+    buckets = batching.auto_buckets(recs, proc, with_answers=False, max_buckets=1)
+    it = batching.BatchIterator(recs, proc, batch_size=4, buckets=buckets, with_answers=False, shuffle=True,
+                                seed=2, epochs=None)
+    params = trainer.init_lora(M.unbox(M.init_params(cfg, rng=jax.random.PRNGKey(0))), cfg, lora, seed=1)
+    return it, grpo_trainer.GRPOTrainer(cfg, M.ModelOptions(), params, tc, mesh, str(workdir), sampling_params=sp,
+                                        records=recs, processor=proc, **kw)
+  return make
+
+
+def _killed_and_resumed(make, tmp_path, *, kill_at: int):
+  """An uninterrupted run, and one killed (an exception in on_step at `kill_at`) then resumed in its
+  workdir -> (full fit, its params, resumed fit, its params)."""
+  class Killed(Exception):
+    pass
+
+  def die(step, m):
+    if step == kill_at:
+      raise Killed()
+
+  it, t = make(tmp_path / "a")
+  full = t.fit(it, progress=False)
+  want = jax.tree.map(np.asarray, t.params)
+  it, t = make(tmp_path / "b")
+  with pytest.raises(Killed):
+    t.fit(it, progress=False, on_step=die)
+  it, t = make(tmp_path / "b")
+  resumed = t.fit(it, progress=False)
+  return full, want, resumed, jax.tree.map(np.asarray, t.params)
