@@ -39,8 +39,6 @@ if __name__ == "__main__":
 # pylint: disable=wrong-import-position
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 

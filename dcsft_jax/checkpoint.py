@@ -10,7 +10,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from dcsft_jax import hf
+from dcsft_jax import atomic, hf
 from dcsft_jax import mesh as mesh_lib
 from dcsft_jax.models import qwen2_5_vl as model_lib
 from dcsft_jax.models.config import Qwen25VLConfig
@@ -66,19 +66,14 @@ def save_model(directory: str, params, cfg: Qwen25VLConfig, *, source_dir: str |
   if jax.process_index() == 0:
     base_file = os.path.join(directory, BASE)
     if lora is not None and base_dir is not None:
-      with open(base_file, "w") as f:
-        json.dump({"base": os.path.relpath(os.path.abspath(base_dir), directory)}, f, indent=2)
+      atomic.write_json(base_file, {"base": os.path.relpath(os.path.abspath(base_dir), directory)})
     elif os.path.exists(base_file):
       os.remove(base_file)
     if lora is not None:
-      with open(os.path.join(directory, LORA), "w") as f:
-        json.dump(dataclasses.asdict(lora), f, indent=2)
+      atomic.write_json(os.path.join(directory, LORA), dataclasses.asdict(lora))
     hf.copy_processor_files(source_dir, directory)
-    tmp = os.path.join(directory, f"config.json.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-      json.dump(cfg.to_hf_dict(), f, indent=2)
     # Last: config.json's presence marks a complete directory.
-    os.replace(tmp, os.path.join(directory, "config.json"))
+    atomic.write_json(os.path.join(directory, "config.json"), cfg.to_hf_dict())
   return directory
 
 

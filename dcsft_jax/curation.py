@@ -22,14 +22,13 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from dcsft_jax import plots
+from dcsft_jax import atomic, plots
 from dcsft_jax.data.records import (
   IMAGE_TOKEN,
   BadRecord,
@@ -256,7 +255,7 @@ def write_rollout_bucket(paths: Sequence[str | os.PathLike], bucket: str, out_pa
     items.append({"messages": [{"role": "user", "content": IMAGE_TOKEN + r["question"]},
                                {"role": "assistant", "content": answer}],
                   "images": [r["image"]]})
-  _atomic_write(out_path, json.dumps(items, ensure_ascii=False, indent=2).encode("utf-8"))
+  atomic.write_json(out_path, items)
   return len(items)
 
 
@@ -367,21 +366,6 @@ def pass_rate_histogram_png(scores: Mapping[str, ScoreRow], path: str | os.PathL
 
 
 # ----------------------------------------------------------------------------- writing curated sets
-def _atomic_write(path: str | os.PathLike, data: bytes):
-  path = os.fspath(path)
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def safe_name(record_id: str) -> str:
   """A file-name-safe stem for an id; the sha1 suffix keeps ids that sanitize alike ('a/b', 'a_b') apart."""
   stem = re.sub(r"[^A-Za-z0-9._-]+", "_", record_id).strip("._")[:80] or "record"
@@ -412,7 +396,7 @@ def materialize_images(records: Sequence[Record], image_dir: str | os.PathLike) 
           img = img.convert("RGB")  # PNG cannot hold e.g. CMYK or YCbCr
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        _atomic_write(path, buf.getvalue())
+        atomic.write_bytes(path, buf.getvalue())
     else:
       try:
         with Image.open(io.BytesIO(r.image)) as probe:
@@ -421,7 +405,7 @@ def materialize_images(records: Sequence[Record], image_dir: str | os.PathLike) 
         raise ValueError(f"record {r.id!r}: its image bytes are not a readable image ({e})") from None
       path = os.path.join(image_dir, safe_name(r.id) + _EXT.get(fmt, "." + (fmt or "img").lower()))
       if not os.path.exists(path):
-        _atomic_write(path, r.image)
+        atomic.write_bytes(path, r.image)
     out.append(dataclasses.replace(r, image=path))
   return out
 

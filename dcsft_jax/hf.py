@@ -13,15 +13,18 @@ import glob
 import json
 import logging
 import os
+import contextlib
 import shutil
 from typing import Iterator
 
 import jax
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
+from dcsft_jax import atomic
 from dcsft_jax import mesh as mesh_lib
-from dcsft_jax import safetensors_io
 from dcsft_jax.models import qwen2_5_vl as model_lib
 from dcsft_jax.models.config import Qwen25VLConfig
 
@@ -131,7 +134,7 @@ class CheckpointIndex:
     if not files:
       raise FileNotFoundError(f"No *.safetensors in {path}. dcsft_jax reads safetensors checkpoints; convert "
                               f"a .bin one with transformers' save_pretrained(safe_serialization=True).")
-    self.files = {fn: safetensors_io.SafetensorsFile(os.path.join(path, fn)) for fn in files}
+    self.files = {fn: _open_safetensors(os.path.join(path, fn)) for fn in files}
     self.where: dict[str, tuple[str, str]] = {}   # canonical name -> (file, name in file)
     for fn, st in self.files.items():
       for name in st.keys():
@@ -139,14 +142,32 @@ class CheckpointIndex:
         if canon in self.where:
           raise ValueError(f"tensor {canon!r} appears twice in {path} ({self.where[canon][0]} and {fn})")
         self.where[canon] = (fn, name)
+    # make_array_from_callback asks for one device's shard at a time; the tensor read for the first
+    # shard serves the others (one tensor in host memory, never the whole model).
+    self._last: tuple[str, np.ndarray] | None = None
 
-  def shape(self, name):
+  def shape(self, name) -> tuple[int, ...]:
     fn, n = self.where[name]
-    return self.files[fn].shape(n)
+    return tuple(self.files[fn].get_slice(n).get_shape())
 
   def get(self, name) -> np.ndarray:
-    fn, n = self.where[name]
-    return self.files[fn].get(n)
+    if self._last is None or self._last[0] != name:
+      fn, n = self.where[name]
+      try:
+        self._last = (name, self.files[fn].get_tensor(n))
+      except Exception as e:  # safetensors' own error types differ across versions
+        raise ValueError(f"{os.path.join(self.path, fn)}: cannot read tensor {n!r} ({e}); the file is damaged: "
+                         f"re-download or re-export it.") from e
+    return self._last[1]
+
+
+def _open_safetensors(path: str):
+  """A memory-mapped safetensors file (the safetensors library), its errors naming the file."""
+  try:
+    return safetensors.safe_open(path, framework="numpy")
+  except Exception as e:  # SafetensorError, OSError, or a header JSON error, depending on the version
+    raise ValueError(f"{path} is not a readable safetensors file ({e}): it is truncated or damaged. "
+                     f"Re-download or re-export it.") from e
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -266,23 +287,6 @@ def hf_tensors(params: dict, cfg: Qwen25VLConfig, dtype: np.dtype) -> Iterator[t
       yield e.hf.format(i=i), np.ascontiguousarray(_to_hf(e.kind, y, hf_shape)).astype(dtype)
 
 
-def _atomic_dir(out_dir: str):
-  tmp = f"{out_dir.rstrip('/')}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  return tmp
-
-
-def _commit_dir(tmp: str, out_dir: str) -> None:
-  old = None
-  if os.path.exists(out_dir):
-    old = f"{out_dir.rstrip('/')}.old-{os.getpid()}"
-    os.replace(out_dir, old)
-  os.replace(tmp, out_dir)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def copy_processor_files(src: str | None, dst: str) -> list[str]:
   copied = []
   if src and os.path.isdir(src):
@@ -293,17 +297,8 @@ def copy_processor_files(src: str | None, dst: str) -> list[str]:
   return copied
 
 
-def save_hf(params: dict, cfg: Qwen25VLConfig, out_dir: str, *, source_dir: str | None = None,
-            dtype: str | None = None, lora: model_lib.LoraSpec | None = None,
-            max_shard_bytes: int = 4 * 2 ** 30) -> str:
-  """Writes an HF directory: config.json, safetensors shards (+ index), generation_config.json,
-  and the tokenizer/processor files of `source_dir` when it has them. LoRA is merged first."""
-  params = merge_lora(params, lora)
-  dtype_name = (dtype or cfg.torch_dtype or "bfloat16").replace("torch.", "")
-  np_dtype = _np_dtype(dtype_name)
-  is_writer = jax.process_index() == 0
-  tmp = _atomic_dir(out_dir) if is_writer else None
-
+def _write_hf(tmp: str | None, params, cfg, np_dtype, dtype_name: str, source_dir, max_shard_bytes: int):
+  """save_hf's files into `tmp` (None on the processes that do not write): (shards, bytes)."""
   # Plan the shards from shapes alone, then stream tensors into them one at a time.
   plan, cur, size = [], [], 0
   for e in name_table(cfg):
@@ -327,12 +322,11 @@ def save_hf(params: dict, cfg: Qwen25VLConfig, out_dir: str, *, source_dir: str 
     pending.setdefault(k, []).append((name, arr))
     total += arr.nbytes
     if len(pending[k]) == len(plan[k]):
-      if is_writer:
-        safetensors_io.save_file(pending.pop(k), os.path.join(tmp, fname(k)), {"format": "pt"})
-      else:
-        pending.pop(k)
-  if not is_writer:
-    return out_dir
+      shard = dict(pending.pop(k))
+      if tmp is not None:
+        safetensors.numpy.save_file(shard, os.path.join(tmp, fname(k)), {"format": "pt"})
+  if tmp is None:
+    return nshards, total
   if nshards > 1:
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": {n: fname(k) for n, k in shard_of.items()}},
@@ -349,6 +343,22 @@ def save_hf(params: dict, cfg: Qwen25VLConfig, out_dir: str, *, source_dir: str 
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
       json.dump({"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id,
                  "do_sample": False}, f, indent=2)
-  _commit_dir(tmp, out_dir)
-  log.info("wrote %s (%d shard(s), %.1f MB, %s)", out_dir, nshards, total / 1e6, dtype_name)
+  return nshards, total
+
+
+def save_hf(params: dict, cfg: Qwen25VLConfig, out_dir: str, *, source_dir: str | None = None,
+            dtype: str | None = None, lora: model_lib.LoraSpec | None = None,
+            max_shard_bytes: int = 4 * 2 ** 30) -> str:
+  """Writes an HF directory: config.json, safetensors shards (+ index), generation_config.json,
+  and the tokenizer/processor files of `source_dir` when it has them. LoRA is merged first."""
+  params = merge_lora(params, lora)
+  dtype_name = (dtype or cfg.torch_dtype or "bfloat16").replace("torch.", "")
+  np_dtype = _np_dtype(dtype_name)
+  is_writer = jax.process_index() == 0
+  # Every process streams the tensors (they may be sharded across hosts); process 0 writes them into
+  # a directory beside out_dir that replaces it whole at the end.
+  with atomic.directory(out_dir) if is_writer else contextlib.nullcontext() as tmp:
+    nshards, total = _write_hf(tmp, params, cfg, np_dtype, dtype_name, source_dir, max_shard_bytes)
+  if is_writer:
+    log.info("wrote %s (%d shard(s), %.1f MB, %s)", out_dir, nshards, total / 1e6, dtype_name)
   return out_dir

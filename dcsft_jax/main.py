@@ -2,7 +2,9 @@
 
 Every config field can be overridden (`--config.model.hf_path=DIR`, `--config.stages=init`); the
 config is validated before any work starts. Stages whose outputs exist in the workdir are skipped,
-so re-running the same command resumes.
+so re-running the same command resumes. A training stage sent SIGTERM (a preemption notice; in a
+multi-host run, to any one process: all of them stop at the same step) saves a checkpoint and exits
+143 (130 after a Ctrl-C), the status of a process that signal ended.
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ from ml_collections import config_flags
 
 import jax
 
+from dcsft_jax import atomic
 from dcsft_jax import mesh as mesh_lib
 from dcsft_jax import run_config
 from dcsft_jax import stages as stages_lib
+from dcsft_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A Python config file (configs/dcsft.py).",
                                           lock_config=True)
@@ -42,13 +46,6 @@ def maybe_initialize_distributed(mode: str) -> None:
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
-def _write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=str)
-  os.replace(tmp, path)
-
-
 def run(config) -> dict:
   names = run_config.validate(config, [s.name for s in stages_lib.STAGES])
   opts = run_config.model_options(config)
@@ -58,9 +55,7 @@ def run(config) -> dict:
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
+    atomic.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   ctx = Context(workdir, mesh, opts)
   summary_path = os.path.join(workdir, "stages.json")
   summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
@@ -79,7 +74,7 @@ def run(config) -> dict:
     summary[name] = figures
     print(f"[{name}] " + ", ".join(f"{k}={v}" for k, v in figures.items()))
     if jax.process_index() == 0:
-      _write_json(summary_path, summary)
+      atomic.write_json(summary_path, summary, default=str)
   return summary
 
 
@@ -92,6 +87,9 @@ def main(argv):
     run(_CONFIG.value)
   except run_config.ConfigError as e:
     sys.exit(f"bad config: {e}")
+  except trainer.Preempted as e:
+    logging.warning("%s", e)      # an expected stop, with its checkpoint: one line, no traceback
+    sys.exit(e.exit_status)
 
 
 if __name__ == "__main__":

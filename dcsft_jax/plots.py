@@ -9,13 +9,13 @@ spans the i-th of n equal slots of it. Tests rely on that layout to find bars.
 """
 from __future__ import annotations
 
-import io
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 
 from PIL import Image, ImageColor, ImageDraw, ImageFont
+
+from dcsft_jax import atomic
 
 SIZE = (800, 500)
 PLOT_BOX = (90, 60, 770, 420)  # left, top, right, bottom of the axes area
@@ -119,19 +119,8 @@ def _axes(draw: ImageDraw.ImageDraw):
 
 def _save_png(img: Image.Image, path: str | os.PathLike) -> str:
   path = os.fspath(path)
-  buf = io.BytesIO()
-  img.save(buf, format="PNG")
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(buf.getvalue())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic.writer(path, "wb") as f:
+    img.save(f, format="PNG")
   return path
 
 

@@ -9,11 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 import transformers
 
 import hf_reference as R
-from dcsft_jax import checkpoint, hf, safetensors_io
+from dcsft_jax import checkpoint, hf
 from dcsft_jax.models import qwen2_5_vl as M
 from dcsft_jax.models.config import Qwen25VLConfig, tiny_config
 
@@ -75,7 +76,7 @@ def test_transformers_in_memory_names_are_accepted(hf_dir, tmp_path):
   d = tmp_path / "renamed"
   d.mkdir()
   shutil.copy(os.path.join(src, "config.json"), d)
-  safetensors_io.save_file(renamed, str(d / "model.safetensors"))
+  safetensors.numpy.save_file(renamed, str(d / "model.safetensors"))
   _, p1 = hf.load_hf(src)
   _, p2 = hf.load_hf(str(d))
   for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
@@ -87,7 +88,7 @@ def _broken_copy(src, dst, edit):
   shutil.copy(os.path.join(src, "config.json"), dst)
   t = _tensors(src)
   edit(t)
-  safetensors_io.save_file(t, os.path.join(dst, "model.safetensors"))
+  safetensors.numpy.save_file(t, os.path.join(dst, "model.safetensors"))
   return dst
 
 

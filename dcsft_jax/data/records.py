@@ -34,10 +34,11 @@ import json
 import logging
 import os
 import re
-import tempfile
 from typing import Any, Iterable, Iterator, Sequence, Union
 
 from PIL import Image
+
+from dcsft_jax import atomic
 
 TASKS = ("classification", "grounding", "reasoning")
 IMAGE_TOKEN = "<image>"
@@ -416,20 +417,7 @@ def write_swift_json(records: Iterable[Record], path: str | os.PathLike) -> int:
     if r.id != default_id(r.image, r.prompt, r.task, source=path, index=n):
       row["id"] = r.id
     out.append(row)
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  # tmp file in the same directory + os.replace: a reader never sees half a file, even on a crash.
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(out, f, ensure_ascii=False, indent=2)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  atomic.write_json(path, out)
   return len(out)
 
 

@@ -13,6 +13,8 @@ import json
 import os
 from typing import TYPE_CHECKING
 
+from dcsft_jax import atomic
+
 if TYPE_CHECKING:  # the return annotation only; transformers is imported where it is used
   import transformers
 
@@ -170,6 +172,5 @@ def save_tiny_processor(directory: str, *, min_pixels: int = 56 * 56, max_pixels
       "generation_config.json": json.dumps(generation_config(), indent=2),
   }
   for name, text in files.items():
-    with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
-      f.write(text + ("" if text.endswith("\n") else "\n"))
+    atomic.write_text(os.path.join(directory, name), text + ("" if text.endswith("\n") else "\n"))
   return directory

@@ -82,7 +82,7 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, impl: 
   """
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   kind = resolve(impl, q.dtype, q.shape[-1], platform)
-  B, T, S = q.shape[0], q.shape[1], k.shape[1]
+  T, S = q.shape[1], k.shape[1]
   if kind == "cudnn" and not (is_causal and T != S):
     if isinstance(mask, RightPadding):
       return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, query_seq_lengths=mask.lengths,

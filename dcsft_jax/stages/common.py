@@ -9,7 +9,7 @@ import sys
 
 import jax
 
-from dcsft_jax import checkpoint, sampling
+from dcsft_jax import atomic, checkpoint, sampling
 from dcsft_jax.data import batching, sources
 from dcsft_jax.data.processor import Processor
 from dcsft_jax.models import qwen2_5_vl as model_lib
@@ -88,25 +88,14 @@ def progress(total: int, desc: str, unit: str = "prompt"):
 
 
 def write_json(path: str, obj) -> None:
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, ensure_ascii=False)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """Atomically, by the first process only (every host computes the same result)."""
+  if jax.process_index() == 0:
+    atomic.write_json(path, obj)
 
 
 def write_text(path: str, text: str) -> None:
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  if jax.process_index() == 0:
+    atomic.write_text(path, text)
 
 
 class JsonlJournal:

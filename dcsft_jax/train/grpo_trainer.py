@@ -19,7 +19,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from dcsft_jax import sampling, verify
+from dcsft_jax import atomic, sampling, verify
 from dcsft_jax.models import qwen2_5_vl as model_lib
 from dcsft_jax.train import grpo, trainer
 
@@ -124,7 +124,7 @@ class GRPOTrainer(trainer.SFTTrainer):
     from dcsft_jax.data import batching
     t0 = time.time()
     params = self.state.params
-    G, T = self.sp.num_samples, self.sp.max_new_tokens
+    G = self.sp.num_samples
     micro, prompt_tokens = [], 0.0
     for _ in range(self.tc.accum):
       batch = next(batches)
@@ -163,7 +163,5 @@ class GRPOTrainer(trainer.SFTTrainer):
 
 def _save_npz(path: str, arrays: dict) -> None:
   """Atomically: a crash never leaves a half-written rollout file to resume from."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  with atomic.writer(path, "wb") as f:
+    np.savez(f, **arrays)
