@@ -64,8 +64,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            device_kind="TPU v6 lite"),
 )}
 
-INSTALL = {"gpu": "pip install -r requirements-aot.txt  (the CUDA PJRT plugin and cuDNN)",
-           "tpu": "pip install -r requirements-aot.txt  (libtpu, through jax[tpu])"}
+INSTALL = {"gpu": "pip install '.[aot]'  (the CUDA PJRT plugin and cuDNN; or: pip install -r requirements-aot.txt)",
+           "tpu": "pip install '.[aot]'  (libtpu, through jax[tpu]; or: pip install -r requirements-aot.txt)"}
 
 
 def get(name: str) -> Target:

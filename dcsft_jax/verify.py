@@ -19,6 +19,7 @@ import re
 import threading
 from collections.abc import Iterable, Sequence
 
+from dcsft_jax import optional
 from dcsft_jax.data.records import TASKS, parse_box
 
 __all__ = ["TASKS", "clean_completion", "exact_match", "extract_answer", "grounding_match", "iou",
@@ -260,11 +261,9 @@ def _fallback_reasoning_match(prediction: str, answer: str) -> bool:
 # ----------------------------------------------------------------------------- reasoning: math_verify
 @functools.cache
 def _load_math_verify():
-  try:
-    import math_verify  # optional; heavy (sympy), so imported on the first math answer
-  except Exception:  # noqa: BLE001 - a broken install (e.g. an antlr mismatch) is as good as none
-    return None
-  return math_verify
+  # Heavy (sympy), so imported on the first math answer; without it the fallback parser judges alone.
+  return optional.load("math_verify", "reasoning answers are checked by the built-in parser only "
+                       "(numbers, option letters, normalised text), without symbolic equivalence")
 
 
 def _looks_mathematical(ref: str) -> bool:

@@ -5,7 +5,7 @@
 #
 # Usage:
 #   launch/tpu_pod.sh create                      # the TPU VM slice
-#   launch/tpu_pod.sh setup                       # repo + requirements + jax[tpu] + shared mount, all workers
+#   launch/tpu_pod.sh setup                       # repo + the package with jax[tpu] + shared mount, all workers
 #   launch/tpu_pod.sh run [--config.KEY=VALUE ...]  # the pipeline on all workers (re-run it to resume)
 #   launch/tpu_pod.sh ssh 'COMMAND'               # any command on all workers (e.g. 'tail -n 20 ~/dcsft.log')
 #   launch/tpu_pod.sh delete
@@ -85,7 +85,7 @@ setup() {
     rm -f "$tarball"
     on_all "set -e; mkdir -p $REPO_DIR; tar -xzf /tmp/dcsft_jax.tar.gz -C $REPO_DIR"
   fi
-  on_all "set -e; cd $REPO_DIR; python3 -m pip install -q -U pip; python3 -m pip install -q -r requirements.txt; python3 -m pip install -q -U 'jax[tpu]'"
+  on_all "set -e; cd $REPO_DIR; python3 -m pip install -q -U pip; python3 -m pip install -q '.[tpu]'"
   if [[ -n "$NFS_SOURCE" ]]; then
     on_all "set -e; sudo mkdir -p $SHARED; mountpoint -q $SHARED || { sudo apt-get -qq update && sudo apt-get -qq install -y nfs-common && sudo mount -t nfs -o rw,hard $NFS_SOURCE $SHARED; }; sudo chmod a+rwx $SHARED"
   elif [[ -n "$GCS_BUCKET" ]]; then

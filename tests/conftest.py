@@ -16,3 +16,27 @@ sys.path.insert(0, os.path.dirname(__file__))
 from dcsft_jax import targets  # noqa: E402  (imports no JAX)
 
 targets.prepare_environment(attached=False)
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The paper's data files (never copied into the repository): $DCSFT_PAPER_DATA, else
+# ../shared/paper_data beside the repository.
+PAPER_DATA_ENV = "DCSFT_PAPER_DATA"
+
+
+def paper_data_dir() -> str:
+  return os.environ.get(PAPER_DATA_ENV) or os.path.normpath(os.path.join(REPO, "..", "shared", "paper_data"))
+
+
+@pytest.fixture(scope="session")
+def paper_data() -> str:
+  """The paper data directory. Where it is missing the test is skipped, by name, with the reason in
+  pytest's summary (-rs); under CI (CI set) it fails instead, since CI always has it beside the repo."""
+  d = paper_data_dir()
+  if not os.path.isdir(d):
+    msg = f"the paper's data files are not at {d}: set {PAPER_DATA_ENV}=DIR or put paper_data/ in ../shared"
+    if os.environ.get("CI"):
+      pytest.fail(msg)
+    pytest.skip(msg)
+  return d

@@ -2,7 +2,7 @@
 attention where the resolver picks it) and for a Cloud TPU v5e 2x2 on a mesh that really shards; the
 CLI's exit status and JSON; the largest-batch search; the kernel choice follows the target platform.
 
-The compilers come from requirements-aot.txt (requirements-test.txt includes it): the CUDA PJRT plugin
+The compilers come from the aot extra (the test extra includes it): the CUDA PJRT plugin
 with cuDNN, and libtpu. Without them these tests fail, saying so (they are not skipped)."""
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _default_config(**overrides):
 def _needs_plugins(platform: str):
   name = {"gpu": "jax_cuda12_plugin", "tpu": "libtpu"}[platform]
   assert importlib.util.find_spec(name) is not None, (
-      f"{name} is not installed: pip install -r requirements-aot.txt (requirements-test.txt includes it)")
+      f"{name} is not installed: pip install '.[aot]' (the test extra includes it)")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from dcsft_jax import stages as stages_lib
 from dcsft_jax.data import sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "paper_data"))
 STAGES = [s.name for s in stages_lib.STAGES]
 
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True)
@@ -78,10 +77,13 @@ def test_config_files_found():
 def test_config_dry_run(path):
   mod = _load(path)
   _check_dry_run(mod.get_config())
-  if _takes_arg(mod) and os.path.isdir(PAPER_DATA):
-    out = _check_dry_run(mod.get_config(f"data_dir={PAPER_DATA}"))
-    if os.path.basename(path).startswith("imagenet_"):
-      assert out["sources"] and all(v is None for v in out["sources"].values()), out["sources"]
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIG_FILES if _takes_arg(_load(p))], ids=lambda p: os.path.relpath(p, REPO))
+def test_config_dry_run_on_the_paper_data(path, paper_data):
+  out = _check_dry_run(_load(path).get_config(f"data_dir={paper_data}"))
+  if os.path.basename(path).startswith("imagenet_"):
+    assert out["sources"] and all(v is None for v in out["sources"].values()), out["sources"]
 
 
 @pytest.mark.parametrize("name", sorted(k for k in PAPER if k.startswith(("imagenet_", "refcoco_"))))

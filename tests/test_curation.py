@@ -15,9 +15,6 @@ from dcsft_jax import curation, plots
 from dcsft_jax.curation import ScoreRow
 from dcsft_jax.data.records import BadRecord, Record, read_paper_json
 
-# The paper's data files, in ../shared/paper_data beside the repository (never copied into it).
-PAPER_DATA = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
-                                           "paper_data"))
 K = 8
 PROMPT = "Please provide the object name in the image. Output the answer using one word."
 
@@ -140,11 +137,10 @@ def test_rollout_files_must_agree(tmp_path):
     curation.write_rollout_bucket(a, "medium-ish", tmp_path / "x.json")
 
 
-@pytest.mark.skipif(not os.path.exists(f"{PAPER_DATA}/imagenet_easy_sft_3b.json"), reason="paper data not available")
-def test_paper_bucket_files_are_reproduced(tmp_path):
+def test_paper_bucket_files_are_reproduced(paper_data, tmp_path):
   """Rollouts that put the paper's records in the paper's buckets reproduce its bucket files exactly."""
   def load(name):
-    with open(f"{PAPER_DATA}/{name}.json") as f:
+    with open(f"{paper_data}/{name}.json") as f:
       return json.load(f)
 
   def key(rec):
@@ -184,7 +180,7 @@ def test_paper_bucket_files_are_reproduced(tmp_path):
   out = tmp_path / "middle.json"
   assert curation.write_rollout_bucket(paths, "medium", out) == len(buckets["medium"])
   assert json.loads(out.read_text()) == buckets["medium"]
-  with open(f"{PAPER_DATA}/imagenet_middle_sft_3b.json", "rb") as f:
+  with open(f"{paper_data}/imagenet_middle_sft_3b.json", "rb") as f:
     assert out.read_bytes() == f.read()  # even byte-identical: sample.py's json.dump(indent=2) layout
   rows = curation.read_rollout_files(paths)
   for b in ("easy", "hard"):

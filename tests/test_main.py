@@ -25,8 +25,8 @@ def test_default_run_fills_the_report_exports_and_resumes(tmp_path):
   """The README's command as it is (only the workdir moved): every stage, a report with every cell
   filled, an HF export transformers loads; a second run skips every stage.
 
-  CI has just run the README's first command exactly as written, in a fresh clone and a venv built
-  from requirements.txt alone (.ci/run); it passes that run's workdir here rather than pay for the
+  CI has just run the README's first command exactly as written, in a fresh clone and a fresh venv
+  with the core package alone (.ci/run); it passes that run's workdir here rather than pay for the
   same run twice. Without it, the test runs the command itself."""
   given = os.environ.get("DCSFT_DEFAULT_RUN_WORKDIR")
   if given:

@@ -7,8 +7,6 @@ from PIL import Image
 
 from dcsft_jax.data import records as R
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER_DATA = os.path.join(REPO, "..", "shared", "paper_data")
 QUESTION = "Please provide the object name in the image. Output the answer using one word."
 
 # NOTES.md §2.1: file -> (records, distinct labels)
@@ -27,30 +25,24 @@ PAPER_COUNTS = {
     "imagenet-a_val_processed.json": (3015, 87),
 }
 
-needs_paper_data = pytest.mark.skipif(
-    not os.path.isdir(PAPER_DATA), reason=f"the paper's data files are not at {os.path.normpath(PAPER_DATA)}")
-
-
 @pytest.fixture(scope="module")
-def paper():
+def paper(paper_data):
   cache = {}
 
   def read(name, **kw):
     if kw:
-      return R.read_paper_json(os.path.join(PAPER_DATA, name), **kw)
+      return R.read_paper_json(os.path.join(paper_data, name), **kw)
     if name not in cache:
-      cache[name] = R.read_paper_json(os.path.join(PAPER_DATA, name))
+      cache[name] = R.read_paper_json(os.path.join(paper_data, name))
     return cache[name]
   return read
 
 
 # ----------------------------------------------------------------------------- the paper's files
-@needs_paper_data
-def test_every_paper_file_is_known():
-  assert sorted(f for f in os.listdir(PAPER_DATA) if f.endswith(".json")) == sorted(PAPER_COUNTS)
+def test_every_paper_file_is_known(paper_data):
+  assert sorted(f for f in os.listdir(paper_data) if f.endswith(".json")) == sorted(PAPER_COUNTS)
 
 
-@needs_paper_data
 @pytest.mark.parametrize("name", sorted(PAPER_COUNTS))
 def test_paper_file_counts(paper, name):
   res = paper(name)
@@ -63,7 +55,6 @@ def test_paper_file_counts(paper, name):
   assert all(r.meta["source"].endswith(name) for r in res[:3])
 
 
-@needs_paper_data
 @pytest.mark.parametrize("size", ["3b", "7b"])
 def test_buckets_partition_the_left_set(paper, size):
   left = paper("imagenet_left_grpo.json")
@@ -77,14 +68,12 @@ def test_buckets_partition_the_left_set(paper, size):
   assert all(r == by_id[r.id] for b in buckets for r in b)
 
 
-@needs_paper_data
 def test_left_sft_and_grpo_are_the_same_records_in_order(paper):
   sft, grpo = paper("imagenet_left_sft.json"), paper("imagenet_left_grpo.json")
   assert sft.records == grpo.records
   assert sft[0].meta["layout"] == "messages" and grpo[0].meta["layout"] == "problem"
 
 
-@needs_paper_data
 def test_task_override(paper):
   res = paper("imagenet_cold_sft.json", task="reasoning")
   assert {r.task for r in res} == {"reasoning"}
@@ -92,7 +81,6 @@ def test_task_override(paper):
     paper("imagenet_cold_sft.json", task="detection")
 
 
-@needs_paper_data
 def test_image_root_directory_remap(paper, tmp_path):
   res = paper("imagenet_cold_sft.json", image_root=str(tmp_path))
   plain = paper("imagenet_cold_sft.json")
@@ -109,7 +97,6 @@ def test_image_root_directory_remap(paper, tmp_path):
       assert im.size == (8, 8)
 
 
-@needs_paper_data
 def test_image_root_prefix_pair(paper, tmp_path):
   pair = ("/data/dataset", str(tmp_path))
   val = paper("imagenet_val_processed.json", image_root=pair)
@@ -263,12 +250,11 @@ def test_write_truncates_boxes_and_rejects_pil(tmp_path):
   assert R.read_paper_json(path)[0].answer == "[1, 2, 30, 40]"  # a failed write leaves the old file
 
 
-@needs_paper_data
-def test_paper_file_round_trip(paper, tmp_path):
+def test_paper_file_round_trip(paper, paper_data, tmp_path):
   src = paper("imagenet_hard_sft_7b.json")
   R.write_swift_json(src, tmp_path / "h.json")
   assert json.loads((tmp_path / "h.json").read_text()) == json.load(
-      open(os.path.join(PAPER_DATA, "imagenet_hard_sft_7b.json")))  # byte-for-byte the paper's layout
+      open(os.path.join(paper_data, "imagenet_hard_sft_7b.json")))  # byte-for-byte the paper's layout
   assert R.read_paper_json(tmp_path / "h.json").records == src.records
 
 

@@ -89,10 +89,8 @@ def test_classification_with_wordnet_labels(data_dir):
   assert ex["image_grid_thw"].shape == (1, 3)
 
 
-def test_label_map_from_the_paper_files():
-  paper = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "paper_data", "imagenet-r_val_processed.json")
-  if not os.path.exists(paper):
-    pytest.skip("../shared/paper_data is not beside the repository")
+def test_label_map_from_the_paper_files(paper_data):
+  paper = os.path.join(paper_data, "imagenet-r_val_processed.json")
   m = tfds_source.label_map_from_records(records_lib.read_paper_json(paper).records)
   assert m["n01855672"] == "goose" and len(m) == 68
 

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator, Sequence, Union
 
 from PIL import Image
 
-from dcsft_jax import atomic
+from dcsft_jax import atomic, optional
 
 TASKS = ("classification", "grounding", "reasoning")
 IMAGE_TOKEN = "<image>"
@@ -423,7 +423,7 @@ def write_swift_json(records: Iterable[Record], path: str | os.PathLike) -> int:
 
 # ----------------------------------------------------------------------------- HF datasets
 def _load_hf(path_or_dataset: Any, split: str | None):
-  import datasets  # heavy; only this reader needs it
+  datasets = optional.require("datasets", f"reading {path_or_dataset!r} as a Hugging Face dataset")
   ds = path_or_dataset
   if isinstance(ds, (str, os.PathLike)):
     p = os.fspath(ds)

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 
 from PIL import Image
 
+from dcsft_jax import optional
 from dcsft_jax.data.records import BadRecord, ReadResult, Record, format_box
 
 CLASSIFICATION_PROMPT = "Please provide the object name in the image. Output the answer using one word."
@@ -51,7 +52,7 @@ def _version_dir(data_dir: str, name: str) -> str:
 
 
 def _open(name: str, split: str, data_dir: str, decoders):
-  import tensorflow_datasets as tfds  # imported here: TFDS is only needed by users of TFDS sources
+  tfds = optional.require("tensorflow_datasets", f"the TFDS source {name!r}")
   path = _version_dir(data_dir, name)
   builder = tfds.builder_from_directory(path)
   if split not in builder.info.splits:
