@@ -9,6 +9,15 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A persistent XLA compilation cache shared by the pytest workers, the subprocesses the tests start
+# (environment variables, so they inherit it) and later runs: most of the suite's time is compiling
+# the same step and sampler programs. JAX keys entries by program, flags, devices and versions, so a
+# stale entry is never used. DCSFT_TEST_JAX_CACHE= (empty) turns it off.
+_cache = os.environ.get("DCSFT_TEST_JAX_CACHE",
+                        os.path.join(os.path.expanduser("~"), ".cache", "dcsft_jax", "xla-tests"))
+if _cache:
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 sys.path.insert(0, os.path.dirname(__file__))
 
 # The compile-only accelerator targets (tests/test_aot.py): JAX stays on the CPU, libtpu may load in
