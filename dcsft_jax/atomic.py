@@ -8,6 +8,8 @@ and renamed into place the same way (`directory`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import glob
 import json
 import os
 import shutil
@@ -64,11 +66,12 @@ def temp_name(path: str, tag: str) -> str:
 def directory(out_dir: str) -> Iterator[str]:
   """`with directory(out) as tmp:` fill `tmp`; on success it replaces `out` whole.
 
-  The old `out` is moved aside first and deleted only after the new one is in place, so at every
-  instant one complete directory (old or new) exists under a name a reader can find (`out`, or
-  `out.old-PID` for the instant between the two renames). On error the partial `tmp` is removed and
-  `out` is untouched.
+  On Linux the two are swapped in one atomic rename, so `out` always holds a complete directory, old or
+  new; elsewhere the old one is moved aside first (`out.old-PID` for the instant between two renames)
+  and deleted once the new one is in place. On error the partial `tmp` is removed and `out` is
+  untouched.
   """
+  _remove_abandoned(out_dir)
   tmp = temp_name(out_dir, "tmp")
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
@@ -77,6 +80,9 @@ def directory(out_dir: str) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  if os.path.exists(out_dir) and _exchange(tmp, out_dir):
+    shutil.rmtree(tmp, ignore_errors=True)           # tmp now holds the old directory
+    return
   old = None
   if os.path.exists(out_dir):
     old = temp_name(out_dir, "old")
@@ -84,3 +90,34 @@ def directory(out_dir: str) -> Iterator[str]:
   os.replace(tmp, out_dir)
   if old:
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_abandoned(out_dir: str) -> None:
+  """Deletes the `out.tmp-PID` / `out.old-PID` siblings that killed writers left (PID no longer alive)."""
+  base = os.path.abspath(out_dir).rstrip(os.sep)
+  for path in glob.glob(glob.escape(base) + ".tmp-*") + glob.glob(glob.escape(base) + ".old-*"):
+    pid = path.rsplit("-", 1)[-1]
+    if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Swaps two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE), so `b` never goes missing;
+  False where the OS, the C library or the filesystem cannot (then two renames do it)."""
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = libc.renameat2
+  except (OSError, AttributeError):
+    return False
+  at_fdcwd, rename_exchange = -100, 2
+  return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

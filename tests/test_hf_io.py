@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -201,6 +202,71 @@ def test_convert_cli_round_trip(hf_dir, tmp_path):
   a, b = _tensors(src), _tensors(back)
   assert sorted(a) == sorted(b) and all(a[n].tobytes() == b[n].tobytes() for n in a)
   assert os.path.exists(os.path.join(back, "tokenizer_config.json"))
+
+
+def test_convert_refuses_to_destroy_data(hf_dir, tmp_path):
+  """convert never writes over its input or a folder of the user's; a model directory only with --overwrite."""
+  from dcsft_jax import convert
+  _, _, src = hf_dir
+  user = tmp_path / "mine"
+  (user / "sub").mkdir(parents=True)
+  (user / "notes.txt").write_text("keep")
+  (user / "sub" / "data.bin").write_bytes(b"keep")
+  with pytest.raises(convert.ConvertError, match="not a hf model directory.*notes.txt"):
+    convert.convert(from_orbax=src, to_hf=str(user), overwrite=True)
+  with pytest.raises(convert.ConvertError, match="is the input"):
+    convert.convert(from_hf=src, to_orbax=src, overwrite=True)
+  with pytest.raises(convert.ConvertError, match="is the input"):
+    convert.convert(from_hf=src, to_orbax=os.path.join(src, "inside"), overwrite=True)
+  with pytest.raises(convert.ConvertError, match="existing hf model directory; pass --overwrite"):
+    convert.convert(from_orbax=str(tmp_path / "x"), to_hf=src)
+  assert (user / "notes.txt").read_text() == "keep" and (user / "sub" / "data.bin").read_bytes() == b"keep"
+  # An HF export with a user's file added is no longer only ours: refused even with --overwrite.
+  exported = tmp_path / "exported"
+  shutil.copytree(src, exported)
+  (exported / "notes.txt").write_text("keep")
+  with pytest.raises(convert.ConvertError, match="notes.txt"):
+    convert.check_output(str(exported), [str(tmp_path / "x")], "hf", True)
+  convert.check_output(src, [str(tmp_path / "x")], "hf", True)          # ours alone: allowed with --overwrite
+
+
+def test_convert_killed_at_any_moment_leaves_the_old_or_the_new_model(hf_dir, tmp_path):
+  """kill -9 at many offsets into `convert --from_hf --to_orbax=OUT --overwrite` over an existing model:
+  OUT always loads, as the old model or the new one, never a mix or nothing."""
+  cfg, model, src = hf_dir
+  out = str(tmp_path / "model")
+  _, new_params = hf.load_hf(src)
+  old_params = jax.tree.map(lambda x: x + 1.0, new_params)
+  checkpoint.save_model(out, old_params, cfg, source_dir=src)
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="")
+  cmd = [sys.executable, "-m", "dcsft_jax.convert", f"--from_hf={src}", f"--to_orbax={out}", "--overwrite"]
+
+  def which() -> str:
+    _, got, _ = checkpoint.load_model(out)
+    for name, ref in (("old", old_params), ("new", new_params)):
+      if all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))):
+        return name
+    raise AssertionError(f"{out} loads, but as neither the old model nor the new one")
+
+  t0 = time.time()
+  r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  full = time.time() - t0
+  assert which() == "new"
+  checkpoint.save_model(out, old_params, cfg, source_dir=src)
+  seen = []
+  for frac in (0.3, 0.5, 0.65, 0.75, 0.82, 0.88, 0.93, 0.97, 1.0):
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(frac * full)
+    p.kill()
+    p.wait()
+    seen.append(which())
+    if seen[-1] == "new":                       # back to the old model for the next offset
+      checkpoint.save_model(out, old_params, cfg, source_dir=src)
+  assert "old" in seen, seen                    # some kills landed before the swap
+  # What the killed writers left beside the target goes with the next conversion.
+  assert subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode == 0
+  assert sorted(os.listdir(tmp_path)) == ["model"] and which() == "new"
 
 
 def test_orbax_dir_that_does_not_match_its_config_fails(hf_dir, tmp_path):
