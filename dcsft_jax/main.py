@@ -8,13 +8,15 @@ multi-host run, to any one process: all of them stop at the same step) saves a c
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 import jax
@@ -23,6 +25,7 @@ from dcsft_jax import atomic
 from dcsft_jax import mesh as mesh_lib
 from dcsft_jax import run_config
 from dcsft_jax import stages as stages_lib
+from dcsft_jax import workdir as workdir_lib
 from dcsft_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A Python config file (configs/dcsft.py).",
@@ -31,9 +34,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A Python config file 
 
 @dataclasses.dataclass
 class Context:
-  workdir: str
+  wd: workdir_lib.Workdir            # every path of the run (dcsft_jax/workdir.py)
   mesh: jax.sharding.Mesh
   model_options: object
+
+  @property
+  def workdir(self) -> str:
+    return self.wd.root
 
 
 def maybe_initialize_distributed(mode: str) -> None:
@@ -50,21 +57,29 @@ def run(config) -> dict:
   names = run_config.validate(config, [s.name for s in stages_lib.STAGES])
   opts = run_config.model_options(config)
   maybe_initialize_distributed(config.distributed)
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  try:
+    mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  except ValueError as e:
+    raise run_config.ConfigError(f"config.mesh: {e}") from None
+  run_config.validate_mesh(config, names, mesh)
   opts = dataclasses.replace(opts, platform=mesh_lib.platform(mesh))
-  workdir = os.path.abspath(config.workdir)
-  os.makedirs(workdir, exist_ok=True)
+  wd = workdir_lib.Workdir(config.workdir)
+  with workdir_lib.locked(wd) if jax.process_index() == 0 else contextlib.nullcontext():
+    return _run_stages(config, names, Context(wd, mesh, opts))
+
+
+def _run_stages(config, names: list[str], ctx: Context) -> dict:
+  wd, mesh = ctx.wd, ctx.mesh
   if jax.process_index() == 0:
-    atomic.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-  ctx = Context(workdir, mesh, opts)
-  summary_path = os.path.join(workdir, "stages.json")
-  summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+    atomic.write_text(wd.config, config.to_json_best_effort(indent=2))
+  summary = json.load(open(wd.stages)) if os.path.exists(wd.stages) else {}
   print(f"dcsft_jax: {jax.device_count()} {jax.default_backend()} device(s), mesh {dict(mesh.shape)}, "
-        f"workdir {workdir}")
+        f"workdir {wd.root}")
   for name in names:
     stage = stages_lib.BY_NAME[name]
-    if os.path.exists(os.path.join(workdir, stage.output)):
-      print(f"[{name}] done already ({stage.output} exists): skipped")
+    marker = wd.done_marker(name)
+    if os.path.exists(marker):
+      print(f"[{name}] done already ({os.path.relpath(marker, wd.root)} exists): skipped")
       continue
     print(f"[{name}] {stage.doc}")
     t0 = time.time()
@@ -74,7 +89,7 @@ def run(config) -> dict:
     summary[name] = figures
     print(f"[{name}] " + ", ".join(f"{k}={v}" for k, v in figures.items()))
     if jax.process_index() == 0:
-      atomic.write_json(summary_path, summary, default=str)
+      atomic.write_json(wd.stages, summary, default=str)
   return summary
 
 
@@ -87,11 +102,28 @@ def main(argv):
     run(_CONFIG.value)
   except run_config.ConfigError as e:
     sys.exit(f"bad config: {e}")
+  except (workdir_lib.WorkdirBusy, FileNotFoundError) as e:
+    sys.exit(f"dcsft_jax: {e}")     # a missing input or a busy workdir: the message is the cause
   except trainer.Preempted as e:
     logging.warning("%s", e)      # an expected stop, with its checkpoint: one line, no traceback
     sys.exit(e.exit_status)
 
 
+def _parse_flags(argv: list[str]):
+  """absl's flag parsing, except that a --config.KEY override naming no field of the config (which
+  ml_collections reports as a bare KeyError) stops with the override and the config's sections."""
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError) as e:
+    from dcsft_jax import config_base
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    # ml_collections' message may arrive repr'd once more ('\'x\'\\nDid you mean ...'): unwrap it.
+    what = str(e.args[0] if e.args else e)
+    what = re.sub(r"'([^']*)'", r"\1", what.replace("\\n", "\n").replace("\\'", "'")).strip("'\"").replace("\n", " ")
+    sys.exit(f"bad config override ({' '.join(overrides)}): no field {what}. The config's sections are "
+             f"{', '.join(sorted(config_base.base().keys()))}; dcsft_jax/config_base.py lists every key.")
+
+
 if __name__ == "__main__":
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

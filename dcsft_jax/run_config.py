@@ -44,6 +44,8 @@ def validate(config: ml_collections.ConfigDict, known_stages, *, check_files: bo
   _check(bool(stages), "stages", "is empty; pick from " + ",".join(known_stages))
   for s in stages:
     _check(s in known_stages, "stages", f"unknown stage {s!r}; the stages are {','.join(known_stages)}")
+  # Pipeline order whatever the listed order: a stage's inputs come from the stages before it.
+  stages = [s for s in known_stages if s in stages]
   _check(bool(config.workdir), "workdir", "must be a directory path")
   _check(config.distributed in ("auto", "on", "off"), "distributed", f"{config.distributed!r} is not auto|on|off")
   for axis in config.mesh.keys():
@@ -142,6 +144,29 @@ def _validate_training(config, stages) -> None:
   _check(isinstance(config.report.curve_limit, int) and config.report.curve_limit >= 0, "report.curve_limit",
          f"{config.report.curve_limit!r} must be an int >= 0")
   _check(bool(config.export.model), "export.model", "name the model to export (e.g. models/sft_em)")
+
+
+# The batch of each stage that the mesh splits into data x fsdp shards: (key, rows per micro-batch).
+_SHARDED_BATCHES = {
+    "cold_start": lambda c: [("cold_start.batch_size", c.cold_start.batch_size // c.cold_start.accum)],
+    "finetune": lambda c: [("finetune.batch_size", c.finetune.batch_size // c.finetune.accum)],
+    "grpo": lambda c: [("grpo.batch_size", c.grpo.batch_size // c.grpo.accum)],
+    "score": lambda c: [("score.batch_size", c.score.batch_size)],
+    "evaluate": lambda c: [("evaluate.batch_size", c.evaluate.batch_size)],
+}
+
+
+def validate_mesh(config, stages: list[str], mesh) -> None:
+  """Checks every batch the stages will split over the mesh before the first stage starts (the
+  stages check too, but only when they start, after the earlier ones have run)."""
+  ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  for stage in stages:
+    for key, rows in _SHARDED_BATCHES.get(stage, lambda c: [])(config):
+      section = key.split(".")[0]
+      accum = config[section].accum if "accum" in config[section] else 1
+      _check(rows % ways == 0, key, f"{rows} rows per micro-batch (batch_size / accum) are not divisible by the "
+             f"mesh's data x fsdp = {ways} batch shards ({dict(mesh.shape)}); use a multiple of {ways * accum}, "
+             f"or another --config.mesh")
 
 
 def dry_run(config, known_stages) -> dict:

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import transformers
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dcsft_jax.data import tokenizer
 from dcsft_jax.stages import STAGES
@@ -53,12 +54,20 @@ def test_default_run_fills_the_report_exports_and_resumes(tmp_path):
   for label in ("cold start", "SFT", "GRPO", "SFT-M", "SFT-EM"):
     cells = [c.strip() for c in rows[label].split("|")[2:-1]]
     assert len(cells) == 4 and all(c and c != "-" for c in cells), rows[label]
-  for png in ("pass_rates.png", "train_loss.png", "ood_rendition_vs_step.png", "ood_adversarial_vs_step.png",
-              "grpo_reward.png"):
+  pngs = ("pass_rates.png", "train_loss.png", "ood_rendition_vs_step.png", "ood_adversarial_vs_step.png",
+          "grpo_reward.png")
+  for png in pngs:
     with open(os.path.join(wd, "plots", png), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", png
   curves = res["curves"]
   assert {"sft_em", "grpo"} <= set(curves) and curves["grpo"][0]["step"] == 0 and len(curves["grpo"]) >= 3
+  # TensorBoard: a training run's scalars (the OOD curve's points at their steps) and settings, the report's plots.
+  tb = EventAccumulator(os.path.join(wd, "train", "grpo", "logs")).Reload()
+  assert [e.step for e in tb.Scalars("reward")] == list(range(1, summary["grpo"]["steps"] + 1))
+  assert [e.step for e in tb.Scalars("accuracy/rendition")] == [p["step"] for p in curves["grpo"][1:]]
+  assert tb.SummaryMetadata("_hparams_/session_start_info").plugin_data.plugin_name == "hparams"
+  tb = EventAccumulator(os.path.join(wd, "plots", "logs")).Reload()
+  assert tb.Tags()["images"] == ["plots/" + png.removesuffix(".png") for png in pngs]
   model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(os.path.join(wd, "hf_export"))
   assert sum(p.numel() for p in model.parameters()) == summary["init"]["parameters"]
   tok = transformers.AutoTokenizer.from_pretrained(os.path.join(wd, "hf_export"))

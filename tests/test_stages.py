@@ -16,7 +16,8 @@ import pytest
 from dcsft_jax import curation, main, run_config, verify
 from dcsft_jax.data import builtin
 from dcsft_jax.data.records import read_paper_json
-from dcsft_jax.stages import STAGES, common, curate, evaluate, score
+from dcsft_jax.stages import STAGES, common, evaluate
+from dcsft_jax.workdir import Workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +65,7 @@ def test_score_resumes_after_a_crash_to_the_same_file(base_workdir, tmp_path, mo
   c = _config(ref)
   c.stages = "score"
   main.run(c)
-  expected = open(ref / score.OUTPUT, "rb").read()
+  expected = open(Workdir(ref).scores, "rb").read()
   rows = [json.loads(x) for x in expected.decode().splitlines()]
   assert len(rows) == 24 and [r["index"] for r in rows] == list(range(24))
   for r in rows:
@@ -89,13 +90,13 @@ def test_score_resumes_after_a_crash_to_the_same_file(base_workdir, tmp_path, mo
   monkeypatch.setattr(common.JsonlJournal, "commit", crash_after_two)
   with pytest.raises(KeyboardInterrupt):
     main.run(c)
-  assert not os.path.exists(wd / score.OUTPUT)
-  assert sum('"_batch_done"' in x for x in open(wd / score.PARTIAL)) == 2
+  assert not os.path.exists(Workdir(wd).scores)
+  assert sum('"_batch_done"' in x for x in open(Workdir(wd).scores_partial)) == 2
   monkeypatch.setattr(common.JsonlJournal, "commit", real_commit)
   summary = main.run(c)
   assert summary["score"]["resumed_at_batch"] == 2
-  assert open(wd / score.OUTPUT, "rb").read() == expected
-  assert not os.path.exists(wd / score.PARTIAL)
+  assert open(Workdir(wd).scores, "rb").read() == expected
+  assert not os.path.exists(Workdir(wd).scores_partial)
 
 
 @pytest.mark.slow
@@ -111,27 +112,27 @@ def test_score_killed_with_sigkill_resumes(base_workdir, tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   p = subprocess.Popen(cmd + [f"--config.workdir={wd}"] + args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
-  partial = wd / score.PARTIAL
+  partial = Workdir(wd).scores_partial
   deadline = time.time() + 300
   while time.time() < deadline:
-    if partial.exists() and open(partial).read().count("_batch_done") >= 3:
+    if os.path.exists(partial) and open(partial).read().count("_batch_done") >= 3:
       break
     time.sleep(0.05)
   p.send_signal(signal.SIGKILL)
   p.wait()
   done = open(partial).read().count("_batch_done")
-  assert 3 <= done < 10 and not (wd / score.OUTPUT).exists()
+  assert 3 <= done < 10 and not os.path.exists(Workdir(wd).scores)
   r = subprocess.run(cmd + [f"--config.workdir={wd}"] + args, cwd=REPO, env=env, capture_output=True, text=True,
                      timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   stages = json.load(open(wd / "stages.json"))
   assert stages["score"]["resumed_at_batch"] >= 3
-  assert open(wd / score.OUTPUT, "rb").read() == open(ref / score.OUTPUT, "rb").read()
+  assert open(Workdir(wd).scores, "rb").read() == open(Workdir(ref).scores, "rb").read()
 
 
 def _write_scores(wd, records, verdict_of):
-  os.makedirs(wd / score.DIR, exist_ok=True)
-  with open(wd / score.OUTPUT, "w") as f:
+  os.makedirs(os.path.dirname(Workdir(wd).scores), exist_ok=True)
+  with open(Workdir(wd).scores, "w") as f:
     for i, r in enumerate(records):
       v = verdict_of(i)
       f.write(json.dumps({"id": r.id, "index": i, "completions": ["x"] * len(v), "verdicts": v,
@@ -146,16 +147,16 @@ def test_curate_stage_writes_recipes_summary_and_histogram(tmp_path):
   patterns = [[1] * 8, [0] * 8, [1, 0, 0, 0, 0, 0, 0, 0]]
   _write_scores(wd, records, lambda i: patterns[i % 3])
   main.run(c)
-  s = json.load(open(wd / curate.OUTPUT))
+  s = json.load(open(Workdir(wd).curation_summary))
   assert s["summary"]["buckets"] == {"easy": 10, "medium": 10, "hard": 10}
   assert {k: v["records"] for k, v in s["recipes"].items()} == {"sft_m": 10, "sft_em": 20, "sft": 30, "hard": 10}
   assert s["summary"]["pass_rate_hist"] == [10, 10, 0, 0, 0, 0, 0, 0, 10]
-  back = list(read_paper_json(curate.recipe_file(str(wd), "sft_em")))
+  back = list(read_paper_json(Workdir(wd).recipe("sft_em")))
   want = [r for i, r in enumerate(records) if i % 3 != 1]
   assert [(b.prompt, b.answer) for b in back] == [(r.prompt, r.answer) for r in want]
   assert all(os.path.isfile(b.image) for b in back)
   from PIL import Image
-  assert Image.open(wd / curate.DIR / "pass_rates.png").size == (800, 500)
+  assert Image.open(Workdir(wd).pass_rates_png).size == (800, 500)
 
 
 def test_curate_hard_ratio_adds_back_hard_records(tmp_path):
@@ -165,7 +166,7 @@ def test_curate_hard_ratio_adds_back_hard_records(tmp_path):
   records = builtin.load_builtin("train", limit=30, label_noise=0.1)
   _write_scores(wd, records, lambda i: [0] * 8 if i % 2 else [1] * 8)
   main.run(c)
-  assert json.load(open(wd / curate.OUTPUT))["recipes"]["sft_em"]["records"] == 15 + 8
+  assert json.load(open(Workdir(wd).curation_summary))["recipes"]["sft_em"]["records"] == 15 + 8
 
 
 def test_evaluate_stage_writes_test_dp_shaped_results(base_workdir, tmp_path):
@@ -174,13 +175,13 @@ def test_evaluate_stage_writes_test_dp_shaped_results(base_workdir, tmp_path):
   c.stages = "evaluate"
   main.run(c)
   for name in ("id", "rendition"):
-    out = json.load(open(wd / evaluate.DIR / "base" / f"{name}.json"))
+    out = json.load(open(Workdir(wd).eval_result("base", name)))
     assert out["n"] == 12 and len(out["results"]) == 12
     for x in out["results"]:
       assert set(x) >= {"image", "question", "ground_truth", "model_output", "correct"}
       assert x["correct"] == int(verify.verify("classification", x["model_output"], x["ground_truth"]))
     assert out["accuracy"] == sum(x["correct"] for x in out["results"]) / 12
-  md = open(wd / evaluate.DIR / "accuracy.md").read()
+  md = open(Workdir(wd).accuracy_md).read()
   assert md.splitlines()[0] == "| model | id | rendition | OOD avg |" and md.splitlines()[2].startswith("| base |")
   # Greedy outputs equal the generate CLI's answer for the same record.
   from dcsft_jax import generate
@@ -188,7 +189,7 @@ def test_evaluate_stage_writes_test_dp_shaped_results(base_workdir, tmp_path):
   img = str(tmp_path / "one.png")
   rec.image.save(img)
   cli = generate.generate(str(wd / "base_model"), img, rec.prompt, max_new_tokens=4)
-  first = json.load(open(wd / evaluate.DIR / "base" / "id.json"))["results"][0]
+  first = json.load(open(Workdir(wd).eval_result("base", "id")))["results"][0]
   assert cli["texts"][0] == first["model_output"]
 
 
@@ -230,5 +231,70 @@ def test_read_scores_of_the_stage_output_round_trips(base_workdir, tmp_path):
   c = _config(wd, **{"data.train_limit": 8})
   c.stages = "score"
   main.run(c)
-  scores = curation.read_scores(wd / score.OUTPUT)
+  scores = curation.read_scores(Workdir(wd).scores)
   assert len(scores) == 8 and all(s.k == 4 for s in scores.values())
+
+
+def test_a_second_run_on_a_busy_workdir_stops_naming_the_first(tmp_path):
+  """Two runs on one workdir would write over each other: the second stops before any work, naming
+  the first; the lock goes with its holder, even after kill -9."""
+  from dcsft_jax import workdir as workdir_lib
+  wd = workdir_lib.Workdir(str(tmp_path / "run"))
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\nfrom dcsft_jax import workdir as w\n"
+       f"with w.locked(w.Workdir({wd.root!r})):\n  print('held', flush=True)\n  time.sleep(120)"],
+      stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    c = _config(wd.root)
+    c.stages = "init"
+    with pytest.raises(workdir_lib.WorkdirBusy, match=rf"in use by pid {holder.pid} on .*another --config.workdir"):
+      main.run(c)
+    assert sorted(os.listdir(wd.root)) == [".lock"]          # nothing written: not even config.json
+  finally:
+    holder.kill()
+    holder.wait()
+  with workdir_lib.locked(wd):                               # free again once the holder is gone
+    pass
+
+
+def test_journal_refuses_to_resume_under_other_settings(tmp_path):
+  """Scoring killed under K = 8 and resumed under K = 4 would mix 8-answer and 4-answer rows: the
+  journal keeps the settings that made it and names what changed."""
+  path = str(tmp_path / "scores" / "scores.partial.jsonl")
+  j = common.JsonlJournal(path, {"num_samples": 8, "temperature": 0.9})
+  j.commit(0, [{"id": "a", "index": 0}])
+  j.close()
+  again = common.JsonlJournal(path, {"num_samples": 8, "temperature": 0.9})   # same settings: resumes
+  assert again.next_batch == 1 and [r["id"] for r in again.rows] == ["a"]
+  again.close()
+  with pytest.raises(ValueError, match=r"other settings: num_samples 8 then, 4 now, temperature 0\.9 then, 0\.3 now"
+                                       r".*delete the file"):
+    common.JsonlJournal(path, {"num_samples": 4, "temperature": 0.3})
+  assert common.JsonlJournal(path, {"num_samples": 8, "temperature": 0.9}).next_batch == 1  # nothing lost
+
+
+def test_batches_that_do_not_divide_the_mesh_fail_before_the_first_stage(tmp_path):
+  """A batch the mesh cannot split fails before init runs, naming the key, whatever stage needs it."""
+  c = _config(tmp_path / "wd")
+  c.stages = "init,cold_start,score,curate,finetune"
+  c.mesh.fsdp, c.mesh.data = 4, 2                        # 8 batch shards on the 8 test devices
+  c.score.batch_size = 8
+  c.finetune.batch_size, c.finetune.accum = 12, 1         # 12 rows: not a multiple of 8
+  with pytest.raises(run_config.ConfigError, match=r"config\.finetune\.batch_size: 12 rows .* data x fsdp = 8"):
+    main.run(c)
+  assert not os.path.exists(tmp_path / "wd" / "base_model")  # nothing ran
+  c.mesh.fsdp = 3                                         # 6 devices asked of 8: a mesh error, as a config error
+  with pytest.raises(run_config.ConfigError, match=r"config\.mesh"):
+    main.run(c)
+
+
+def test_stages_run_in_pipeline_order_and_a_missing_input_names_its_stage(tmp_path):
+  c = _config(tmp_path)
+  c.stages = "score,init"
+  assert run_config.validate(c, [s.name for s in STAGES]) == ["init", "score"]
+  c = _config(tmp_path / "wd")
+  c.stages = "score"
+  c.score.model = "cold_start_model"
+  with pytest.raises(FileNotFoundError, match=r"'cold_start' stage makes it"):
+    main.run(c)

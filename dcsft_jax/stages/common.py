@@ -10,6 +10,7 @@ import sys
 import jax
 
 from dcsft_jax import atomic, checkpoint, sampling
+from dcsft_jax import fingerprint as fingerprint_lib
 from dcsft_jax.data import batching, sources
 from dcsft_jax.data.processor import Processor
 from dcsft_jax.models import qwen2_5_vl as model_lib
@@ -17,8 +18,15 @@ from dcsft_jax.models import qwen2_5_vl as model_lib
 
 def model_path(ctx, ref: str) -> str:
   """A stage's model directory name in the workdir (e.g. 'base_model'), or a path."""
-  inside = os.path.join(ctx.workdir, ref)
-  return inside if os.path.exists(inside) else os.path.abspath(ref)
+  inside = ctx.wd.path(ref)
+  if os.path.exists(inside) or os.path.exists(ref):
+    return inside if os.path.exists(inside) else os.path.abspath(ref)
+  maker = next((stage for stage in ("init", "cold_start", "grpo") if os.path.dirname(ctx.wd.done_marker(stage)) == inside),
+               "finetune" if os.path.dirname(inside) == ctx.wd.path("models") else None)
+  raise FileNotFoundError(f"model {ref!r} not found: neither {inside} nor {os.path.abspath(ref)} exists. "
+                          + (f"The {maker!r} stage makes it: run that stage first (in this command's "
+                             f"--config.stages, or before it)." if maker else
+                             "Give a model directory of this workdir or a path."))
 
 
 @dataclasses.dataclass
@@ -104,12 +112,17 @@ class JsonlJournal:
   Each batch's lines are followed by a commit line {"_batch_done": i}; on open, anything after
   the last commit (a batch cut short, half a line) is cut off, so a resumed run restarts at the
   first batch not committed and no record is lost or written twice.
+
+  The first line is the settings that made the journal (`fingerprint`: what decides its rows and
+  their order). A run with other settings stops with the difference instead of mixing its rows with
+  the old ones.
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, fingerprint: dict | None = None):
     self.path = path
     self.rows: list[dict] = []
     self.next_batch = 0
+    fingerprint = fingerprint_lib.of(fingerprint)
     good = 0
     if os.path.exists(path):
       pending: list[dict] = []
@@ -124,7 +137,11 @@ class JsonlJournal:
           obj = json.loads(raw)
         except json.JSONDecodeError:
           break
-        if "_batch_done" in obj:
+        if "_fingerprint" in obj:
+          fingerprint_lib.check(path, obj["_fingerprint"], fingerprint, "Run with the same settings to resume "
+                                "it, or delete the file to start over with the new ones.")
+          good = offset
+        elif "_batch_done" in obj:
           self.rows += pending
           pending = []
           self.next_batch = int(obj["_batch_done"]) + 1
@@ -136,6 +153,9 @@ class JsonlJournal:
       with open(path, "ab") as f:
         f.truncate(good)
     self._f = open(path, "a", encoding="utf-8") if jax.process_index() == 0 else None
+    if self._f is not None and good == 0:
+      self._f.write(json.dumps({"_fingerprint": fingerprint}) + "\n")
+      self._f.flush()
 
   def commit(self, batch_index: int, rows: list[dict]) -> None:
     self.rows += rows

@@ -6,20 +6,12 @@ from __future__ import annotations
 import os
 
 from dcsft_jax import curation
-from dcsft_jax.stages import common, score
-
-DIR = "curation"
-OUTPUT = os.path.join(DIR, "summary.json")      # written last: its presence means the stage is done
-IMAGES = os.path.join(DIR, "images")
-
-
-def recipe_file(workdir: str, recipe: str) -> str:
-  return os.path.join(workdir, DIR, f"{recipe}.json")
-
+from dcsft_jax.stages import common
 
 def run(config, ctx) -> dict:
   c = config.curate
-  scores_path = os.path.join(ctx.workdir, score.OUTPUT)
+  wd = ctx.wd
+  scores_path = wd.scores
   if not os.path.exists(scores_path):
     raise FileNotFoundError(f"{scores_path} not found: run the 'score' stage first")
   scores = curation.read_scores(scores_path)
@@ -30,14 +22,15 @@ def run(config, ctx) -> dict:
     chosen = curation.select(records, scores, recipe=recipe,
                              hard_ratio=0.0 if "hard" in curation.RECIPES[recipe] else c.hard_ratio, window=window,
                              seed=config.seed, allow_missing=config.data.skip_bad_records)
-    path = recipe_file(ctx.workdir, recipe)
-    n = curation.write_curated(chosen, path, os.path.join(ctx.workdir, IMAGES))
+    path = wd.recipe(recipe)
+    n = curation.write_curated(chosen, path, wd.curated_images)
     out["recipes"][recipe] = {"records": n, "file": path}
-  png = os.path.join(ctx.workdir, DIR, "pass_rates.png")
+  png = wd.pass_rates_png
   curation.pass_rate_histogram_png(scores, png, title=f"pass rates of {len(scores)} training prompts")
   out["histogram"] = png
   out["hard_ratio"], out["window"] = c.hard_ratio, window
-  common.write_json(os.path.join(ctx.workdir, OUTPUT), out)
+  # Last: the summary marks the stage done (Workdir.done_marker).
+  common.write_json(wd.curation_summary, out)
   s = out["summary"]
   return {**{f"n_{b}": s["buckets"][b] for b in curation.BUCKETS},
           **{f"{r}_records": v["records"] for r, v in out["recipes"].items()}}

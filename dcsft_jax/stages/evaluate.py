@@ -15,10 +15,6 @@ from dcsft_jax import sampling, verify
 from dcsft_jax.data import sources
 from dcsft_jax.stages import common
 
-DIR = "eval"
-OUTPUT = os.path.join(DIR, "accuracy.json")
-
-
 def _image_name(rec) -> str:
   return rec.image if isinstance(rec.image, str) else f"<in-memory image {rec.id}>"
 
@@ -86,7 +82,7 @@ def run(config, ctx) -> dict:
     model = None
     acc[label] = {}
     for name, spec in sets.items():
-      path = os.path.join(ctx.workdir, DIR, label, f"{name}.json")
+      path = ctx.wd.eval_result(label, name)
       if os.path.exists(path):
         with open(path) as f:
           acc[label][name] = json.load(f)["accuracy"]
@@ -96,8 +92,8 @@ def run(config, ctx) -> dict:
       acc[label][name] = res["accuracy"]
       figures[f"{label}/{name}_prompts_per_s"] = res["prompts_per_s"]
   md = table(acc, list(sets), ood)
-  common.write_text(os.path.join(ctx.workdir, DIR, "accuracy.md"), md)
-  common.write_json(os.path.join(ctx.workdir, OUTPUT), {"accuracy": acc, "sets": {k: str(v) for k, v in sets.items()},
+  common.write_text(ctx.wd.accuracy_md, md)
+  common.write_json(ctx.wd.accuracy_json, {"accuracy": acc, "sets": {k: str(v) for k, v in sets.items()},
                                                          "ood": ood})
   print(md)
   return {**{f"{m}/{s}": (None if v is None else round(v, 4)) for m, row in acc.items() for s, v in row.items()},

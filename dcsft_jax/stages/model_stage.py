@@ -1,8 +1,6 @@
 """The model stages: bring a checkpoint in (or build the embedded default), and export it to HF."""
 from __future__ import annotations
 
-import os
-
 import jax
 
 from dcsft_jax import checkpoint, hf
@@ -10,12 +8,6 @@ from dcsft_jax.data import tokenizer
 from dcsft_jax.models import qwen2_5_vl as model_lib
 from dcsft_jax.models.config import preset as get_preset
 from dcsft_jax.models.config import tiny_config, with_tiny_tokenizer
-
-BASE_DIR = "base_model"
-# save_model writes config.json after the params, so its presence means the directory is complete.
-BASE_DONE = os.path.join(BASE_DIR, "config.json")
-EXPORT_DIR = "hf_export"
-
 
 def init(config, ctx) -> dict:
   opts = ctx.model_options
@@ -29,7 +21,7 @@ def init(config, ctx) -> dict:
     cfg = with_tiny_tokenizer(get_preset(preset)) if preset and preset != "tiny" else tiny_config()
     params = model_lib.init_params(cfg, opts, jax.random.PRNGKey(config.seed), mesh=ctx.mesh)
     source = None
-  out = os.path.join(ctx.workdir, BASE_DIR)
+  out = ctx.wd.base_model
   if source is None and jax.process_index() == 0:
     # The tiny model's tokenizer and processor travel with it, so its HF export loads in transformers.
     tokenizer.save_tiny_processor(out)
@@ -44,6 +36,6 @@ def export(config, ctx) -> dict:
   from dcsft_jax.stages import common
   src = common.model_path(ctx, config.export.model)
   cfg, params, lora = checkpoint.load_model(src, mesh=ctx.mesh)
-  out = os.path.join(ctx.workdir, EXPORT_DIR)
+  out = ctx.wd.export
   hf.save_hf(params, cfg, out, source_dir=src, dtype=config.export.dtype or None, lora=lora)
   return {"written": out, "model": src}

@@ -1,4 +1,5 @@
-"""The report: what a run found, in report.md, results.json and plots/*.png in the workdir.
+"""The report: what a run found, in report.md, results.json and plots/*.png in the workdir, and the
+same for TensorBoard in plots/logs (see `_tensorboard`).
 
 - the accuracy table (rows: each evaluated model; columns: every evaluation set and the OOD average),
 - the difficulty buckets of the training prompts,
@@ -12,12 +13,14 @@ import json
 import os
 import shutil
 
-from dcsft_jax import plots
-from dcsft_jax.stages import common, curate, evaluate, training
+import jax
+from PIL import Image
 
-OUTPUT = "report.md"
-RESULTS = "results.json"
-PLOTS = "plots"
+from dcsft_jax import plots
+from dcsft_jax.stages import common, evaluate, training
+from dcsft_jax.workdir import Workdir
+from dcsft_jax.train import metrics
+
 # Display names of the models the default config evaluates (others keep their own label).
 PRETTY = {"base": "base", "cold_start": "cold start", "sft": "SFT", "grpo": "GRPO", "sft_m": "SFT-M",
           "sft_em": "SFT-EM"}
@@ -30,35 +33,30 @@ def _read(path: str):
     return json.load(f)
 
 
-def _stage_seconds(workdir: str) -> dict[str, float]:
-  stages = _read(os.path.join(workdir, "stages.json")) or {}
+def _stage_seconds(wd: Workdir) -> dict[str, float]:
+  stages = _read(wd.stages) or {}
   return {k: v.get("seconds") for k, v in stages.items() if isinstance(v, dict)}
 
 
-def _runs(workdir: str) -> list[str]:
-  root = os.path.join(workdir, training.TRAIN)
-  return sorted(os.listdir(root)) if os.path.isdir(root) else []
-
-
-def _curves(workdir: str) -> dict[str, list[dict]]:
+def _curves(wd: Workdir) -> dict[str, list[dict]]:
   out = {}
-  for name in _runs(workdir):
-    pts = _read(os.path.join(workdir, training.TRAIN, name, "curve.json"))
+  for name in wd.train_runs():
+    pts = _read(wd.curve(name))
     if pts:
       out[name] = pts
   return out
 
 
-def _plots(workdir: str, ood: list[str], curves: dict[str, list[dict]]) -> list[str]:
-  d = os.path.join(workdir, PLOTS)
+def _plots(wd: Workdir, ood: list[str], curves: dict[str, list[dict]]) -> list[str]:
+  d = wd.plots
   os.makedirs(d, exist_ok=True)
   made = []
-  hist = os.path.join(workdir, curate.DIR, "pass_rates.png")
+  hist = wd.pass_rates_png
   if os.path.exists(hist):
     made.append(shutil.copyfile(hist, os.path.join(d, "pass_rates.png")))
   losses = {}
-  for name in _runs(workdir):
-    h = training.history(workdir, name)
+  for name in wd.train_runs():
+    h = training.history(wd, name)
     if h and "reward" not in h[0]:           # GRPO's loss is another objective: it has its own plot
       losses[PRETTY.get(name, name)] = ([x["step"] for x in h], [x["loss"] for x in h])
   if losses:
@@ -72,7 +70,7 @@ def _plots(workdir: str, ood: list[str], curves: dict[str, list[dict]]) -> list[
       made.append(plots.line_png(os.path.join(d, f"ood_{s}_vs_step.png"), series,
                                  title=f"{s} accuracy during training (Fig. 3)", xlabel="step",
                                  ylabel="accuracy (%)"))
-  h = training.history(workdir, "grpo")
+  h = training.history(wd, "grpo")
   if h and "reward" in h[0]:
     made.append(plots.line_png(os.path.join(d, "grpo_reward.png"),
                                {"mean reward": ([x["step"] for x in h], [x["reward"] for x in h]),
@@ -80,6 +78,20 @@ def _plots(workdir: str, ood: list[str], curves: dict[str, list[dict]]) -> list[
                                                           [x.get("zero_advantage", 0.0) for x in h])},
                                title="GRPO: reward and groups with no signal", xlabel="step", ylabel="fraction"))
   return made
+
+
+def _tensorboard(wd: Workdir, text: str, made: list[str]) -> None:
+  """The report's text and its plots (images tagged plots/NAME) as a TensorBoard run in plots/logs:
+  `tensorboard --logdir WORKDIR` shows it next to the training runs (train/*/logs), whose scalars are
+  the curves the plots draw. Rebuilt from scratch like plots/, so a second report replaces the first."""
+  d = os.path.join(wd.plots, "logs")
+  if jax.process_index() == 0:
+    shutil.rmtree(d, ignore_errors=True)
+  w = metrics.MetricsWriter(d)
+  w.text("report", text)
+  for p in made:
+    w.image(f"plots/{os.path.splitext(os.path.basename(p))[0]}", Image.open(p).convert("RGB"))
+  w.close()
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -90,10 +102,11 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def build(workdir: str) -> dict:
   """Reads the stages' outputs in `workdir` and writes report.md, results.json and plots/."""
-  acc = _read(os.path.join(workdir, evaluate.OUTPUT))
-  cur = _read(os.path.join(workdir, curate.OUTPUT))
-  seconds = _stage_seconds(workdir)
-  curves = _curves(workdir)
+  wd = Workdir(workdir)
+  acc = _read(wd.accuracy_json)
+  cur = _read(wd.curation_summary)
+  seconds = _stage_seconds(wd)
+  curves = _curves(wd)
   sets = list(acc["sets"]) if acc else []
   ood = acc["ood"] if acc else []
   parts = ["# DC-SFT run report\n", f"Workdir: `{workdir}`\n"]
@@ -122,14 +135,14 @@ def build(workdir: str) -> dict:
     results["pass_rate_hist"] = dict(zip(s["pass_rate_labels"], s["pass_rate_hist"]))
     results["recipes"] = {r: v["records"] for r, v in cur["recipes"].items()}
   runs = {}
-  for name in _runs(workdir):
-    h = training.history(workdir, name)
+  for name in wd.train_runs():
+    h = training.history(wd, name)
     if h:
       runs[name] = {"steps": h[-1]["step"], "first_loss": h[0]["loss"], "final_loss": h[-1]["loss"],
-                    **({"final_reward": h[-1]["reward"]} if "reward" in h[-1] else {})}
+                    **({"final_reward": training.final_reward(h)} if "reward" in h[-1] else {})}
   if runs:
     parts += ["## Training runs\n",
-              _md_table(["run", "steps", "first loss", "final loss", "final reward (GRPO)"],
+              _md_table(["run", "steps", "first loss", "final loss", "final reward (GRPO, mean of the last 5 steps)"],
                         [[PRETTY.get(n, n), str(r["steps"]), f"{r['first_loss']:.4f}", f"{r['final_loss']:.4f}",
                           f"{r['final_reward']:.3f}" if "final_reward" in r else "-"] for n, r in runs.items()])]
     results["runs"] = runs
@@ -138,17 +151,19 @@ def build(workdir: str) -> dict:
     parts += ["## Wall-clock time per stage\n",
               _md_table(["stage", "seconds"], [[k, f"{v:.1f}" if v is not None else "-"] for k, v in seconds.items()]),
               f"Total: {sum(v for v in seconds.values() if v):.1f} s.\n"]
-  made = _plots(workdir, ood, curves)
+  made = _plots(wd, ood, curves)
+  # TensorBoard's copy leaves out the Plots section: its links do not resolve there, the images have a tab.
+  _tensorboard(wd, "\n".join(parts), made)
   if made:
     parts += ["## Plots\n"] + [f"![{os.path.basename(p)}]({os.path.relpath(p, workdir)})\n" for p in made]
   results["plots"] = [os.path.relpath(p, workdir) for p in made]
   text = "\n".join(parts)
-  common.write_json(os.path.join(workdir, RESULTS), results)
-  common.write_text(os.path.join(workdir, OUTPUT), text)
+  common.write_json(wd.results, results)
+  common.write_text(wd.report, text)
   return results
 
 
 def run(config, ctx) -> dict:
   res = build(ctx.workdir)
-  print(open(os.path.join(ctx.workdir, OUTPUT)).read())
-  return {"written": os.path.join(ctx.workdir, OUTPUT), "plots": len(res["plots"])}
+  print(open(ctx.wd.report).read())
+  return {"written": ctx.wd.report, "plots": len(res["plots"])}

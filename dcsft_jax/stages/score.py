@@ -14,11 +14,6 @@ import jax
 from dcsft_jax import sampling, verify
 from dcsft_jax.stages import common
 
-DIR = "scores"
-OUTPUT = os.path.join(DIR, "scores.jsonl")
-PARTIAL = os.path.join(DIR, "scores.partial.jsonl")
-
-
 def sampling_params(s, model) -> sampling.SamplingParams:
   return sampling.settings(model.directory, model.processor, repetition_penalty=s.repetition_penalty,
                            pad_id=model.cfg.pad_token_id or 0, max_new_tokens=s.max_new_tokens,
@@ -33,7 +28,14 @@ def run(config, ctx) -> dict:
   gen, it = common.generator(config, ctx, model, records, sp, batch_size=s.batch_size, seed=config.seed + 1,
                              source=config.data.train, batch_key="score.batch_size")
   plan = it.plan(0)
-  journal = common.JsonlJournal(os.path.join(ctx.workdir, PARTIAL))
+  # What decides the journal's rows and their batch order: resuming under other settings would mix them.
+  fingerprint = {"model": model.directory, "train": str(config.data.train), "records": len(records),
+                 "train_limit": config.data.train_limit, "label_noise": config.data.label_noise, "seed": config.seed,
+                 "batch_size": s.batch_size, "num_samples": sp.num_samples, "temperature": sp.temperature,
+                 "top_k": sp.top_k, "top_p": sp.top_p, "max_new_tokens": sp.max_new_tokens,
+                 "repetition_penalty": sp.repetition_penalty, "max_pixels": s.max_pixels or config.data.max_pixels,
+                 "buckets": [[b.patches, b.length] for b in it.buckets]}
+  journal = common.JsonlJournal(ctx.wd.scores_partial, fingerprint)
   resumed = journal.next_batch
   done_rows = sum(int((plan[i][1] >= 0).sum()) for i in range(min(resumed, len(plan))))
   bar = common.progress(sum(int((rows >= 0).sum()) for _, rows in plan), "score")
@@ -64,7 +66,7 @@ def run(config, ctx) -> dict:
   skipped = [sk.record for sk in it.skipped]
   if jax.process_index() == 0:
     text = "".join(common.json.dumps(x, ensure_ascii=False) + "\n" for x in rows)
-    common.write_text(os.path.join(ctx.workdir, OUTPUT), text)
+    common.write_text(ctx.wd.scores, text)
     os.remove(journal.path)
   rates = [x["pass_rate"] for x in rows]
   return {"records": len(rows), "skipped": len(skipped), "resumed_at_batch": resumed,

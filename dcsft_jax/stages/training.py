@@ -20,23 +20,9 @@ import os
 from dcsft_jax import checkpoint, sampling
 from dcsft_jax.data import batching, sources
 from dcsft_jax.models import qwen2_5_vl as model_lib
-from dcsft_jax.stages import common, curate, evaluate
+from dcsft_jax.stages import common, evaluate
 from dcsft_jax.train import grpo_trainer, optim, trainer
-
-COLD_START_DIR = "cold_start_model"
-MODELS = "models"
-TRAIN = "train"
-FINETUNE_DONE = os.path.join(MODELS, "finetune.json")
-GRPO_DIR = os.path.join(MODELS, "grpo")
-
-
-def model_dir(name: str) -> str:
-  return COLD_START_DIR if name == "cold_start" else os.path.join(MODELS, name)
-
-
-def done(workdir: str, name: str) -> bool:
-  return os.path.exists(os.path.join(workdir, model_dir(name), "config.json"))
-
+from dcsft_jax.workdir import Workdir
 
 def lora_spec(s) -> model_lib.LoraSpec | None:
   if not s.lora:
@@ -90,7 +76,7 @@ class Curve:
 
   def __init__(self, config, ctx, name: str, model: common.LoadedModel, opts):
     self.config, self.ctx = config, ctx
-    self.path = os.path.join(ctx.workdir, TRAIN, name, "curve.json")
+    self.path = ctx.wd.curve(name)
     self.points = json.load(open(self.path)) if os.path.exists(self.path) else []
     sets = sources.parse_sets(config.data.eval)
     names = [x.strip() for x in config.data.ood.split(",") if x.strip()] or list(sets)
@@ -101,18 +87,28 @@ class Curve:
     self.model = dataclasses.replace(model, opts=opts, processor=processor)
     self.sampler = common.sampler_for(model.cfg, opts)
 
-  def __call__(self, step: int, params) -> None:
-    if any(p["step"] == step for p in self.points):
-      return
-    model = dataclasses.replace(self.model, params=params)
-    point = {"step": step}
-    for n, recs in self.sets.items():
-      results, _ = evaluate.greedy_results(self.config, self.ctx, model, recs, n, desc=f"curve {n}@{step}",
-                                           sampler=self.sampler)
-      point[n] = evaluate.accuracy_of(results)
-    self.points.append(point)
-    self.points.sort(key=lambda p: p["step"])
-    common.write_json(self.path, self.points)
+  def __call__(self, step: int, params) -> dict[str, float | None]:
+    """{"accuracy/SET": accuracy at `step`}, evaluated once: a resumed run takes the point it kept
+    (its params at that step are the same), so the step's metrics get it again."""
+    point = next((p for p in self.points if p["step"] == step), None)
+    if point is None:
+      model = dataclasses.replace(self.model, params=params)
+      point = {"step": step}
+      for n, recs in self.sets.items():
+        results, _ = evaluate.greedy_results(self.config, self.ctx, model, recs, n, desc=f"curve {n}@{step}",
+                                             sampler=self.sampler)
+        point[n] = evaluate.accuracy_of(results)
+      self.points.append(point)
+      self.points.sort(key=lambda p: p["step"])
+      common.write_json(self.path, self.points)
+    return {f"accuracy/{n}": point.get(n) for n in self.sets}
+
+
+def hparams(config, name: str, s) -> dict:
+  """A run's settings for TensorBoard's HPARAMS tab: its training section under "train." (so cold-start,
+  fine-tuning and GRPO runs share those columns) and the settings every run shares."""
+  return {"run": name, "train": s.to_dict(), "seed": config.seed, "model": config.model.to_dict(),
+          "data": config.data.to_dict(), "mesh": config.mesh.to_dict()}
 
 
 def _fit(config, ctx, name: str, t: trainer.SFTTrainer, it, s, model: common.LoadedModel) -> dict:
@@ -121,11 +117,13 @@ def _fit(config, ctx, name: str, t: trainer.SFTTrainer, it, s, model: common.Loa
     curve(0, t.params)            # the starting model (adapters at zero): the curves' first point
 
   def on_step(step, m):
+    # The curve's points join their step's metrics: metrics.jsonl and TensorBoard scalars.
     if curve is not None and (step % s.eval_every == 0 or step == t.tc.steps):
-      curve(step, t.params)
+      return curve(step, t.params)
+    return None
 
-  out = t.fit(it, progress=True, on_step=on_step)
-  directory = os.path.join(ctx.workdir, model_dir(name))
+  out = t.fit(it, progress=True, on_step=on_step, hparams=hparams(config, name, s))
+  directory = ctx.wd.model(name)
   # A LoRA run keeps only its adapters; the frozen base stays in the starting model's directory.
   base = model.directory if t.tc.lora is not None and checkpoint.is_model_dir(model.directory) else None
   checkpoint.save_model(directory, t.params, model.cfg, source_dir=model.directory, lora=t.tc.lora, base_dir=base)
@@ -161,13 +159,20 @@ def _sft_run(config, ctx, name: str, s, start_ref: str, start_key: str, spec, *,
   params = model.params
   if tc.lora is not None:
     params = trainer.init_lora(params, model.cfg, tc.lora, seed=seed)
-  t = trainer.SFTTrainer(model.cfg, ctx.model_options, params, tc, ctx.mesh,
-                         os.path.join(ctx.workdir, TRAIN, name))
+  t = trainer.SFTTrainer(model.cfg, ctx.model_options, params, tc, ctx.mesh, ctx.wd.train(name),
+                         fingerprint=_data_fingerprint(config, spec, records, model))
   params = model.params = None   # the trainer holds the weights now (a LoRA base perhaps in bf16)
   out = {"records": len(records), **_fit(config, ctx, name, t, it, s, model)}
   if s.max_length:
     out["dropped_over_max_length"] = dropped
   return out
+
+
+def _data_fingerprint(config, spec, records, model: common.LoadedModel) -> dict:
+  """What a training run reads besides its TrainConfig: resuming its checkpoints on other data or from
+  another start model would mix two runs."""
+  return {"data": str(spec), "records": len(records), "label_noise": config.data.label_noise,
+          "max_pixels": config.data.max_pixels, "start": model.directory}
 
 
 def within_max_length(records, processor, max_length: int, key: str):
@@ -202,17 +207,17 @@ def finetune(config, ctx) -> dict:
   f = config.finetune
   out = {}
   for recipe in [r.strip() for r in f.recipes.split(",") if r.strip()]:
-    if done(ctx.workdir, recipe):
+    if ctx.wd.model_done(recipe):
       print(f"[finetune] {recipe}: done already")
       continue
-    path = curate.recipe_file(ctx.workdir, recipe)
+    path = ctx.wd.recipe(recipe)
     if not os.path.exists(path):
       raise FileNotFoundError(f"{path} not found: add {recipe!r} to config.curate.recipes and run 'curate'")
     print(f"[finetune] {recipe} from {path}")
     res = _sft_run(config, ctx, recipe, f, f.model, "finetune.model", sources.Spec("json", path), train_noise=False,
                    key="finetune")
     out.update({f"{recipe}/{k}": v for k, v in res.items() if k != "written"})
-  common.write_json(os.path.join(ctx.workdir, FINETUNE_DONE), out)
+  common.write_json(ctx.wd.finetune_done, out)
   return out
 
 
@@ -231,20 +236,28 @@ def grpo(config, ctx) -> dict:
                          pad_id=model.cfg.pad_token_id or 0, max_new_tokens=g.max_new_tokens,
                          num_samples=g.num_generations, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
   t = grpo_trainer.GRPOTrainer(model.cfg, ctx.model_options, params, tc, ctx.mesh,
-                               os.path.join(ctx.workdir, TRAIN, "grpo"), sampling_params=sp, records=records,
+                               ctx.wd.train("grpo"), sampling_params=sp, records=records,
                                processor=model.processor, beta=g.beta, clip_eps=g.clip_eps,
-                               num_iterations=g.num_iterations)
+                               num_iterations=g.num_iterations,
+                               fingerprint=_data_fingerprint(config, config.data.train, records, model))
   params = model.params = None   # the trainer holds the weights now
   figures = _fit(config, ctx, "grpo", t, it, g, model)
-  h = history(ctx.workdir, "grpo")
+  h = history(ctx.wd, "grpo")
   if h:
-    figures["final_reward"] = round(sum(x["reward"] for x in h[-5:]) / len(h[-5:]), 4)
+    figures["final_reward"] = round(final_reward(h), 4)
   return {"prompts": len(records), **figures}
 
 
-def history(workdir: str, name: str) -> list[dict]:
+def final_reward(h: list[dict], last: int = 5) -> float:
+  """GRPO's reward at the end of a run: the mean of the last `last` steps (one step's 8 prompts are a
+  noisy sample). The stage's log line and the report both show this figure."""
+  tail = [x["reward"] for x in h[-last:] if "reward" in x]
+  return sum(tail) / len(tail)
+
+
+def history(wd: Workdir, name: str) -> list[dict]:
   """A run's per-step metrics (train/{name}/logs/metrics.jsonl)."""
-  path = os.path.join(workdir, TRAIN, name, "logs", "metrics.jsonl")
+  path = wd.metrics(name)
   if not os.path.exists(path):
     return []
   with open(path) as f:

@@ -40,13 +40,15 @@ class GRPOTrainer(trainer.SFTTrainer):
   def __init__(self, cfg, opts: model_lib.ModelOptions, params, tc: trainer.TrainConfig, mesh, workdir: str, *,
                sampling_params: sampling.SamplingParams, records, processor, beta: float = 0.04,
                clip_eps: float = 0.2, num_iterations: int = 1,
-               reward_fn: Callable[[object, str], float] = _reward):
+               reward_fn: Callable[[object, str], float] = _reward, fingerprint: dict | None = None):
     if sampling_params.num_samples < 2:
       raise ValueError(f"GRPO needs at least 2 generations per prompt, got {sampling_params.num_samples}")
     if num_iterations < 1:
       raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
     loss = grpo.make_loss(beta=beta, clip_eps=clip_eps, temperature=float(sampling_params.temperature or 1.0))
-    super().__init__(cfg, opts, params, tc, mesh, workdir, loss=loss, count_name="completions")
+    super().__init__(cfg, opts, params, tc, mesh, workdir, loss=loss, count_name="completions",
+                     fingerprint={"sampling": sampling_params, "beta": beta, "clip_eps": clip_eps,
+                                  "num_iterations": num_iterations, **(fingerprint or {})})
     self.num_iterations = int(num_iterations)
     self._rollouts: tuple[int, dict, dict] | None = None     # (cycle's first step, host arrays, figures)
     self._old_logprobs = None

@@ -3,8 +3,8 @@
 A checkpoint holds the trainable leaves, the optimizer state, the step and the RNG (an Orbax
 `StandardSave`), and the data iterator's position plus the metrics so far (JSON). Frozen leaves
 (the base model under LoRA) are not saved again: they come from the model the run started from.
-Saving is asynchronous; SIGTERM (a Cloud TPU preemption notice) makes the loop save at the end of
-the current step and exit.
+Saving is asynchronous. A preemption notice (SIGTERM) makes the loop save at the end of a step and
+raise `Preempted`; in a multi-process run every process saves the same step (see `_catch_signals`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from dcsft_jax import fingerprint as fingerprint_lib
 from dcsft_jax.data import batching
 from dcsft_jax.models import qwen2_5_vl as model_lib
 from dcsft_jax.train import metrics as metrics_lib
@@ -94,15 +96,25 @@ TIMING_KEYS = ("tokens_per_s", "mfu", "step_seconds", "rollout_seconds")
 
 
 class Preempted(Exception):
-  """Raised after a SIGTERM-triggered save; the run resumes from that checkpoint."""
+  """Raised after the save a preemption notice (SIGTERM) or a Ctrl-C asked for; running the same
+  command again resumes from that checkpoint. `exit_status` is 128 + the signal, the status a shell
+  and a scheduler expect from a process the signal ended."""
+
+  def __init__(self, step: int, directory: str, signum: int = signal.SIGTERM):
+    reason = "interrupted" if signum == signal.SIGINT else "preempted"
+    super().__init__(f"{reason}: saved step {step} to {directory}; run the same command again to resume")
+    self.step, self.exit_status = step, 128 + signum
 
 
 class SFTTrainer:
   """Trains `params` (a full model or a LoRA-augmented one) on records; resumes from `ckpt_dir`."""
 
   def __init__(self, cfg, opts: model_lib.ModelOptions, params, tc: TrainConfig, mesh, workdir: str,
-               loss=sft.sft_loss, count_name: str = "tokens"):
+               loss=sft.sft_loss, count_name: str = "tokens", fingerprint: dict | None = None):
+    """`fingerprint`: what else decides the run (its data, its start model), kept with every checkpoint
+    beside the TrainConfig; resuming under a different one stops with the difference."""
     self.cfg, self.tc, self.mesh, self.workdir = cfg, tc, mesh, workdir
+    self.fingerprint = fingerprint_lib.of({"train": tc, **(fingerprint or {})})
     spec = step_spec(cfg, opts, tc, mesh, loss, count_name)
     self.opts, self.tx, self.mask, self.step_fn = spec.opts, spec.tx, spec.mask, spec.step_fn
     self.schedule = optim.schedule(tc.optim)
@@ -114,9 +126,9 @@ class SFTTrainer:
     self.state = sft.init_state(params, self.tx, self.mask, rng, tc.base_dtype, layout=spec.layout)
     self.loss = loss
     self.ckpt_dir = os.path.join(workdir, "checkpoints")
-    self.manager = ocp.CheckpointManager(self.ckpt_dir, options=ocp.CheckpointManagerOptions(
+    self.manager = _CheckpointManager(self.ckpt_dir, options=ocp.CheckpointManagerOptions(
         max_to_keep=tc.keep, enable_async_checkpointing=True))
-    self._stop = False
+    self._signal: int | None = None      # what a single-process run was sent (_catch_signals)
     # Model FLOPs per trained token (forward + backward), for MFU.
     self._flops_per_token = 6 * self.n_params
 
@@ -143,36 +155,54 @@ class SFTTrainer:
     step = int(self.state.step)
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(self._saved()),
-        meta=ocp.args.JsonSave({"iterator": iterator_state, "history": history})), force=True)
+        meta=ocp.args.JsonSave({"iterator": iterator_state, "history": history,
+                                "fingerprint": self.fingerprint})), force=True)
 
   def restore(self) -> tuple[dict | None, list[dict]]:
     step = self.manager.latest_step()
     if step is None:
       return None, []
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if "fingerprint" in meta:     # checked before the weights are read
+      fingerprint_lib.check(f"the training run in {self.ckpt_dir}", meta["fingerprint"], self.fingerprint,
+                            f"Run with the same settings to resume it, or delete {self.ckpt_dir} to train from "
+                            f"scratch with the new ones.")
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._saved())
-    got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                             meta=ocp.args.JsonRestore()))
+    got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     st = got["state"]
     self.state = self.state.replace(train=st["train"], opt_state=st["opt_state"], step=st["step"], rng=st["rng"])
-    meta = got["meta"]
     log.warning("resumed from %s at step %d", self.ckpt_dir, step)
     return meta["iterator"], meta["history"]
 
   # ------------------------------------------------------------------------- the loop
-  def fit(self, iterator: batching.BatchIterator, *, progress: bool = True, on_step=None) -> dict[str, Any]:
+  def fit(self, iterator: batching.BatchIterator, *, progress: bool = True, on_step=None,
+          hparams: dict | None = None) -> dict[str, Any]:
+    """Trains to tc.steps, resuming from the latest checkpoint; metrics go to {workdir}/logs.
+
+    on_step(step, metrics): called after each step; a dict it returns joins that step's metrics.
+    hparams: the run's settings, for TensorBoard's HPARAMS tab (MetricsWriter.hparams).
+    """
     tc = self.tc
     it_state, history = self.restore()
     if it_state is not None:
       iterator.restore(it_state)
     writer = metrics_lib.MetricsWriter(os.path.join(self.workdir, "logs"), resume_step=int(self.state.step))
-    old = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+    if hparams:
+      writer.hparams(hparams)
+    old = self._catch_signals()
     from tqdm import tqdm
     bar = tqdm(total=tc.steps, initial=int(self.state.step), desc="train", unit="step", dynamic_ncols=True,
                disable=not progress or jax.process_index() != 0)
     peak = peak_flops_per_device()
     batches = iter(iterator)
+    step = int(self.state.step)
+    # Asked at the step the run starts from too: JAX's protocol agrees on one past the largest step any
+    # process last asked about, and a resumed run that had not asked yet (a notice while it compiles
+    # its first step) would count as 0 in a new process, so the agreed step 1 would never come. True
+    # here can only be a step >= 1, i.e. the checkpoint just restored: nothing to save.
+    stop = _reached_preemption(step)
     try:
-      while int(self.state.step) < tc.steps:
+      while step < tc.steps and not stop:
         t0 = time.time()
         host, info = self._host_batch(batches)
         batch = {k: jax.make_array_from_process_local_data(
@@ -188,29 +218,47 @@ class SFTTrainer:
         m["tokens_per_s"] = tokens_in * jax.process_count() / dt
         m["mfu"] = (self._flops_per_token * m["tokens_per_s"] / (peak * jax.device_count())
                     if peak and self._flops_per_token else None)
-        history.append({"step": step, **{k: v for k, v in m.items() if v is not None}})
-        writer.write(step, {k: v for k, v in m.items() if v is not None})
         bar.update(1)
         bar.set_postfix(self._postfix(m))
         if on_step is not None:
-          on_step(step, m)
-        if step % tc.save_every == 0 or step == tc.steps or self._stop:
+          m.update(on_step(step, m) or {})
+        history.append({"step": step, **{k: v for k, v in m.items() if v is not None}})
+        writer.write(step, {k: v for k, v in m.items() if v is not None})
+        # Every process asks at every step: the agreed step has to be one that each of them asks about.
+        stop = _reached_preemption(step) or self._signal is not None
+        if step % tc.save_every == 0 or step == tc.steps or stop:
           self.save(iterator.state(), history)
           writer.flush()
-        if self._stop:
-          self.manager.wait_until_finished()
-          raise Preempted(f"SIGTERM: saved step {step} to {self.ckpt_dir}; run again to resume")
+      if stop:
+        self.manager.wait_until_finished()
+        raise Preempted(step, self.ckpt_dir, self._signal or signal.SIGTERM)
     finally:
       bar.close()
       writer.close()
       self.manager.wait_until_finished()
-      if old is not None:
-        signal.signal(signal.SIGTERM, old)
+      for signum, handler in old.items():
+        signal.signal(signum, handler)
       iterator.close()
     return {"steps": int(self.state.step), "history": history}
 
-  def _on_sigterm(self, signum, frame):
-    self._stop = True
+  def _catch_signals(self) -> dict:
+    """Installs the single-process SIGTERM and SIGINT handlers; returns the handlers they replace.
+
+    Only there. With several processes, jax.distributed.initialize() has started JAX's preemption
+    service, whose own (C++) SIGTERM handler tells the coordination service; the processes then
+    agree on a step to save at (one past the furthest one's), where `_reached_preemption` reads True
+    in each. A Python handler would replace JAX's and make only its own process save, and the save
+    is collective: the others would wait in it forever. Ctrl-C there stays a KeyboardInterrupt."""
+    if jax.process_count() > 1 or not _main_thread():
+      return {}
+    return {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def _on_signal(self, signum, frame):
+    if signum == signal.SIGINT:
+      if self._signal is not None:
+        raise KeyboardInterrupt      # Ctrl-C again: stop at once, without the save
+      log.warning("Ctrl-C: saving at the end of this step, then stopping (Ctrl-C again to stop at once)")
+    self._signal = signum
 
   @property
   def params(self):
@@ -256,6 +304,27 @@ def _shared_step(cfg, opts, oc: optim.OptimConfig, loss, count_name: str, state_
     _STEPS[key] = sft.make_train_step(cfg, opts, optim.optimizer(oc), optim.schedule(oc), loss=loss,
                                       count_name=count_name, state_sharding=state_sharding)
   return _STEPS[key]
+
+
+def _reached_preemption(step: int) -> bool:
+  """Whether `step` is the step JAX's preemption sync agreed on (False without jax.distributed)."""
+  try:
+    return multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError:        # jax.distributed with its preemption service switched off: no notices
+    return False
+
+
+class _CheckpointManager(ocp.CheckpointManager):
+  """Orbax's CheckpointManager, except that it leaves JAX's preemption sync to the training loop.
+
+  Orbax asks reached_preemption_sync_point(step) itself, for its logs and metrics: in `save`, with the
+  step the loop has just asked about, but also, on process 0, from the thread that finalizes an
+  asynchronous save, steps later, with that save's step. That moves process 0's counter back; if the
+  protocol read it then, the agreed step could be one that process 0 has passed and the others have
+  not, and they would wait for it in a collective save."""
+
+  def reached_preemption(self, step: int) -> bool:
+    return False
 
 
 def _main_thread() -> bool:
