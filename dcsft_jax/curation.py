@@ -401,7 +401,7 @@ def materialize_images(records: Sequence[Record], image_dir: str | os.PathLike) 
       try:
         with Image.open(io.BytesIO(r.image)) as probe:
           fmt = probe.format
-      except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for undecodable data
+      except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # undecodable, or too big
         raise ValueError(f"record {r.id!r}: its image bytes are not a readable image ({e})") from None
       path = os.path.join(image_dir, safe_name(r.id) + _EXT.get(fmt, "." + (fmt or "img").lower()))
       if not os.path.exists(path):

@@ -6,7 +6,7 @@ One object, so the stages, the report, the tests and a user's scripts agree on w
   base_model/, cold_start_model/      model directories (Orbax params + config.json + processor files)
   models/{sft,sft_m,sft_em,grpo}/     the trained models; models/finetune.json marks the LoRA runs done
   train/NAME/                         a training run: checkpoints/, logs/ (metrics.jsonl, TensorBoard),
-                                      curve.json (OOD accuracy vs step), rollouts/ (GRPO)
+                                      curve.json (OOD accuracy vs step), figures.json, rollouts/ (GRPO)
   scores/scores.jsonl                 K verified samples per training prompt (scores.partial.jsonl while running)
   curation/                           RECIPE.json training files, images/, pass_rates.png, summary.json
   eval/MODEL/SET.json                 greedy answers per set; eval/accuracy.{json,md}
@@ -86,6 +86,10 @@ class Workdir:
 
   def curve(self, name: str) -> str:
     return os.path.join(self.train(name), "curve.json")
+
+  def figures(self, name: str) -> str:
+    """A finished run's summary figures, for the stage summary of a later, resumed invocation."""
+    return os.path.join(self.train(name), "figures.json")
 
   # ----------------------------------------------------------------------- scoring and curation
   @property

@@ -292,3 +292,37 @@ def test_hf_dataset_json_file_and_bad_rows(tmp_path):
   assert res.skipped == [(1, "answer is empty")] and res[0].prompt == "Find it."
   with pytest.raises(ValueError, match="exactly one"):
     R.read_hf_dataset(str(p), image_column="image", answer_column="answer", task="grounding")
+
+
+def test_bad_text_and_oversized_images_are_named_and_skippable(tmp_path, monkeypatch):
+  """A lone surrogate in a prompt, a file that is not UTF-8 and an image over PIL's pixel limit each
+  become an error naming the file (and record), and skip_bad_records skips the record."""
+  from dcsft_jax.data import batching
+  from dcsft_jax.data.processor import Processor
+  img = tmp_path / "big.png"
+  Image.new("RGB", (40, 40), "white").save(img)
+  good = {"messages": [{"role": "user", "content": "<image>What is it?"}, {"role": "assistant", "content": "cat"}],
+          "images": [str(img)]}
+  broken = {"messages": [{"role": "user", "content": "<image>What is \ud800 it?"},
+                         {"role": "assistant", "content": "cat"}], "images": [str(img)]}
+  path = tmp_path / "data.json"
+  path.write_text(json.dumps([good, broken]))      # json escapes the surrogate as \\ud800, as such files do
+  with pytest.raises(R.BadRecord, match=r"data\.json: record 1.*not valid Unicode.*surrogate"):
+    R.read_paper_json(path)
+  res = R.read_paper_json(path, skip_bad_records=True)
+  assert len(res) == 1 and [i for i, _ in res.skipped] == [1]
+  raw = tmp_path / "latin1.json"
+  raw.write_bytes(b'[{"problem": "caf\xff", "solution": "1"}]')
+  with pytest.raises(R.BadRecord, match=r"latin1\.json: not UTF-8 text \(byte 0xff at offset 17\)"):
+    R.read_paper_json(raw)
+  # PIL's decompression-bomb limit, lowered so that a 40x40 image crosses it.
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 700)
+  proc = Processor.tiny()
+  with pytest.raises(ValueError, match=r"big\.png.*PIL refuses images over 1,400 pixels"):
+    proc.measure(str(img), "What is it?", "cat")
+  small = tmp_path / "small.png"
+  Image.new("RGB", (20, 20), "white").save(small)
+  recs = list(res) + [R.Record("small", str(small), "What is it?", "dog", "classification")]
+  assert batching.auto_buckets(recs, proc, with_answers=True, skip_bad_records=True)  # the big one skipped
+  with pytest.raises(ValueError, match=r"big\.png"):
+    batching.auto_buckets(recs, proc, with_answers=True)

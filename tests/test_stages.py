@@ -298,3 +298,30 @@ def test_stages_run_in_pipeline_order_and_a_missing_input_names_its_stage(tmp_pa
   c.score.model = "cold_start_model"
   with pytest.raises(FileNotFoundError, match=r"'cold_start' stage makes it"):
     main.run(c)
+
+
+def test_cold_start_counts_the_records_it_skipped(base_workdir, tmp_path):
+  """With skip_bad_records, a record without an assistant turn (skipped by the reader) and one whose
+  image does not decode (skipped by the batcher) are both counted as skipped, not as trained on."""
+  from PIL import Image
+  wd = _fresh(base_workdir, tmp_path, "skips")
+  rows = []
+  for i in range(8):
+    p = tmp_path / f"img{i}.png"
+    Image.new("RGB", (28, 28), (30 * i, 0, 0)).save(p)
+    rows.append({"messages": [{"role": "user", "content": "<image>Which digit?"},
+                              {"role": "assistant", "content": str(i)}], "images": [str(p)]})
+  rows.append({"messages": [{"role": "user", "content": "<image>Which digit?"}], "images": [rows[0]["images"][0]]})
+  broken = tmp_path / "broken.png"
+  broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+  rows.append({"messages": [{"role": "user", "content": "<image>Which digit?"},
+                            {"role": "assistant", "content": "9"}], "images": [str(broken)]})
+  (tmp_path / "cold.json").write_text(json.dumps(rows))
+  c = _config(wd)
+  c.stages = "cold_start"
+  c.cold_start.data = f"json:{tmp_path / 'cold.json'}"
+  c.cold_start.batch_size = 8
+  c.cold_start.steps = 1
+  c.data.skip_bad_records = True
+  figures = main.run(c)["cold_start"]
+  assert (figures["records"], figures["skipped"]) == (8, 2), figures

@@ -121,6 +121,17 @@ def _to_rgb(img: Image.Image, what: str) -> Image.Image:
   return img.convert("RGB")
 
 
+# What PIL raises for a file it cannot decode, including one over its pixel limit (a decompression bomb).
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError)
+
+
+def _hint(e: Exception) -> str:
+  if isinstance(e, Image.DecompressionBombError):
+    return (f" (PIL refuses images over {2 * Image.MAX_IMAGE_PIXELS:,} pixels; downscale it, or drop the record "
+            f"with --config.data.skip_bad_records=true)")
+  return ""
+
+
 def load_image(image: ImageInput, *, name: str | None = None) -> Image.Image:
   """A PIL image, a path, encoded bytes or a uint8 [H, W(, C)] array -> an RGB PIL image.
 
@@ -136,8 +147,8 @@ def load_image(image: ImageInput, *, name: str | None = None) -> Image.Image:
         return _to_rgb(f, what)
     except FileNotFoundError:
       raise ValueError(f"image file not found: {what}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-      raise ValueError(f"cannot read image {what}: {e}") from e
+    except IMAGE_ERRORS as e:
+      raise ValueError(f"cannot read image {what}: {e}{_hint(e)}") from e
   if isinstance(image, np.ndarray):
     if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3, 4))):
       raise ValueError(f"image {what}: arrays must be uint8 [H, W] or [H, W, 1|3|4], got {image.dtype} {image.shape}")
@@ -361,8 +372,8 @@ class Processor:
             w, h = f.size
         except FileNotFoundError:
           raise ValueError(f"image file not found: {what}") from None
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-          raise ValueError(f"cannot read image {what}: {e}") from e
+        except IMAGE_ERRORS as e:
+          raise ValueError(f"cannot read image {what}: {e}{_hint(e)}") from e
       else:
         img = load_image(image, name=name)
         w, h = img.size

@@ -296,6 +296,12 @@ def _parse_paper_record(rec: Any) -> dict[str, Any]:
                f"put exactly one {IMAGE_TOKEN} in the user turn per image (ms-swift requires it)")
   if not answer.strip():
     raise _Bad("answer is empty", "drop the record or fill in its reference answer")
+  for name, text in (("user turn", user), ("answer", answer)):
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:   # a lone surrogate ("\ud800" in the JSON): no tokenizer takes it
+      raise _Bad(f"the {name} is not valid Unicode ({e.reason} at character {e.start}: {text[e.start]!r})",
+                 "re-encode the text as UTF-8 (an escape like \\ud800 without its pair is a broken character)") from None
   task = rec.get("task")
   if task is not None and task not in TASKS:
     raise _Bad(f"unknown task {task!r}", f"use one of {', '.join(TASKS)}")
@@ -369,6 +375,9 @@ def read_paper_json(path: str | os.PathLike, *, image_root: ImageRoot = None, ta
       data = json.load(f)
   except json.JSONDecodeError as e:
     raise BadRecord(source, None, f"not valid JSON ({e})", "the file must be one JSON list of records") from None
+  except UnicodeDecodeError as e:
+    raise BadRecord(source, None, f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})",
+                    "save the file as UTF-8 JSON") from None
   if not isinstance(data, list):
     raise BadRecord(source, None, f"top level is a {type(data).__name__}, not a list",
                     "the file must be one JSON list of records (JSONL is not the paper's format)")

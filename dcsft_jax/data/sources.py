@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 from dcsft_jax.data import builtin
-from dcsft_jax.data.records import Record, read_hf_dataset, read_paper_json
+from dcsft_jax.data.records import read_hf_dataset, read_paper_json
 
 KINDS = ("builtin", "synthetic", "json", "tfds", "hf")
 
@@ -118,10 +118,22 @@ def check(spec: Spec, *, tfds_dir: str = "") -> str | None:
   return None
 
 
+class Loaded(list):
+  """A source's records, and in `.skipped` the (index, reason) of each record its reader skipped
+  (skip_bad_records), so a stage can report them: nothing is dropped without a count."""
+  skipped: list = []
+
+
+def _loaded(recs, skipped=(), limit: int | None = None) -> Loaded:
+  out = Loaded(recs[:limit] if limit is not None else recs)
+  out.skipped = list(skipped)
+  return out
+
+
 def load(spec: Spec | str, *, seed: int = 0, limit: int | None = None, image_root: Any = None,
          skip_bad_records: bool = False, tfds_dir: str = "", label_names: Any = None, task: str | None = None,
          label_noise: float = 0.0, image_size: int = 56, prompt: str | None = None,
-         answer_column: str = "label") -> list[Record]:
+         answer_column: str = "label") -> Loaded:
   """Records of one source (the first `limit` of them, if given)."""
   spec = parse(spec) if isinstance(spec, str) else spec
   if spec.sliced:
@@ -129,8 +141,7 @@ def load(spec: Spec | str, *, seed: int = 0, limit: int | None = None, image_roo
                 and spec.stop is not None and spec.stop >= 0 else None, image_root=image_root,
                 skip_bad_records=skip_bad_records, tfds_dir=tfds_dir, label_names=label_names, task=task,
                 label_noise=label_noise, image_size=image_size, prompt=prompt, answer_column=answer_column)
-    recs = recs[spec.start:spec.stop]
-    return recs[:limit] if limit is not None else recs
+    return _loaded(recs[spec.start:spec.stop], recs.skipped, limit)
   problem = check(spec, tfds_dir=tfds_dir)
   if problem:
     raise FileNotFoundError(problem)
@@ -138,20 +149,18 @@ def load(spec: Spec | str, *, seed: int = 0, limit: int | None = None, image_roo
     split = spec.split or "train"
     recs = builtin.load_synthetic(int(spec.path), split, seed=seed, label_noise=label_noise if split == "train"
                                   else 0.0)
-    return recs[:limit] if limit is not None else recs
+    return _loaded(recs, limit=limit)
   if spec.kind == "builtin":
-    return builtin.load_builtin(spec.path, seed=seed, limit=limit, label_noise=label_noise if spec.path == "train"
-                                else 0.0, image_size=image_size)
+    return _loaded(builtin.load_builtin(spec.path, seed=seed, limit=limit, label_noise=label_noise
+                                        if spec.path == "train" else 0.0, image_size=image_size))
   if spec.kind == "json":
-    recs = list(read_paper_json(spec.path, image_root=image_root or None, task=task,
-                                skip_bad_records=skip_bad_records))
+    res = read_paper_json(spec.path, image_root=image_root or None, task=task, skip_bad_records=skip_bad_records)
   elif spec.kind == "tfds":
     from dcsft_jax.data import tfds_source
-    recs = list(tfds_source.read_tfds(spec.path, split=spec.split or "train", data_dir=tfds_dir,
-                                      label_names=label_names or None, limit=limit,
-                                      skip_bad_records=skip_bad_records))
+    res = tfds_source.read_tfds(spec.path, split=spec.split or "train", data_dir=tfds_dir,
+                                label_names=label_names or None, limit=limit, skip_bad_records=skip_bad_records)
   else:
-    recs = list(read_hf_dataset(spec.path, answer_column=answer_column, task=task or "classification",
-                                prompt=prompt or builtin.PROMPT, split=spec.split, image_root=image_root or None,
-                                skip_bad_records=skip_bad_records))
-  return recs[:limit] if limit is not None else recs
+    res = read_hf_dataset(spec.path, answer_column=answer_column, task=task or "classification",
+                          prompt=prompt or builtin.PROMPT, split=spec.split, image_root=image_root or None,
+                          skip_bad_records=skip_bad_records)
+  return _loaded(list(res), getattr(res, "skipped", ()), limit)

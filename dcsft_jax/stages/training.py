@@ -147,6 +147,7 @@ def _sft_run(config, ctx, name: str, s, start_ref: str, start_key: str, spec, *,
              key: str) -> dict:
   model = _start(config, ctx, start_ref, start_key)
   records = common.load_records(config, spec, train=train_noise)
+  read_skipped = getattr(records, "skipped", [])
   if not records:
     raise ValueError(f"{name}: {spec} holds no records. For a curated recipe this means the cold-start model "
                      f"got every prompt right or every prompt wrong; check scores/ and curation/summary.json "
@@ -162,7 +163,9 @@ def _sft_run(config, ctx, name: str, s, start_ref: str, start_key: str, spec, *,
   t = trainer.SFTTrainer(model.cfg, ctx.model_options, params, tc, ctx.mesh, ctx.wd.train(name),
                          fingerprint=_data_fingerprint(config, spec, records, model))
   params = model.params = None   # the trainer holds the weights now (a LoRA base perhaps in bf16)
-  out = {"records": len(records), **_fit(config, ctx, name, t, it, s, model)}
+  fit = _fit(config, ctx, name, t, it, s, model)
+  # Records trained on, and every one left out (by the reader or when its image would not decode).
+  out = {"records": len(records) - len(it.skipped), "skipped": len(read_skipped) + len(it.skipped), **fit}
   if s.max_length:
     out["dropped_over_max_length"] = dropped
   return out
@@ -207,8 +210,12 @@ def finetune(config, ctx) -> dict:
   f = config.finetune
   out = {}
   for recipe in [r.strip() for r in f.recipes.split(",") if r.strip()]:
+    figures = ctx.wd.figures(recipe)
     if ctx.wd.model_done(recipe):
       print(f"[finetune] {recipe}: done already")
+      # An earlier invocation trained it: its figures still belong in the stage's summary.
+      if os.path.exists(figures):
+        out.update({f"{recipe}/{k}": v for k, v in json.load(open(figures)).items()})
       continue
     path = ctx.wd.recipe(recipe)
     if not os.path.exists(path):
@@ -216,7 +223,9 @@ def finetune(config, ctx) -> dict:
     print(f"[finetune] {recipe} from {path}")
     res = _sft_run(config, ctx, recipe, f, f.model, "finetune.model", sources.Spec("json", path), train_noise=False,
                    key="finetune")
-    out.update({f"{recipe}/{k}": v for k, v in res.items() if k != "written"})
+    res = {k: v for k, v in res.items() if k != "written"}
+    common.write_json(figures, res)
+    out.update({f"{recipe}/{k}": v for k, v in res.items()})
   common.write_json(ctx.wd.finetune_done, out)
   return out
 
