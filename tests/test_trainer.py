@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -38,7 +39,7 @@ def _setup(workdir, lora=None):
 def test_killed_run_resumes_bit_identical(tmp_path):
   # LoRA with dropout: adapters, frozen base, optimizer state and the dropout RNG all have to resume.
   lora = M.LoraSpec(rank=4, alpha=8, dropout=0.05)
-  setups = [_setup(tmp_path, lora) for _ in range(4)]   # built outside the mesh: four identical starts
+  setups = [_setup(tmp_path, lora) for _ in range(5)]   # built outside the mesh: five identical starts
 
   class Killed(Exception):
     pass
@@ -70,6 +71,20 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     t = trainer.SFTTrainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path / "b"))
     out_b = t.fit(it, progress=False)
     final_b = jax.tree.map(np.asarray, t.params)
+    # The finished run's last step (6) damaged, as by a crash mid-save: set aside, step 4 resumed, the
+    # same end reached.
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    step6 = tmp_path / "c" / "checkpoints" / "6"
+    shutil.rmtree(step6)
+    step6.mkdir()
+    cfg, params, it, tc, _ = setups[4]
+    t = trainer.SFTTrainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path / "c"))
+    out_c = t.fit(it, progress=False)
+    final_c = jax.tree.map(np.asarray, t.params)
+  assert len(list((tmp_path / "c" / "checkpoints").glob("6.unreadable-*"))) == 1
+  assert [h["step"] for h in out_c["history"]] == list(range(1, 7))
+  for x, y in zip(jax.tree.leaves(final_a), jax.tree.leaves(final_c)):
+    np.testing.assert_array_equal(x, y)
   for x, y in zip(jax.tree.leaves(final_a), jax.tree.leaves(final_b)):
     np.testing.assert_array_equal(x, y)
   strip = lambda h: [{k: v for k, v in r.items() if k not in trainer.TIMING_KEYS} for r in h]

@@ -126,8 +126,7 @@ class SFTTrainer:
     self.state = sft.init_state(params, self.tx, self.mask, rng, tc.base_dtype, layout=spec.layout)
     self.loss = loss
     self.ckpt_dir = os.path.join(workdir, "checkpoints")
-    self.manager = _CheckpointManager(self.ckpt_dir, options=ocp.CheckpointManagerOptions(
-        max_to_keep=tc.keep, enable_async_checkpointing=True))
+    self.manager = self._new_manager()
     self._signal: int | None = None      # what a single-process run was sent (_catch_signals)
     # Model FLOPs per trained token (forward + backward), for MFU.
     self._flops_per_token = 6 * self.n_params
@@ -151,6 +150,10 @@ class SFTTrainer:
     s = self.state
     return {"train": s.train, "opt_state": s.opt_state, "step": s.step, "rng": s.rng}
 
+  def _new_manager(self):
+    return _CheckpointManager(self.ckpt_dir, options=ocp.CheckpointManagerOptions(
+        max_to_keep=self.tc.keep, enable_async_checkpointing=True))
+
   def save(self, iterator_state: dict, history: list[dict]) -> None:
     step = int(self.state.step)
     self.manager.save(step, args=ocp.args.Composite(
@@ -159,20 +162,44 @@ class SFTTrainer:
                                 "fingerprint": self.fingerprint})), force=True)
 
   def restore(self) -> tuple[dict | None, list[dict]]:
-    step = self.manager.latest_step()
-    if step is None:
-      return None, []
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if "fingerprint" in meta:     # checked before the weights are read
-      fingerprint_lib.check(f"the training run in {self.ckpt_dir}", meta["fingerprint"], self.fingerprint,
-                            f"Run with the same settings to resume it, or delete {self.ckpt_dir} to train from "
-                            f"scratch with the new ones.")
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._saved())
-    got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    st = got["state"]
-    self.state = self.state.replace(train=st["train"], opt_state=st["opt_state"], step=st["step"], rng=st["rng"])
-    log.warning("resumed from %s at step %d", self.ckpt_dir, step)
-    return meta["iterator"], meta["history"]
+    """Restores the latest readable checkpoint: (iterator state, history), or (None, []) for none.
+
+    A step that cannot be read (a truncated file, an empty folder from a crash mid-save, a full
+    disk) is set aside as STEP.unreadable-TIME, with one warning naming it and the cause, and the
+    step before it is tried: the run loses those steps, not the whole run."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      except Exception as e:  # noqa: BLE001 - whatever Orbax raises for a damaged step, the remedy is the same
+        self._set_aside(step, e)
+        continue
+      if "fingerprint" in meta:     # checked before the weights are read; a deliberate stop, not damage
+        fingerprint_lib.check(f"the training run in {self.ckpt_dir}", meta["fingerprint"], self.fingerprint,
+                              f"Run with the same settings to resume it, or delete {self.ckpt_dir} to train from "
+                              f"scratch with the new ones.")
+      target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._saved())
+      try:
+        st = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+      except Exception as e:  # noqa: BLE001
+        self._set_aside(step, e)
+        continue
+      self.state = self.state.replace(train=st["train"], opt_state=st["opt_state"], step=st["step"], rng=st["rng"])
+      log.warning("resumed from %s at step %d", self.ckpt_dir, step)
+      return meta["iterator"], meta["history"]
+    return None, []
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    cause = (str(error).strip().splitlines() or [""])[0][:300]
+    aside = os.path.join(self.ckpt_dir, f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+    log.warning("checkpoint step %d in %s cannot be read (%s: %s); moved to %s, trying the step before it",
+                step, self.ckpt_dir, type(error).__name__, cause, aside)
+    if jax.process_index() == 0:
+      os.replace(os.path.join(self.ckpt_dir, str(step)), aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"dcsft-checkpoint-set-aside-{step}")
+    # The manager lists the steps it found when it was made: a new one no longer sees the moved step.
+    self.manager.close()
+    self.manager = self._new_manager()
 
   # ------------------------------------------------------------------------- the loop
   def fit(self, iterator: batching.BatchIterator, *, progress: bool = True, on_step=None,
