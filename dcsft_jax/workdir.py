@@ -173,8 +173,8 @@ def locked(wd: Workdir):
   """Holds the workdir's lock (an exclusive flock on WORKDIR/.lock) for the block, or raises
   WorkdirBusy naming the run that holds it. Two runs on one workdir would train, log and checkpoint
   over each other; the lock makes the second one stop before it touches anything. The kernel drops
-  the lock when the holder dies, so a killed run never leaves a stale one. Process 0 takes it for a
-  multi-host run (its hosts share the workdir)."""
+  the lock when the holder dies, so a killed run never leaves a stale one (the next run takes it over
+  and says so). Process 0 takes it for a multi-host run (its hosts share the workdir)."""
   os.makedirs(wd.root, exist_ok=True)
   fd = os.open(wd.lock, os.O_RDWR | os.O_CREAT, 0o644)
   try:
@@ -184,9 +184,15 @@ def locked(wd: Workdir):
       holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
       raise WorkdirBusy(f"{wd.root} is in use by {holder}. Wait for that run to finish (or stop it), or "
                         f"give this run another --config.workdir.") from None
+    before = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+    if before:   # the kernel dropped that holder's lock without its cleanup: it was killed
+      print(f"dcsft_jax: taking over the lock of {wd.root} from {before} (no longer running)")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
               .encode(), 0)
-    yield
+    try:
+      yield
+    finally:
+      os.ftruncate(fd, 0)      # a clean exit leaves no holder; a killed run leaves its line behind
   finally:
     os.close(fd)

@@ -100,7 +100,7 @@ def test_score_resumes_after_a_crash_to_the_same_file(base_workdir, tmp_path, mo
 
 
 @pytest.mark.slow
-def test_score_killed_with_sigkill_resumes(base_workdir, tmp_path):
+def test_score_killed_with_sigkill_or_stopped_with_sigterm_resumes(base_workdir, tmp_path):
   ref = _fresh(base_workdir, tmp_path, "ref")
   wd = _fresh(base_workdir, tmp_path, "killed")
   args = ["--config.stages=score", "--config.score.model=base_model", "--config.mesh.fsdp=1", "--config.data.train_limit=40",
@@ -122,11 +122,22 @@ def test_score_killed_with_sigkill_resumes(base_workdir, tmp_path):
   p.wait()
   done = open(partial).read().count("_batch_done")
   assert 3 <= done < 10 and not os.path.exists(Workdir(wd).scores)
+  # SIGTERM: the batch in hand goes to the journal, then exit 143 with one line saying how to resume.
+  p = subprocess.Popen(cmd + [f"--config.workdir={wd}"] + args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and open(partial).read().count("_batch_done") < done + 1:
+    time.sleep(0.05)
+  p.send_signal(signal.SIGTERM)
+  out, err = p.communicate(timeout=300)
+  assert p.returncode == 143, err[-2000:]
+  assert "preempted: saved batch" in err and "Traceback" not in err, err[-2000:]
+  done = open(partial).read().count("_batch_done")
   r = subprocess.run(cmd + [f"--config.workdir={wd}"] + args, cwd=REPO, env=env, capture_output=True, text=True,
                      timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   stages = json.load(open(wd / "stages.json"))
-  assert stages["score"]["resumed_at_batch"] >= 3
+  assert stages["score"]["resumed_at_batch"] == done >= 4
   assert open(Workdir(wd).scores, "rb").read() == open(Workdir(ref).scores, "rb").read()
 
 
@@ -235,7 +246,7 @@ def test_read_scores_of_the_stage_output_round_trips(base_workdir, tmp_path):
   assert len(scores) == 8 and all(s.k == 4 for s in scores.values())
 
 
-def test_a_second_run_on_a_busy_workdir_stops_naming_the_first(tmp_path):
+def test_a_second_run_on_a_busy_workdir_stops_naming_the_first(tmp_path, capsys):
   """Two runs on one workdir would write over each other: the second stops before any work, naming
   the first; the lock goes with its holder, even after kill -9."""
   from dcsft_jax import workdir as workdir_lib
@@ -255,7 +266,9 @@ def test_a_second_run_on_a_busy_workdir_stops_naming_the_first(tmp_path):
     holder.kill()
     holder.wait()
   with workdir_lib.locked(wd):                               # free again once the holder is gone
-    pass
+    assert f"taking over the lock of {wd.root} from pid {holder.pid}" in capsys.readouterr().out
+  with workdir_lib.locked(wd):                               # a clean exit leaves nothing to take over
+    assert "taking over" not in capsys.readouterr().out
 
 
 def test_journal_refuses_to_resume_under_other_settings(tmp_path):

@@ -2,10 +2,13 @@
 the configured datasets, atomic files and progress bars."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 
 import jax
 
@@ -104,6 +107,29 @@ def write_json(path: str, obj) -> None:
 def write_text(path: str, text: str) -> None:
   if jax.process_index() == 0:
     atomic.write_text(path, text)
+
+
+@contextlib.contextmanager
+def stop_requests():
+  """For a stage that saves as it goes (scoring's journal): yields a list that receives the signal
+  number when SIGTERM or SIGINT arrives, so the stage finishes its batch, saves it and stops (raising
+  trainer.Preempted: exit 143 or 130, one line). One process in the main thread only: under
+  jax.distributed, JAX's own SIGTERM handler stays in place (dcsft_jax.train.trainer)."""
+  got: list[int] = []
+  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+    yield got
+    return
+
+  def handler(signum, frame):
+    if got and signum == signal.SIGINT:
+      raise KeyboardInterrupt          # Ctrl-C again: stop at once
+    got.append(signum)
+  old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield got
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
 
 
 class JsonlJournal:

@@ -13,6 +13,7 @@ import jax
 
 from dcsft_jax import sampling, verify
 from dcsft_jax.stages import common
+from dcsft_jax.train import trainer
 
 def sampling_params(s, model) -> sampling.SamplingParams:
   return sampling.settings(model.directory, model.processor, repetition_penalty=s.repetition_penalty,
@@ -42,20 +43,23 @@ def run(config, ctx) -> dict:
   bar.update(done_rows)
   t0, n_new, answers = time.time(), 0, 0
   try:
-    for out in gen.run(records, start_batch=resumed, iterator=it):
-      rows = []
-      for r, texts in zip(out.rows, out.texts):
-        if r < 0:
-          continue
-        rec = records[r]
-        verdicts = [int(verify.verify(rec.task, t, rec.answer)) for t in texts]
-        rows.append({"id": rec.id, "index": int(r), "task": rec.task, "answer": rec.answer,
-                     "completions": texts, "verdicts": verdicts, "pass_rate": sum(verdicts) / len(verdicts)})
-      journal.commit(out.index, rows)
-      n_new += len(rows)
-      answers += len(rows) * sp.num_samples
-      bar.update(len(rows))
-      bar.set_postfix(answers_per_s=f"{answers / max(time.time() - t0, 1e-9):.1f}")
+    with common.stop_requests() as stop:
+      for out in gen.run(records, start_batch=resumed, iterator=it):
+        rows = []
+        for r, texts in zip(out.rows, out.texts):
+          if r < 0:
+            continue
+          rec = records[r]
+          verdicts = [int(verify.verify(rec.task, t, rec.answer)) for t in texts]
+          rows.append({"id": rec.id, "index": int(r), "task": rec.task, "answer": rec.answer,
+                       "completions": texts, "verdicts": verdicts, "pass_rate": sum(verdicts) / len(verdicts)})
+        journal.commit(out.index, rows)
+        n_new += len(rows)
+        answers += len(rows) * sp.num_samples
+        bar.update(len(rows))
+        bar.set_postfix(answers_per_s=f"{answers / max(time.time() - t0, 1e-9):.1f}")
+        if stop:               # SIGTERM / Ctrl-C: this batch is in the journal; stop here
+          raise trainer.Preempted(out.index, journal.path, stop[0], unit="batch")
   finally:
     bar.close()
     journal.close()

@@ -42,7 +42,9 @@ def train_config(config, s, steps: int, seed: int) -> trainer.TrainConfig:
   lora = lora_spec(s)
   return trainer.TrainConfig(
       steps=steps, batch_size=s.batch_size, accum=s.accum, lora=lora, freeze_vit=bool(s.freeze_vit),
-      freeze_aligner=bool(s.freeze_aligner), save_every=s.save_every, keep=s.keep, seed=seed,
+      # At least every 10% of the run, whatever save_every says: a kill then costs at most a tenth.
+      freeze_aligner=bool(s.freeze_aligner), save_every=min(s.save_every, max(1, math.ceil(steps / 10))),
+      keep=s.keep, seed=seed,
       frozen_dtype=frozen_dtype(config),
       optim=optim.OptimConfig(learning_rate=float(s.learning_rate), warmup_ratio=float(s.warmup_ratio),
                               schedule=s.schedule, weight_decay=float(s.weight_decay), b1=float(s.b1),

@@ -100,9 +100,9 @@ class Preempted(Exception):
   command again resumes from that checkpoint. `exit_status` is 128 + the signal, the status a shell
   and a scheduler expect from a process the signal ended."""
 
-  def __init__(self, step: int, directory: str, signum: int = signal.SIGTERM):
+  def __init__(self, step: int, directory: str, signum: int = signal.SIGTERM, unit: str = "step"):
     reason = "interrupted" if signum == signal.SIGINT else "preempted"
-    super().__init__(f"{reason}: saved step {step} to {directory}; run the same command again to resume")
+    super().__init__(f"{reason}: saved {unit} {step} to {directory}; run the same command again to resume")
     self.step, self.exit_status = step, 128 + signum
 
 
@@ -115,6 +115,8 @@ class SFTTrainer:
     beside the TrainConfig; resuming under a different one stops with the difference."""
     self.cfg, self.tc, self.mesh, self.workdir = cfg, tc, mesh, workdir
     self.fingerprint = fingerprint_lib.of({"train": tc, **(fingerprint or {})})
+    for k in ("save_every", "keep"):      # when and how many checkpoints: no effect on the results
+      self.fingerprint["train"].pop(k)
     spec = step_spec(cfg, opts, tc, mesh, loss, count_name)
     self.opts, self.tx, self.mask, self.step_fn = spec.opts, spec.tx, spec.mask, spec.step_fn
     self.schedule = optim.schedule(tc.optim)
