@@ -75,6 +75,9 @@ def base() -> ml_collections.ConfigDict:
   c.data.tfds_dir = ""               # where prepared TFDS datasets live
   c.data.label_names = ""            # JSON file mapping TFDS class names (WordNet ids) to answer words
   c.data.skip_bad_records = False    # True: skip (and count) unreadable records instead of stopping
+  # An image with more pixels than this is a bad record (a decompression bomb: a small file that
+  # decodes to gigabytes). 0 = PIL's own limit (89.5M pixels warn, twice that refuse).
+  c.data.max_image_pixels = 0
   c.data.min_pixels = 0              # 0 = the processor's own setting
   c.data.max_pixels = 0              # the paper: 802816 (1024 * 28 * 28)
   c.data.max_buckets = 4             # image-size classes, i.e. compiled shapes per stage

@@ -20,6 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import jax
+import PIL.Image
 
 from dcsft_jax import atomic
 from dcsft_jax import mesh as mesh_lib
@@ -63,6 +64,9 @@ def run(config) -> dict:
     raise run_config.ConfigError(f"config.mesh: {e}") from None
   run_config.validate_mesh(config, names, mesh)
   opts = dataclasses.replace(opts, platform=mesh_lib.platform(mesh))
+  if config.data.max_image_pixels:
+    # PIL refuses images over twice MAX_IMAGE_PIXELS (DecompressionBombError, a bad record).
+    PIL.Image.MAX_IMAGE_PIXELS = config.data.max_image_pixels // 2
   wd = workdir_lib.Workdir(config.workdir)
   with workdir_lib.locked(wd) if jax.process_index() == 0 else contextlib.nullcontext():
     return _run_stages(config, names, Context(wd, mesh, opts))

@@ -200,6 +200,8 @@ def _validate_data(config, stages, check_files: bool = True) -> None:
   from dcsft_jax import curation, sampling
   from dcsft_jax.data import sources
   d = config.data
+  _check(isinstance(d.max_image_pixels, int) and d.max_image_pixels >= 0, "data.max_image_pixels",
+         f"{d.max_image_pixels!r} must be a pixel count >= 0 (0 = PIL's limit)")
   try:
     train = sources.parse(d.train)
   except ValueError as e:

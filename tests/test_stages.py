@@ -230,6 +230,7 @@ def test_evaluate_table_averages_ood_sets():
     ("score.max_pixels", -5, "config.score.max_pixels"),
     ("finetune.b2", 1.0, "config.finetune.b2"),
     ("cold_start.max_length", -1, "config.cold_start.max_length"),
+    ("data.max_image_pixels", -1, "config.data.max_image_pixels"),
 ])
 def test_bad_stage_config_names_the_key(tmp_path, key, value, needle):
   c = _config(tmp_path / "wd", **{key: value})
@@ -331,10 +332,11 @@ def test_cold_start_counts_the_records_it_skipped(base_workdir, tmp_path):
                             {"role": "assistant", "content": "9"}], "images": [str(broken)]})
   (tmp_path / "cold.json").write_text(json.dumps(rows))
   c = _config(wd)
-  c.stages = "cold_start"
+  c.stages = "cold_start,report"
   c.cold_start.data = f"json:{tmp_path / 'cold.json'}"
   c.cold_start.batch_size = 8
   c.cold_start.steps = 1
   c.data.skip_bad_records = True
   figures = main.run(c)["cold_start"]
   assert (figures["records"], figures["skipped"]) == (8, 2), figures
+  assert "| cold_start | 2 |" in open(Workdir(wd).report).read()

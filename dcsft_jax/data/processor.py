@@ -127,7 +127,8 @@ IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, Image.Decompressio
 
 def _hint(e: Exception) -> str:
   if isinstance(e, Image.DecompressionBombError):
-    return (f" (PIL refuses images over {2 * Image.MAX_IMAGE_PIXELS:,} pixels; downscale it, or drop the record "
+    return (f" (PIL refuses images over {2 * Image.MAX_IMAGE_PIXELS:,} pixels: downscale it, raise "
+            f"--config.data.max_image_pixels, or drop the record "
             f"with --config.data.skip_bad_records=true)")
   return ""
 

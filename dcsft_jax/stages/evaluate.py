@@ -52,11 +52,13 @@ def evaluate_set(config, ctx, model, name: str, spec, out_path: str) -> dict:
   records = common.load_records(config, spec, limit=config.evaluate.limit)
   t0 = time.time()
   results, skipped = greedy_results(config, ctx, model, records, str(spec), desc=f"eval {name}")
+  skipped += len(getattr(records, "skipped", []))      # the reader's skips, then the batcher's
   acc = accuracy_of(results)
   seconds = time.time() - t0
   common.write_json(out_path, {"model": model.directory, "dataset": str(spec), "accuracy": acc,
                                "n": len(results), "skipped": skipped, "results": results})
-  return {"accuracy": acc, "n": len(results), "prompts_per_s": round(len(results) / max(seconds, 1e-9), 2)}
+  return {"accuracy": acc, "n": len(results), "skipped": skipped,
+          "prompts_per_s": round(len(results) / max(seconds, 1e-9), 2)}
 
 
 def table(acc: dict[str, dict[str, float | None]], sets: list[str], ood: list[str]) -> str:
@@ -91,6 +93,7 @@ def run(config, ctx) -> dict:
       res = evaluate_set(config, ctx, model, name, spec, path)
       acc[label][name] = res["accuracy"]
       figures[f"{label}/{name}_prompts_per_s"] = res["prompts_per_s"]
+      figures[f"{label}/{name}/skipped"] = res["skipped"]
   md = table(acc, list(sets), ood)
   common.write_text(ctx.wd.accuracy_md, md)
   common.write_json(ctx.wd.accuracy_json, {"accuracy": acc, "sets": {k: str(v) for k, v in sets.items()},

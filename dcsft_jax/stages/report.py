@@ -38,6 +38,14 @@ def _stage_seconds(wd: Workdir) -> dict[str, float]:
   return {k: v.get("seconds") for k, v in stages.items() if isinstance(v, dict)}
 
 
+def _skipped(wd: Workdir) -> dict[str, int]:
+  """Records each stage skipped, from stages.json (keys `skipped` and `RUN/skipped`)."""
+  stages = _read(wd.stages) or {}
+  return {name: sum(int(v) for k, v in fig.items() if (k == "skipped" or k.endswith("/skipped"))
+                    and isinstance(v, (int, float)))
+          for name, fig in stages.items() if isinstance(fig, dict)}
+
+
 def _curves(wd: Workdir) -> dict[str, list[dict]]:
   out = {}
   for name in wd.train_runs():
@@ -147,6 +155,12 @@ def build(workdir: str) -> dict:
                           f"{r['final_reward']:.3f}" if "final_reward" in r else "-"] for n, r in runs.items()])]
     results["runs"] = runs
   results["curves"] = curves
+  skipped = _skipped(wd)
+  results["skipped"] = skipped
+  if any(skipped.values()):
+    parts += ["## Skipped records\n", "Records left out as unreadable (`data.skip_bad_records`), per stage "
+              "(the stage's log names each one):\n",
+              _md_table(["stage", "skipped"], [[k, str(v)] for k, v in skipped.items()])]
   if seconds:
     parts += ["## Wall-clock time per stage\n",
               _md_table(["stage", "seconds"], [[k, f"{v:.1f}" if v is not None else "-"] for k, v in seconds.items()]),

@@ -73,7 +73,8 @@ def run(config, ctx) -> dict:
     common.write_text(ctx.wd.scores, text)
     os.remove(journal.path)
   rates = [x["pass_rate"] for x in rows]
-  return {"records": len(rows), "skipped": len(skipped), "resumed_at_batch": resumed,
+  return {"records": len(rows), "skipped": len(skipped) + len(getattr(records, "skipped", [])),
+          "resumed_at_batch": resumed,
           "prompts_per_s": round(n_new / seconds, 2) if seconds > 0 else None,
           "answers_per_s": round(answers / seconds, 2) if seconds > 0 else None,
           "mean_pass_rate": round(sum(rates) / len(rates), 4) if rates else None, "model": model.directory}
