@@ -47,6 +47,10 @@ def base() -> ml_collections.ConfigDict:
   c.workdir = "workdir/dcsft"
   # Stages run in this order; each one is skipped when its outputs already exist in the workdir.
   c.stages = "init,cold_start,score,curate,finetune,grpo,evaluate,report,export"
+  # Start one stage over: delete its outputs (journal and checkpoints included) before the run, e.g.
+  # after changing its settings, which a resume refuses to mix with the old ones. Later stages that
+  # already ran keep their outputs: restart them too (a comma list) if they read this one's.
+  c.restart_stage = ""
   c.seed = 0
   c.distributed = "auto"             # 'auto': jax.distributed.initialize() under a multi-host launcher
   # Device mesh: one size may be -1 (all remaining devices).

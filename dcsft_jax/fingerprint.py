@@ -4,7 +4,9 @@ the two runs' results."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 
 
 def of(settings) -> dict:
@@ -35,3 +37,27 @@ def _flat(d: dict, prefix: str = "") -> dict:
     else:
       out[f"{prefix}{k}"] = v
   return out
+
+
+def identity(path: str) -> str | None:
+  """What a model directory or a data file is, cheaply: a hash of a file's bytes, or of a directory's
+  config.json and its file list with sizes (the weights themselves are not read). None for what is
+  not a local path (builtin data, a TFDS name)."""
+  h = hashlib.sha256()
+  if os.path.isfile(path):
+    with open(path, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+  elif os.path.isdir(path):
+    cfg = os.path.join(path, "config.json")
+    if os.path.exists(cfg):
+      with open(cfg, "rb") as f:
+        h.update(f.read())
+    for root, dirs, files in sorted(os.walk(path)):
+      dirs.sort()
+      for fn in sorted(files):
+        p = os.path.join(root, fn)
+        h.update(f"{os.path.relpath(p, path)}:{os.path.getsize(p)}\n".encode())
+  else:
+    return None
+  return h.hexdigest()[:16]

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -42,6 +43,20 @@ class Context:
   @property
   def workdir(self) -> str:
     return self.wd.root
+
+
+def _restart(config, wd: workdir_lib.Workdir) -> None:
+  """--config.restart_stage: delete the named stages' outputs, so they run again from scratch."""
+  recipes = tuple(r.strip() for r in config.finetune.recipes.split(",") if r.strip())
+  for stage in [s.strip() for s in str(config.restart_stage).split(",") if s.strip()]:
+    gone = [p for p in wd.stage_outputs(stage, recipes) if os.path.lexists(p)]
+    if jax.process_index() == 0:
+      for p in gone:
+        shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+    print(f"[{stage}] restart: deleted {', '.join(os.path.relpath(p, wd.root) for p in gone) or 'nothing'}")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("dcsft-restart")
 
 
 def maybe_initialize_distributed(mode: str) -> None:
@@ -74,6 +89,7 @@ def run(config) -> dict:
 
 def _run_stages(config, names: list[str], ctx: Context) -> dict:
   wd, mesh = ctx.wd, ctx.mesh
+  _restart(config, wd)
   if jax.process_index() == 0:
     atomic.write_text(wd.config, config.to_json_best_effort(indent=2))
   summary = json.load(open(wd.stages)) if os.path.exists(wd.stages) else {}

@@ -44,6 +44,8 @@ def validate(config: ml_collections.ConfigDict, known_stages, *, check_files: bo
   _check(bool(stages), "stages", "is empty; pick from " + ",".join(known_stages))
   for s in stages:
     _check(s in known_stages, "stages", f"unknown stage {s!r}; the stages are {','.join(known_stages)}")
+  for s in [x.strip() for x in str(config.restart_stage).split(",") if x.strip()]:
+    _check(s in known_stages, "restart_stage", f"unknown stage {s!r}; the stages are {','.join(known_stages)}")
   # Pipeline order whatever the listed order: a stage's inputs come from the stages before it.
   stages = [s for s in known_stages if s in stages]
   _check(bool(config.workdir), "workdir", "must be a directory path")

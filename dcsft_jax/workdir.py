@@ -148,6 +148,21 @@ class Workdir:
   def export(self) -> str:
     return self.path("hf_export")
 
+  def stage_outputs(self, stage: str, recipes: tuple[str, ...] = ()) -> list[str]:
+    """Everything `stage` writes (what --config.restart_stage deletes); `recipes`: finetune's runs."""
+    runs = {"cold_start": ["cold_start"], "finetune": list(recipes), "grpo": ["grpo"]}.get(stage, [])
+    return {
+        "init": [self.base_model],
+        "cold_start": [self.cold_start_model],
+        "score": [os.path.dirname(self.scores)],
+        "curate": [self.curation],
+        "finetune": [self.model(r) for r in recipes] + [self.finetune_done],
+        "grpo": [self.model("grpo")],
+        "evaluate": [self.path("eval")],
+        "report": [self.report, self.results, self.plots],
+        "export": [self.export],
+    }[stage] + [self.train(r) for r in runs]
+
   # ----------------------------------------------------------------------- stage markers
   def done_marker(self, stage: str) -> str:
     """The file whose existence means `stage` finished (main skips it then)."""

@@ -340,3 +340,18 @@ def test_cold_start_counts_the_records_it_skipped(base_workdir, tmp_path):
   figures = main.run(c)["cold_start"]
   assert (figures["records"], figures["skipped"]) == (8, 2), figures
   assert "| cold_start | 2 |" in open(Workdir(wd).report).read()
+
+
+def test_restart_stage_deletes_that_stage_and_runs_it_again(base_workdir, tmp_path):
+  wd = _fresh(base_workdir, tmp_path, "restart")
+  c = _config(wd, **{"data.train_limit": 8})
+  c.stages = "score"
+  main.run(c)
+  assert all(s.k == 4 for s in curation.read_scores(Workdir(wd).scores).values())
+  c.score.num_samples = 2
+  main.run(c)                                        # done already: skipped, still K = 4
+  assert all(s.k == 4 for s in curation.read_scores(Workdir(wd).scores).values())
+  c.restart_stage = "score"
+  main.run(c)
+  assert all(s.k == 2 for s in curation.read_scores(Workdir(wd).scores).values())
+  assert os.path.isdir(Workdir(wd).base_model)      # other stages' outputs untouched

@@ -65,7 +65,7 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     other = trainer.SFTTrainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path / "b"),
                                fingerprint={"data": "json:other.json"})
     with pytest.raises(ValueError, match=r"started with other settings: data None then, 'json:other.json' now"
-                                         r".*delete .*checkpoints"):
+                                         r".*--config.restart_stage=STAGE .*checkpoints"):
       other.fit(it, progress=False)
     cfg, params, it, tc, _ = setups[2]
     t = trainer.SFTTrainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path / "b"))

@@ -144,7 +144,7 @@ class JsonlJournal:
   the old ones.
   """
 
-  def __init__(self, path: str, fingerprint: dict | None = None):
+  def __init__(self, path: str, fingerprint: dict | None = None, stage: str = ""):
     self.path = path
     self.rows: list[dict] = []
     self.next_batch = 0
@@ -165,7 +165,8 @@ class JsonlJournal:
           break
         if "_fingerprint" in obj:
           fingerprint_lib.check(path, obj["_fingerprint"], fingerprint, "Run with the same settings to resume "
-                                "it, or delete the file to start over with the new ones.")
+                                "it, or start over with the new ones: "
+                                + (f"--config.restart_stage={stage}" if stage else "delete the file") + ".")
           good = offset
         elif "_batch_done" in obj:
           self.rows += pending

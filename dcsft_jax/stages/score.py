@@ -12,6 +12,8 @@ import time
 import jax
 
 from dcsft_jax import sampling, verify
+from dcsft_jax import fingerprint as fingerprint_lib
+from dcsft_jax.data import sources
 from dcsft_jax.stages import common
 from dcsft_jax.train import trainer
 
@@ -30,13 +32,16 @@ def run(config, ctx) -> dict:
                              source=config.data.train, batch_key="score.batch_size")
   plan = it.plan(0)
   # What decides the journal's rows and their batch order: resuming under other settings would mix them.
-  fingerprint = {"model": model.directory, "train": str(config.data.train), "records": len(records),
+  train = sources.parse(config.data.train)
+  fingerprint = {"model": model.directory, "model_identity": fingerprint_lib.identity(model.directory),
+                 "train": str(config.data.train), "records": len(records),
+                 "train_identity": fingerprint_lib.identity(train.path) if train.kind in ("json", "hf") else None,
                  "train_limit": config.data.train_limit, "label_noise": config.data.label_noise, "seed": config.seed,
                  "batch_size": s.batch_size, "num_samples": sp.num_samples, "temperature": sp.temperature,
                  "top_k": sp.top_k, "top_p": sp.top_p, "max_new_tokens": sp.max_new_tokens,
                  "repetition_penalty": sp.repetition_penalty, "max_pixels": s.max_pixels or config.data.max_pixels,
                  "buckets": [[b.patches, b.length] for b in it.buckets]}
-  journal = common.JsonlJournal(ctx.wd.scores_partial, fingerprint)
+  journal = common.JsonlJournal(ctx.wd.scores_partial, fingerprint, stage="score")
   resumed = journal.next_batch
   done_rows = sum(int((plan[i][1] >= 0).sum()) for i in range(min(resumed, len(plan))))
   bar = common.progress(sum(int((rows >= 0).sum()) for _, rows in plan), "score")

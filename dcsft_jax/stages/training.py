@@ -18,6 +18,7 @@ import math
 import os
 
 from dcsft_jax import checkpoint, sampling
+from dcsft_jax import fingerprint as fingerprint_lib
 from dcsft_jax.data import batching, sources
 from dcsft_jax.models import qwen2_5_vl as model_lib
 from dcsft_jax.stages import common, evaluate
@@ -176,8 +177,11 @@ def _sft_run(config, ctx, name: str, s, start_ref: str, start_key: str, spec, *,
 def _data_fingerprint(config, spec, records, model: common.LoadedModel) -> dict:
   """What a training run reads besides its TrainConfig: resuming its checkpoints on other data or from
   another start model would mix two runs."""
-  return {"data": str(spec), "records": len(records), "label_noise": config.data.label_noise,
-          "max_pixels": config.data.max_pixels, "start": model.directory}
+  spec = sources.parse(spec) if isinstance(spec, str) else spec
+  path = spec.path if spec.kind in ("json", "hf") else None
+  return {"data": str(spec), "data_identity": fingerprint_lib.identity(path) if path else None,
+          "records": len(records), "label_noise": config.data.label_noise, "max_pixels": config.data.max_pixels,
+          "start": model.directory, "start_identity": fingerprint_lib.identity(model.directory)}
 
 
 def within_max_length(records, processor, max_length: int, key: str):

@@ -177,8 +177,9 @@ class SFTTrainer:
         continue
       if "fingerprint" in meta:     # checked before the weights are read; a deliberate stop, not damage
         fingerprint_lib.check(f"the training run in {self.ckpt_dir}", meta["fingerprint"], self.fingerprint,
-                              f"Run with the same settings to resume it, or delete {self.ckpt_dir} to train from "
-                              f"scratch with the new ones.")
+                              f"Run with the same settings to resume it, or start the stage over with the new "
+                              f"ones: --config.restart_stage=STAGE (cold_start, finetune or grpo) deletes its "
+                              f"outputs, {self.ckpt_dir} among them.")
       target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._saved())
       try:
         st = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
