@@ -45,6 +45,13 @@ def test_default_run_fills_the_report_exports_and_resumes(tmp_path):
   for model, row in res["accuracy"].items():
     assert set(row) == {"id", "rendition", "adversarial"} and all(v is not None for v in row.values()), (model, row)
   assert all(v is not None for v in res["ood_average"].values())
+  # Each method against SFT out of distribution: the paired difference inside its bootstrap interval,
+  # equal to the difference of the OOD averages (both sets hold 200 images), and a verdict.
+  vs = res["ood_vs_sft"]
+  assert set(vs) == {"cold_start", "grpo", "sft_m", "sft_em"}
+  for m, v in vs.items():
+    assert v["lo"] <= v["diff"] <= v["hi"] and v["verdict"] in ("better", "worse", "within noise"), (m, v)
+    assert abs(v["diff"] - (res["ood_average"][m] - res["ood_average"]["sft"])) < 1e-9, (m, v)
   b = res["buckets"]
   assert b["easy"] + b["medium"] + b["hard"] == summary["score"]["records"] and b["medium"] > 0
   report = open(os.path.join(wd, "report.md")).read()
