@@ -355,3 +355,24 @@ def test_restart_stage_deletes_that_stage_and_runs_it_again(base_workdir, tmp_pa
   main.run(c)
   assert all(s.k == 2 for s in curation.read_scores(Workdir(wd).scores).values())
   assert os.path.isdir(Workdir(wd).base_model)      # other stages' outputs untouched
+
+
+def test_evaluate_stops_on_sigterm_keeping_its_finished_sets(base_workdir, tmp_path):
+  wd = _fresh(base_workdir, tmp_path, "eval_term")
+  args = ["--config.stages=evaluate", "--config.evaluate.models=base=base_model", "--config.mesh.fsdp=1",
+          "--config.evaluate.limit=48", "--config.evaluate.batch_size=4", "--config.evaluate.max_new_tokens=4"]
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="")
+  cmd = [sys.executable, "-m", "dcsft_jax.main", "--config=configs/dcsft.py", f"--config.workdir={wd}"] + args
+  p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  first = Workdir(wd).eval_result("base", "id")
+  deadline = time.time() + 300
+  while time.time() < deadline and not os.path.exists(first):
+    time.sleep(0.05)
+  p.send_signal(signal.SIGTERM)
+  out, err = p.communicate(timeout=300)
+  assert p.returncode == 143, err[-2000:]
+  assert "preempted: saved" in err and "finished evaluation set(s)" in err and "Traceback" not in err, err[-2000:]
+  assert not os.path.exists(Workdir(wd).accuracy_json)
+  r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert set(json.load(open(Workdir(wd).accuracy_json))["accuracy"]["base"]) == {"id", "rendition", "adversarial"}

@@ -14,13 +14,17 @@ import time
 from dcsft_jax import sampling, verify
 from dcsft_jax.data import sources
 from dcsft_jax.stages import common
+from dcsft_jax.train import trainer
 
 def _image_name(rec) -> str:
   return rec.image if isinstance(rec.image, str) else f"<in-memory image {rec.id}>"
 
 
-def greedy_results(config, ctx, model, records, source: str, *, desc: str, sampler=None) -> list[dict]:
-  """Greedy answers to `records`, verified -> (test_dp.py-shaped rows in record order, skipped)."""
+def greedy_results(config, ctx, model, records, source: str, *, desc: str, sampler=None,
+                   stop: list | None = None) -> list[dict]:
+  """Greedy answers to `records`, verified -> (test_dp.py-shaped rows in record order, skipped).
+
+  stop: common.stop_requests()'s list; a signal in it ends the set early (raising _SetStopped)."""
   e = config.evaluate
   sp = sampling.settings(model.directory, model.processor, repetition_penalty=e.repetition_penalty,
                          pad_id=model.cfg.pad_token_id or 0, max_new_tokens=e.max_new_tokens, num_samples=1,
@@ -39,19 +43,27 @@ def greedy_results(config, ctx, model, records, source: str, *, desc: str, sampl
         results.append((int(r), {"id": rec.id, "image": _image_name(rec), "question": rec.prompt,
                                  "ground_truth": rec.answer, "model_output": texts[0], "correct": correct}))
         bar.update(1)
+      if stop:
+        raise _SetStopped(stop[0])
   finally:
     bar.close()
   return [x for _, x in sorted(results, key=lambda t: t[0])], len(it.skipped)
+
+
+class _SetStopped(Exception):
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
 
 
 def accuracy_of(results: list[dict]) -> float | None:
   return sum(x["correct"] for x in results) / len(results) if results else None
 
 
-def evaluate_set(config, ctx, model, name: str, spec, out_path: str) -> dict:
+def evaluate_set(config, ctx, model, name: str, spec, out_path: str, stop: list | None = None) -> dict:
   records = common.load_records(config, spec, limit=config.evaluate.limit)
   t0 = time.time()
-  results, skipped = greedy_results(config, ctx, model, records, str(spec), desc=f"eval {name}")
+  results, skipped = greedy_results(config, ctx, model, records, str(spec), desc=f"eval {name}", stop=stop)
   skipped += len(getattr(records, "skipped", []))      # the reader's skips, then the batcher's
   acc = accuracy_of(results)
   seconds = time.time() - t0
@@ -73,12 +85,8 @@ def table(acc: dict[str, dict[str, float | None]], sets: list[str], ood: list[st
   return "\n".join(lines) + "\n"
 
 
-def run(config, ctx) -> dict:
-  e = config.evaluate
-  sets = sources.parse_sets(config.data.eval)
-  ood = [s.strip() for s in config.data.ood.split(",") if s.strip()]
-  acc: dict[str, dict] = {}
-  figures = {}
+def _evaluate_all(config, ctx, e, sets, acc: dict, figures: dict, stop: list) -> None:
+  """Every (model, set) not evaluated yet, into `acc` and `figures`; finished sets are read back."""
   for item in [m.strip() for m in e.models.split(",") if m.strip()]:
     label, _, ref = item.rpartition("=") if "=" in item else (item, "", item)
     model = None
@@ -90,10 +98,25 @@ def run(config, ctx) -> dict:
           acc[label][name] = json.load(f)["accuracy"]
         continue
       model = model or common.load_model(config, ctx, ref, max_pixels=e.max_pixels)
-      res = evaluate_set(config, ctx, model, name, spec, path)
+      res = evaluate_set(config, ctx, model, name, spec, path, stop=stop)
       acc[label][name] = res["accuracy"]
       figures[f"{label}/{name}_prompts_per_s"] = res["prompts_per_s"]
       figures[f"{label}/{name}/skipped"] = res["skipped"]
+
+
+def run(config, ctx) -> dict:
+  e = config.evaluate
+  sets = sources.parse_sets(config.data.eval)
+  ood = [s.strip() for s in config.data.ood.split(",") if s.strip()]
+  acc: dict[str, dict] = {}
+  figures = {}
+  with common.stop_requests() as stop:
+    try:
+      _evaluate_all(config, ctx, e, sets, acc, figures, stop)
+    except _SetStopped as s:      # SIGTERM / Ctrl-C: finished sets are on disk, the one in hand is redone
+      done = sum(len(v) for v in acc.values())
+      raise trainer.Preempted(done, ctx.wd.path("eval"), s.signum,
+                              what=f"{done} finished evaluation set(s) in {ctx.wd.path('eval')}") from None
   md = table(acc, list(sets), ood)
   common.write_text(ctx.wd.accuracy_md, md)
   common.write_json(ctx.wd.accuracy_json, {"accuracy": acc, "sets": {k: str(v) for k, v in sets.items()},

@@ -100,9 +100,11 @@ class Preempted(Exception):
   command again resumes from that checkpoint. `exit_status` is 128 + the signal, the status a shell
   and a scheduler expect from a process the signal ended."""
 
-  def __init__(self, step: int, directory: str, signum: int = signal.SIGTERM, unit: str = "step"):
+  def __init__(self, step: int, directory: str, signum: int = signal.SIGTERM, unit: str = "step",
+               what: str | None = None):
     reason = "interrupted" if signum == signal.SIGINT else "preempted"
-    super().__init__(f"{reason}: saved {unit} {step} to {directory}; run the same command again to resume")
+    what = what or f"{unit} {step} to {directory}"
+    super().__init__(f"{reason}: saved {what}; run the same command again to resume")
     self.step, self.exit_status = step, 128 + signum
 
 
