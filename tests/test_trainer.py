@@ -82,6 +82,7 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     out_c = t.fit(it, progress=False)
     final_c = jax.tree.map(np.asarray, t.params)
   assert len(list((tmp_path / "c" / "checkpoints").glob("6.unreadable-*"))) == 1
+  assert "Traceback" in (tmp_path / "c" / "logs" / "checkpoint_errors.log").read_text()
   assert [h["step"] for h in out_c["history"]] == list(range(1, 7))
   for x, y in zip(jax.tree.leaves(final_a), jax.tree.leaves(final_c)):
     np.testing.assert_array_equal(x, y)

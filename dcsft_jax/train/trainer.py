@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+import traceback
 from typing import Any, Sequence
 
 import jax
@@ -196,8 +197,14 @@ class SFTTrainer:
   def _set_aside(self, step: int, error: Exception) -> None:
     cause = (str(error).strip().splitlines() or [""])[0][:300]
     aside = os.path.join(self.ckpt_dir, f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
-    log.warning("checkpoint step %d in %s cannot be read (%s: %s); moved to %s, trying the step before it",
-                step, self.ckpt_dir, type(error).__name__, cause, aside)
+    trace = os.path.join(self.workdir, "logs", "checkpoint_errors.log")
+    log.warning("checkpoint step %d in %s cannot be read (%s: %s); moved to %s, trying the step before it "
+                "(full trace: %s)", step, self.ckpt_dir, type(error).__name__, cause, aside, trace)
+    if jax.process_index() == 0:      # the whole story, for a bug report; the console gets one line
+      os.makedirs(os.path.dirname(trace), exist_ok=True)
+      with open(trace, "a", encoding="utf-8") as f:
+        f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} step {step} -> {aside}\n"
+                + "".join(traceback.format_exception(error)))
     if jax.process_index() == 0:
       os.replace(os.path.join(self.ckpt_dir, str(step)), aside)
     if jax.process_count() > 1:
