@@ -20,13 +20,18 @@ from dcsft_jax import atomic, checkpoint, hf
 from dcsft_jax.models import qwen2_5_vl as model_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("from_hf", None, "A local Hugging Face Qwen2.5-VL directory to read.")
-flags.DEFINE_string("to_orbax", None, "Where to write the dcsft_jax model directory.")
-flags.DEFINE_string("from_orbax", None, "A dcsft_jax model directory to read.")
-flags.DEFINE_string("to_hf", None, "Where to write the Hugging Face directory.")
-flags.DEFINE_string("dtype", None, "Export dtype for --to_hf (float32, bfloat16, float16); default: config's.")
-flags.DEFINE_bool("overwrite", False, "Replace an existing model directory at the output (never a folder "
-                  "holding anything else).")
+
+
+def _define_flags() -> None:
+  # Defined only when run as a program: importing this module (convert(), check_output()) next to
+  # another CLI module must not define a second --dtype.
+  flags.DEFINE_string("from_hf", None, "A local Hugging Face Qwen2.5-VL directory to read.")
+  flags.DEFINE_string("to_orbax", None, "Where to write the dcsft_jax model directory.")
+  flags.DEFINE_string("from_orbax", None, "A dcsft_jax model directory to read.")
+  flags.DEFINE_string("to_hf", None, "Where to write the Hugging Face directory.")
+  flags.DEFINE_string("dtype", None, "Export dtype for --to_hf (float32, bfloat16, float16); default: config's.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing model directory at the output (never a folder "
+                    "holding anything else).")
 
 # What each kind of model directory holds when this tool (or the pipeline) wrote it. An output folder
 # holding anything else is the user's, and is never replaced.
@@ -101,5 +106,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   logging.set_verbosity(logging.WARNING)
   app.run(main)
