@@ -330,9 +330,13 @@ def summary(records: Sequence[Record], scores: Mapping[str, ScoreRow]) -> dict[s
   buckets = {b: 0 for b in BUCKETS}
   classes: dict[str, dict[str, int]] = {b: {} for b in BUCKETS}
   hist = [0] * ((k or 0) + 1)
+  # Records whose label was flipped on purpose (builtin's label_noise, meta["noisy"]), per bucket: the
+  # paper's mechanism puts them in "hard", where SFT memorises them and GRPO gets no gradient.
+  noisy = {b: 0 for b in BUCKETS}
   for _, r, s in scored:
     b = s.bucket
     buckets[b] += 1
+    noisy[b] += bool(r.meta.get("noisy"))
     if r.task == "classification":
       c = r.answer.strip().lower()
       classes[b][c] = classes[b].get(c, 0) + 1
@@ -344,6 +348,7 @@ def summary(records: Sequence[Record], scores: Mapping[str, ScoreRow]) -> dict[s
     "unscored": n_missing,
     "k": k,
     "buckets": buckets,
+    "noisy_labels": noisy,
     "classes": classes,
     "pass_rate_hist": hist if k else [],
     "pass_rate_labels": [f"{j}/{k}" for j in range(k + 1)] if k else [],

@@ -115,7 +115,7 @@ def test_ood_pixel_statistics_differ(splits):
   r_mean, r_chroma, _ = stats(splits["rendition"])
   a_mean, _, a_edges = stats(splits["adversarial"])
   assert id_chroma == 0 and r_chroma > 10
-  assert abs(a_mean - id_mean) > 20 or a_edges > 2 * id_edges
+  assert a_edges > 1.4 * id_edges   # noise, the occluder and rotated strokes: more edge energy
 
 
 def test_label_noise():

@@ -6,10 +6,16 @@ installed packages, so tests, smoke runs and examples work offline:
 
   'train', 'test'   handwritten digits from scikit-learn's bundled `load_digits()` (1797 8x8 images,
                     gray 0..16), upscaled to RGB, stratified split with a seeded RNG;
-  'rendition'       typeset digits drawn with Pillow's bundled scalable font, varying size, position,
-                    stroke, shear and colours (the ImageNet-R role: same classes, different style);
-  'adversarial'     ID *test* digits (never train, so nothing leaks) rotated, occluded, noised, blurred
-                    and sometimes contrast-inverted (the ImageNet-A role: same style, hard corruptions).
+  'rendition'       the ID *test* digits redrawn in another style: bold strokes in a bright colour on a
+                    dark one (the ImageNet-R role: same classes, a different style);
+  'adversarial'     the ID *test* digits (never train, so nothing leaks) rotated 10-25 degrees,
+                    occluded and noised (the ImageNet-A role: same style, hard corruptions).
+
+The two shifts were calibrated on the default run's cold-started model alone, before any method ran,
+so that it sits well above chance (10%) and well below its ID accuracy on both: about 49% on the
+renditions and 36% on the adversarial set against 66% ID. The first design (typeset digits in
+Pillow's font; 20-50 degree rotations and contrast inversion) put every model at chance, so it could
+not show any method generalising better than another.
 
 Every example is a one-word classification with the paper's prompt; the answer is the digit's English
 name. Everything is a pure function of `seed` and the index: each image draws from its own
@@ -22,7 +28,7 @@ import functools
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFilter
 
 from dcsft_jax.data.records import Record
 
@@ -31,7 +37,6 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 SPLITS = ("train", "test", "rendition", "adversarial")
 TASK = "classification"
 TEST_FRACTION = 0.2  # per class, so both ID splits hold all 10 digits
-RENDITIONS_PER_CLASS = 40
 
 # Separate RNG streams per purpose: changing one split's recipe must not shift another split's draws.
 _STREAM_SPLIT, _STREAM_NOISE, _STREAM_RENDITION, _STREAM_ADVERSARIAL = 1, 2, 3, 4
@@ -85,61 +90,45 @@ def _id_records(split: str, seed: int, image_size: int) -> list[Record]:
 
 
 # ----------------------------------------------------------------------------- OOD: renditions
-def _contrasting_colors(rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """A random background and a foreground at least ~100 luminance away, so the digit stays legible."""
+def _rendition(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, dict]:
+  """The same handwritten digit drawn in another style: bolder strokes in a random bright colour on a
+  random dark one (ID digits are thin, gray on black), as ImageNet-R renders ImageNet's classes as
+  paintings and cartoons."""
+  size = img.size[0]
+  k = 2 * max(1, round(size / 40)) + 1                     # 3 px at 56: strokes about twice as thick
+  gray = np.asarray(img.convert("L").filter(ImageFilter.MaxFilter(k)), np.float64) / 255
   while True:
-    bg = tuple(int(v) for v in rng.integers(0, 256, 3))
-    fg = tuple(int(v) for v in rng.integers(0, 256, 3))
+    bg, fg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
     lum = lambda c: 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
-    if abs(lum(bg) - lum(fg)) >= 100:
-      return bg, fg
-
-
-@functools.lru_cache(maxsize=None)
-def _font(size: int) -> ImageFont.FreeTypeFont:
-  # load_default(size=) is Pillow's bundled scalable font (Pillow >= 10.1 with FreeType); loading it
-  # per image dominated rendition time, and the font object is read-only, so share it.
-  return ImageFont.load_default(size=size)
-
-
-def _rendition(label: int, rng: np.random.Generator, size: int) -> Image.Image:
-  # Draw on a 2x canvas and downsample: antialiased edges without relying on font hinting.
-  big = 2 * size
-  bg, fg = _contrasting_colors(rng)
-  img = Image.new("RGB", (big, big), bg)
-  draw = ImageDraw.Draw(img)
-  font_px = int(rng.integers(int(0.45 * big), int(0.9 * big) + 1))
-  font = _font(font_px)
-  stroke = int(rng.integers(0, max(1, font_px // 12) + 1))
-  stroke_fill = tuple(int(v) for v in rng.integers(0, 256, 3))
-  jitter = 0.18 * big
-  cx = big / 2 + float(rng.uniform(-jitter, jitter))
-  cy = big / 2 + float(rng.uniform(-jitter, jitter))
-  draw.text((cx, cy), str(label), fill=fg, font=font, anchor="mm", stroke_width=stroke, stroke_fill=stroke_fill)
-  # A horizontal shear reads as italic, the main style axis a single bundled font lacks.
-  shear = float(rng.uniform(-0.35, 0.35))
-  img = img.transform((big, big), Image.Transform.AFFINE, (1, shear, -shear * big / 2, 0, 1, 0),
-                      resample=Image.Resampling.BILINEAR, fillcolor=bg)
-  return img.resize((size, size), Image.Resampling.BICUBIC)
+    if lum(fg) - lum(bg) >= 100:                           # the stroke stays the bright part, legible
+      break
+  rgb = bg[None, None] * (1 - gray[..., None]) + fg[None, None] * gray[..., None]
+  img = Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), mode="RGB")
+  return img, {"background": [int(v) for v in bg], "foreground": [int(v) for v in fg], "dilate": k}
 
 
 def _rendition_records(seed: int, image_size: int) -> list[Record]:
+  images, labels = _digits()
+  _, test_idx = _split_indices(seed)
   out = []
-  # label = i % 10, so any prefix (limit) stays class-balanced.
-  for i in range(10 * RENDITIONS_PER_CLASS):
-    label = i % 10
-    rng = np.random.default_rng((seed, _STREAM_RENDITION, i))
-    meta = {"label": label, "split": "rendition", "source_index": i, "noisy": False}
-    out.append(_make(f"digits-rendition-{i:05d}", _rendition(label, rng, image_size), label, meta))
+  for src in test_idx:
+    label = int(labels[src])
+    rng = np.random.default_rng((seed, _STREAM_RENDITION, int(src)))
+    img, style = _rendition(_upscale(images[src], image_size), rng)
+    meta = {"label": label, "split": "rendition", "source_index": int(src), "noisy": False, "style": style}
+    out.append(_make(f"digits-rendition-{int(src):05d}", img, label, meta))
   return out
 
 
 # ----------------------------------------------------------------------------- OOD: adversarial
 def _corrupt(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, list[str]]:
-  """Rotate, occlude, blur, noise and maybe invert; returns the image and which corruptions were applied."""
+  """Rotate, occlude and add noise; returns the image and which corruptions were applied. Calibrated on
+  the default run's cold-started model alone (README): rotations of 20-50 degrees or a contrast
+  inversion put it at chance (15%, 7%), which measures nothing; 10-25 degrees with the occluder and
+  light noise leave it well above chance and well below its ID accuracy."""
   size = img.size[0]
   ops = []
-  angle = float(rng.uniform(20, 50)) * (1 if rng.random() < 0.5 else -1)
+  angle = float(rng.uniform(10, 25)) * (1 if rng.random() < 0.5 else -1)
   img = img.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
   ops.append(f"rotate{angle:+.0f}")
   # A small occluder (15-25% of each side) somewhere over the digit, in a random gray so it is not
@@ -151,16 +140,10 @@ def _corrupt(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, l
   gray = int(rng.integers(64, 256))
   ImageDraw.Draw(img).rectangle((x0, y0, x0 + w - 1, y0 + h - 1), fill=(gray, gray, gray))
   ops.append("occlude")
-  if rng.random() < 0.3:
-    img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.5, 1.5))))
-    ops.append("blur")
   arr = np.asarray(img, dtype=np.float64)
-  arr = arr + rng.normal(0.0, float(rng.uniform(10, 35)), arr.shape)
+  arr = arr + rng.normal(0.0, float(rng.uniform(5, 20)), arr.shape)
   ops.append("noise")
   arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-  if rng.random() < 0.5:
-    arr = 255 - arr
-    ops.append("invert")
   return Image.fromarray(arr, mode="RGB"), ops
 
 

@@ -186,6 +186,13 @@ def build(workdir: str) -> dict:
                         [["easy", f"{s['k']}/{s['k']} right", str(b["easy"])],
                          ["medium", "mixed", str(b["medium"])], ["hard", f"0/{s['k']} right", str(b["hard"])]]),
               _md_table(["recipe", "training records"], [[r, str(v["records"])] for r, v in cur["recipes"].items()])]
+    noisy = s.get("noisy_labels") or {}
+    if sum(noisy.values()):
+      n = sum(noisy.values())
+      parts.append(f"Label noise: {n} training prompts carry a wrong label on purpose (`data.label_noise`); "
+                   f"{noisy['hard']} of them ({100 * noisy['hard'] / n:.0f}%) landed in hard, {noisy['medium']} in "
+                   f"medium, {noisy['easy']} in easy.\n")
+      results["noisy_labels"] = noisy
     results["buckets"] = b
     results["pass_rate_hist"] = dict(zip(s["pass_rate_labels"], s["pass_rate_hist"]))
     results["recipes"] = {r: v["records"] for r, v in cur["recipes"].items()}
