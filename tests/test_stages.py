@@ -376,3 +376,50 @@ def test_evaluate_stops_on_sigterm_keeping_its_finished_sets(base_workdir, tmp_p
   r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   assert set(json.load(open(Workdir(wd).accuracy_json))["accuracy"]["base"]) == {"id", "rendition", "adversarial"}
+
+
+def test_finetune_summary_keeps_recipes_of_earlier_invocations(tmp_path, monkeypatch):
+  """Killed after sft_m finished and before sft_em did, the re-run trains sft_em only; its summary
+  (models/finetune.json, stages.json) still lists sft_m's figures."""
+  from dcsft_jax.stages import training
+  wd = Workdir(str(tmp_path / "wd"))
+  for r in ("sft_m", "sft_em"):
+    os.makedirs(wd.curation, exist_ok=True)
+    open(wd.recipe(r), "w").write("[]")
+  trained = []
+
+  def fake_run(config, ctx, name, *a, **k):
+    trained.append(name)
+    os.makedirs(ctx.wd.model(name), exist_ok=True)
+    open(os.path.join(ctx.wd.model(name), "config.json"), "w").write("{}")
+    return {"records": len(name), "written": ctx.wd.model(name)}
+  monkeypatch.setattr(training, "_sft_run", fake_run)
+  c = _config(wd.root)
+  ctx = main.Context(wd, None, None)
+  c.finetune.recipes = "sft_m"
+  assert training.finetune(c, ctx) == {"sft_m/records": 5}
+  os.remove(wd.finetune_done)                      # as if killed before the stage finished
+  c.finetune.recipes = "sft_m,sft_em"
+  assert training.finetune(c, ctx) == {"sft_m/records": 5, "sft_em/records": 6}
+  assert trained == ["sft_m", "sft_em"] and json.load(open(wd.finetune_done))["sft_m/records"] == 5
+
+
+def test_one_final_reward_in_the_stage_log_and_the_report(tmp_path):
+  from dcsft_jax.stages import report, training
+  wd = Workdir(str(tmp_path))
+  os.makedirs(wd.logs("grpo"))
+  rewards = [0.1, 0.2, 0.3, 0.4, 0.5, 0.9]
+  with open(wd.metrics("grpo"), "w") as f:
+    for i, r in enumerate(rewards, 1):
+      f.write(json.dumps({"step": i, "loss": 0.0, "reward": r}) + "\n")
+  want = sum(rewards[-5:]) / 5
+  assert training.final_reward(training.history(wd, "grpo")) == pytest.approx(want)
+  assert report.build(wd.root)["runs"]["grpo"]["final_reward"] == pytest.approx(want)
+
+
+def test_unknown_override_key_is_one_line_naming_the_sections():
+  r = subprocess.run([sys.executable, "-m", "dcsft_jax.main", "--config=configs/dcsft.py", "--config.trainer.steps=3"],
+                     cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert "bad config override (--config.trainer.steps=3): no field trainer" in r.stderr
+  assert "cold_start, curate, data" in r.stderr
