@@ -17,6 +17,15 @@ import tempfile
 from typing import IO, Iterator
 
 
+def _file_mode() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
 @contextlib.contextmanager
 def writer(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
   """`with writer(path) as f: f.write(...)`: `path` is replaced only when the block finishes."""
@@ -26,6 +35,7 @@ def writer(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".", suffix=".tmp")
+  os.fchmod(fd, _FILE_MODE)          # mkstemp makes 0600; the file gets what open() would give it
   try:
     with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
       yield f
@@ -67,12 +77,12 @@ def directory(out_dir: str) -> Iterator[str]:
   """`with directory(out) as tmp:` fill `tmp`; on success it replaces `out` whole.
 
   On Linux the two are swapped in one atomic rename, so `out` always holds a complete directory, old or
-  new; elsewhere the old one is moved aside first (`out.old-PID` for the instant between two renames)
+  new; elsewhere the old one is moved aside first (`out.dcsft-old-PID` for the instant between renames)
   and deleted once the new one is in place. On error the partial `tmp` is removed and `out` is
   untouched.
   """
   _remove_abandoned(out_dir)
-  tmp = temp_name(out_dir, "tmp")
+  tmp = temp_name(out_dir, "dcsft-tmp")
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   try:
@@ -85,7 +95,7 @@ def directory(out_dir: str) -> Iterator[str]:
     return
   old = None
   if os.path.exists(out_dir):
-    old = temp_name(out_dir, "old")
+    old = temp_name(out_dir, "dcsft-old")
     os.replace(out_dir, old)
   os.replace(tmp, out_dir)
   if old:
@@ -93,9 +103,10 @@ def directory(out_dir: str) -> Iterator[str]:
 
 
 def _remove_abandoned(out_dir: str) -> None:
-  """Deletes the `out.tmp-PID` / `out.old-PID` siblings that killed writers left (PID no longer alive)."""
+  """Deletes the `out.dcsft-tmp-PID` / `out.dcsft-old-PID` siblings that killed writers left (PID no
+  longer alive). The names are this module's own, so a user's `out.old-2024` is never touched."""
   base = os.path.abspath(out_dir).rstrip(os.sep)
-  for path in glob.glob(glob.escape(base) + ".tmp-*") + glob.glob(glob.escape(base) + ".old-*"):
+  for path in glob.glob(glob.escape(base) + ".dcsft-tmp-*") + glob.glob(glob.escape(base) + ".dcsft-old-*"):
     pid = path.rsplit("-", 1)[-1]
     if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
       shutil.rmtree(path, ignore_errors=True)

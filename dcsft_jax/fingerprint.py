@@ -39,6 +39,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
   return out
 
 
+def portable(path: str, root: str) -> str:
+  """`path` relative to the workdir `root` when inside it: a workdir moved or mounted elsewhere must
+  still resume."""
+  path, root = os.path.abspath(path), os.path.abspath(root)
+  return os.path.relpath(path, root) if path.startswith(root.rstrip(os.sep) + os.sep) else path
+
+
 def identity(path: str) -> str | None:
   """What a model directory or a data file is, cheaply: a hash of a file's bytes, or of a directory's
   config.json and its file list with sizes (the weights themselves are not read). None for what is

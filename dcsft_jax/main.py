@@ -9,6 +9,7 @@ multi-host run, to any one process: all of them stop at the same step) saves a c
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import dataclasses
 import json
 import os
@@ -48,11 +49,22 @@ class Context:
 def _restart(config, wd: workdir_lib.Workdir) -> None:
   """--config.restart_stage: delete the named stages' outputs, so they run again from scratch."""
   recipes = tuple(r.strip() for r in config.finetune.recipes.split(",") if r.strip())
+  # Once per settings: a requeued run (the same command after a preemption) must resume the restarted
+  # stage, not delete its progress again. restarts.json keeps what was restarted under which config.
+  key = hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:16]
+  marker = wd.path("restarts.json")
+  done = json.load(open(marker)) if os.path.exists(marker) else {}
   for stage in [s.strip() for s in str(config.restart_stage).split(",") if s.strip()]:
+    if done.get(stage) == key:
+      print(f"[{stage}] restart: done already for these settings (a resumed run keeps its progress; "
+            f"delete {marker} to restart it again)")
+      continue
     gone = [p for p in wd.stage_outputs(stage, recipes) if os.path.lexists(p)]
     if jax.process_index() == 0:
       for p in gone:
         shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+      done[stage] = key
+      atomic.write_json(marker, done)
     print(f"[{stage}] restart: deleted {', '.join(os.path.relpath(p, wd.root) for p in gone) or 'nothing'}")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils

@@ -162,7 +162,8 @@ def validate_mesh(config, stages: list[str], mesh) -> None:
   """Checks every batch the stages will split over the mesh before the first stage starts (the
   stages check too, but only when they start, after the earlier ones have run)."""
   ways = mesh.shape["data"] * mesh.shape["fsdp"]
-  for stage in stages:
+  curves = any(stage in stages and config[stage].eval_every > 0 for stage in ("cold_start", "finetune", "grpo"))
+  for stage in stages + (["evaluate"] if curves and "evaluate" not in stages else []):
     for key, rows in _SHARDED_BATCHES.get(stage, lambda c: [])(config):
       section = key.split(".")[0]
       accum = config[section].accum if "accum" in config[section] else 1

@@ -85,7 +85,7 @@ setup() {
     rm -f "$tarball"
     on_all "set -e; mkdir -p $REPO_DIR; tar -xzf /tmp/dcsft_jax.tar.gz -C $REPO_DIR"
   fi
-  on_all "set -e; cd $REPO_DIR; python3 -m pip install -q -U pip; python3 -m pip install -q '.[tpu]'"
+  on_all "set -e; cd $REPO_DIR; python3 -m pip install -q -U pip; python3 -m pip install -q '.[tpu,all]'"
   if [[ -n "$NFS_SOURCE" ]]; then
     on_all "set -e; sudo mkdir -p $SHARED; mountpoint -q $SHARED || { sudo apt-get -qq update && sudo apt-get -qq install -y nfs-common && sudo mount -t nfs -o rw,hard $NFS_SOURCE $SHARED; }; sudo chmod a+rwx $SHARED"
   elif [[ -n "$GCS_BUCKET" ]]; then

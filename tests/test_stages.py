@@ -354,6 +354,9 @@ def test_restart_stage_deletes_that_stage_and_runs_it_again(base_workdir, tmp_pa
   c.restart_stage = "score"
   main.run(c)
   assert all(s.k == 2 for s in curation.read_scores(Workdir(wd).scores).values())
+  before = os.stat(Workdir(wd).scores).st_mtime_ns
+  main.run(c)                                        # the same command again (a requeue): no second restart
+  assert os.stat(Workdir(wd).scores).st_mtime_ns == before
   assert os.path.isdir(Workdir(wd).base_model)      # other stages' outputs untouched
 
 

@@ -21,7 +21,7 @@ def _image_name(rec) -> str:
 
 
 def greedy_results(config, ctx, model, records, source: str, *, desc: str, sampler=None,
-                   stop: list | None = None) -> list[dict]:
+                   stop: list | None = None) -> tuple[list[dict], int]:
   """Greedy answers to `records`, verified -> (test_dp.py-shaped rows in record order, skipped).
 
   stop: common.stop_requests()'s list; a signal in it ends the set early (raising _SetStopped)."""

@@ -7,6 +7,7 @@ run resumes at the first unfinished batch and ends with the same file.
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import jax
@@ -33,7 +34,7 @@ def run(config, ctx) -> dict:
   plan = it.plan(0)
   # What decides the journal's rows and their batch order: resuming under other settings would mix them.
   train = sources.parse(config.data.train)
-  fingerprint = {"model": model.directory, "model_identity": fingerprint_lib.identity(model.directory),
+  fingerprint = {"model": fingerprint_lib.portable(model.directory, ctx.wd.root), "model_identity": fingerprint_lib.identity(model.directory),
                  "train": str(config.data.train), "records": len(records),
                  "train_identity": fingerprint_lib.identity(train.path) if train.kind in ("json", "hf") else None,
                  "train_limit": config.data.train_limit, "label_noise": config.data.label_noise, "seed": config.seed,
@@ -63,8 +64,10 @@ def run(config, ctx) -> dict:
         answers += len(rows) * sp.num_samples
         bar.update(len(rows))
         bar.set_postfix(answers_per_s=f"{answers / max(time.time() - t0, 1e-9):.1f}")
-        if stop:               # SIGTERM / Ctrl-C: this batch is in the journal; stop here
-          raise trainer.Preempted(out.index, journal.path, stop[0], unit="batch")
+        # SIGTERM / Ctrl-C (one process), or the batch every host agreed on through JAX's preemption
+        # sync (several: each walks the same batches): this batch is in the journal; stop here.
+        if stop or (jax.process_count() > 1 and trainer.reached_preemption(out.index)):
+          raise trainer.Preempted(out.index, journal.path, stop[0] if stop else signal.SIGTERM, unit="batch")
   finally:
     bar.close()
     journal.close()

@@ -164,24 +164,29 @@ def _sft_run(config, ctx, name: str, s, start_ref: str, start_key: str, spec, *,
   if tc.lora is not None:
     params = trainer.init_lora(params, model.cfg, tc.lora, seed=seed)
   t = trainer.SFTTrainer(model.cfg, ctx.model_options, params, tc, ctx.mesh, ctx.wd.train(name),
-                         fingerprint=_data_fingerprint(config, spec, records, model))
+                         fingerprint=_data_fingerprint(config, ctx, spec, records, model))
   params = model.params = None   # the trainer holds the weights now (a LoRA base perhaps in bf16)
   fit = _fit(config, ctx, name, t, it, s, model)
   # Records trained on, and every one left out (by the reader or when its image would not decode).
-  out = {"records": len(records) - len(it.skipped), "skipped": len(read_skipped) + len(it.skipped), **fit}
+  # (distinct ids: the batcher meets a bad record again every epoch)
+  bad = len({sk.record for sk in it.skipped})
+  out = {"records": len(records) - bad, "skipped": len(read_skipped) + bad, **fit}
   if s.max_length:
     out["dropped_over_max_length"] = dropped
   return out
 
 
-def _data_fingerprint(config, spec, records, model: common.LoadedModel) -> dict:
+def _data_fingerprint(config, ctx, spec, records, model: common.LoadedModel) -> dict:
   """What a training run reads besides its TrainConfig: resuming its checkpoints on other data or from
   another start model would mix two runs."""
   spec = sources.parse(spec) if isinstance(spec, str) else spec
   path = spec.path if spec.kind in ("json", "hf") else None
-  return {"data": str(spec), "data_identity": fingerprint_lib.identity(path) if path else None,
+  root = ctx.wd.root
+  return {"data": fingerprint_lib.portable(path, root) if path else str(spec),
+          "data_identity": fingerprint_lib.identity(path) if path else None,
           "records": len(records), "label_noise": config.data.label_noise, "max_pixels": config.data.max_pixels,
-          "start": model.directory, "start_identity": fingerprint_lib.identity(model.directory)}
+          "start": fingerprint_lib.portable(model.directory, root),
+          "start_identity": fingerprint_lib.identity(model.directory)}
 
 
 def within_max_length(records, processor, max_length: int, key: str):
@@ -254,7 +259,7 @@ def grpo(config, ctx) -> dict:
                                ctx.wd.train("grpo"), sampling_params=sp, records=records,
                                processor=model.processor, beta=g.beta, clip_eps=g.clip_eps,
                                num_iterations=g.num_iterations,
-                               fingerprint=_data_fingerprint(config, config.data.train, records, model))
+                               fingerprint=_data_fingerprint(config, ctx, config.data.train, records, model))
   params = model.params = None   # the trainer holds the weights now
   figures = _fit(config, ctx, "grpo", t, it, g, model)
   h = history(ctx.wd, "grpo")

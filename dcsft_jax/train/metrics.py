@@ -15,6 +15,8 @@ import numpy as np
 import tensorboardX
 from tensorboardX import summary as tbx_summary
 
+from dcsft_jax import atomic
+
 # tensorboardX names an event file by the second and the host, and truncates it: two writers of one
 # process in one second (a quick resume) would write over each other, hence the pid and a counter.
 _WRITERS = itertools.count()
@@ -57,8 +59,7 @@ class MetricsWriter:
               keep.append(line)
           except (json.JSONDecodeError, KeyError):
             break
-      with open(self._jsonl_path, "w", encoding="utf-8") as f:
-        f.writelines(keep)
+      atomic.write_text(self._jsonl_path, "".join(keep))   # a kill here must not empty the file
     self._jsonl = None      # opened by the first `write`: a log of images and text has no metrics.jsonl
     self._tb = tensorboardX.SummaryWriter(logdir, purge_step=resume_step + 1,
                                           filename_suffix=f".{os.getpid()}.{next(_WRITERS)}")

@@ -175,8 +175,8 @@ class SFTTrainer:
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      except Exception as e:  # noqa: BLE001 - whatever Orbax raises for a damaged step, the remedy is the same
-        self._set_aside(step, e)
+      except Exception as e:  # noqa: BLE001 - Orbax's errors for a damaged step have no common type
+        self._set_aside_if_damaged(step, e)
         continue
       if "fingerprint" in meta:     # checked before the weights are read; a deliberate stop, not damage
         fingerprint_lib.check(f"the training run in {self.ckpt_dir}", meta["fingerprint"], self.fingerprint,
@@ -187,12 +187,23 @@ class SFTTrainer:
       try:
         st = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
       except Exception as e:  # noqa: BLE001
-        self._set_aside(step, e)
+        self._set_aside_if_damaged(step, e)
         continue
       self.state = self.state.replace(train=st["train"], opt_state=st["opt_state"], step=st["step"], rng=st["rng"])
       log.warning("resumed from %s at step %d", self.ckpt_dir, step)
       return meta["iterator"], meta["history"]
     return None, []
+
+  def _set_aside_if_damaged(self, step: int, error: Exception) -> None:
+    """Sets the step aside when the error is the checkpoint's (missing, truncated, undecodable
+    files); re-raises what is the machine's (out of memory on smaller hardware, permissions, a
+    network filesystem timing out), which would otherwise discard good checkpoints one by one."""
+    text = f"{type(error).__name__}: {error}"
+    if (isinstance(error, (MemoryError, PermissionError, TimeoutError, ConnectionError))
+        or any(k in text for k in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "DEADLINE_EXCEEDED",
+                                   "UNAVAILABLE", "Permission denied"))):
+      raise error
+    self._set_aside(step, error)
 
   def _set_aside(self, step: int, error: Exception) -> None:
     cause = (str(error).strip().splitlines() or [""])[0][:300]
@@ -239,7 +250,7 @@ class SFTTrainer:
     # process last asked about, and a resumed run that had not asked yet (a notice while it compiles
     # its first step) would count as 0 in a new process, so the agreed step 1 would never come. True
     # here can only be a step >= 1, i.e. the checkpoint just restored: nothing to save.
-    stop = _reached_preemption(step)
+    stop = reached_preemption(step)
     try:
       while step < tc.steps and not stop:
         t0 = time.time()
@@ -264,7 +275,7 @@ class SFTTrainer:
         history.append({"step": step, **{k: v for k, v in m.items() if v is not None}})
         writer.write(step, {k: v for k, v in m.items() if v is not None})
         # Every process asks at every step: the agreed step has to be one that each of them asks about.
-        stop = _reached_preemption(step) or self._signal is not None
+        stop = reached_preemption(step) or self._signal is not None
         if step % tc.save_every == 0 or step == tc.steps or stop:
           self.save(iterator.state(), history)
           writer.flush()
@@ -285,7 +296,7 @@ class SFTTrainer:
 
     Only there. With several processes, jax.distributed.initialize() has started JAX's preemption
     service, whose own (C++) SIGTERM handler tells the coordination service; the processes then
-    agree on a step to save at (one past the furthest one's), where `_reached_preemption` reads True
+    agree on a step to save at (one past the furthest one's), where `reached_preemption` reads True
     in each. A Python handler would replace JAX's and make only its own process save, and the save
     is collective: the others would wait in it forever. Ctrl-C there stays a KeyboardInterrupt."""
     if jax.process_count() > 1 or not _main_thread():
@@ -345,7 +356,7 @@ def _shared_step(cfg, opts, oc: optim.OptimConfig, loss, count_name: str, state_
   return _STEPS[key]
 
 
-def _reached_preemption(step: int) -> bool:
+def reached_preemption(step: int) -> bool:
   """Whether `step` is the step JAX's preemption sync agreed on (False without jax.distributed)."""
   try:
     return multihost_utils.reached_preemption_sync_point(step)
