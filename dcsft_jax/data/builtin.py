@@ -107,16 +107,18 @@ def _rendition(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image,
   return img, {"background": [int(v) for v in bg], "foreground": [int(v) for v in fg], "dilate": k}
 
 
-def _rendition_records(seed: int, image_size: int) -> list[Record]:
+def _shifted_records(split: str, stream: int, shift, key: str, seed: int, image_size: int) -> list[Record]:
+  """The ID *test* digits through `shift(image, rng) -> (image, what)`, each with its own RNG stream,
+  `what` kept in meta[key]: both OOD sets are built this way, so neither holds a training digit."""
   images, labels = _digits()
   _, test_idx = _split_indices(seed)
   out = []
   for src in test_idx:
     label = int(labels[src])
-    rng = np.random.default_rng((seed, _STREAM_RENDITION, int(src)))
-    img, style = _rendition(_upscale(images[src], image_size), rng)
-    meta = {"label": label, "split": "rendition", "source_index": int(src), "noisy": False, "style": style}
-    out.append(_make(f"digits-rendition-{int(src):05d}", img, label, meta))
+    rng = np.random.default_rng((seed, stream, int(src)))
+    img, what = shift(_upscale(images[src], image_size), rng)
+    meta = {"label": label, "split": split, "source_index": int(src), "noisy": False, key: what}
+    out.append(_make(f"digits-{split}-{int(src):05d}", img, label, meta))
   return out
 
 
@@ -145,19 +147,6 @@ def _corrupt(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, l
   ops.append("noise")
   arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
   return Image.fromarray(arr, mode="RGB"), ops
-
-
-def _adversarial_records(seed: int, image_size: int) -> list[Record]:
-  images, labels = _digits()
-  _, test_idx = _split_indices(seed)
-  out = []
-  for src in test_idx:
-    label = int(labels[src])
-    rng = np.random.default_rng((seed, _STREAM_ADVERSARIAL, int(src)))
-    img, ops = _corrupt(_upscale(images[src], image_size), rng)
-    meta = {"label": label, "split": "adversarial", "source_index": int(src), "noisy": False, "corruptions": ops}
-    out.append(_make(f"digits-adversarial-{int(src):05d}", img, label, meta))
-  return out
 
 
 # ----------------------------------------------------------------------------- label noise
@@ -208,9 +197,9 @@ def load_builtin(split: str, *, seed: int = 0, label_noise: float = 0.0, image_s
   if split in ("train", "test"):
     records = _id_records(split, seed, image_size)
   elif split == "rendition":
-    records = _rendition_records(seed, image_size)
+    records = _shifted_records("rendition", _STREAM_RENDITION, _rendition, "style", seed, image_size)
   else:
-    records = _adversarial_records(seed, image_size)
+    records = _shifted_records("adversarial", _STREAM_ADVERSARIAL, _corrupt, "corruptions", seed, image_size)
   if limit is not None:
     records = records[:limit]
   return _apply_label_noise(records, label_noise, seed)
