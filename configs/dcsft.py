@@ -3,13 +3,20 @@ uses the embedded default, a tiny random-weight Qwen2.5-VL-architecture model, a
 digits dataset (ID: held-out digits; OOD: font renditions and corrupted digits).
 
   python -m dcsft_jax.main --config=configs/dcsft.py [--config.workdir=DIR --config.stages=init,cold_start ...]
+  python -m dcsft_jax.main --config=configs/dcsft.py:hard_sweep=true     # + the Fig. 5 hard-ratio sweep
+  python -m dcsft_jax.main --config=configs/dcsft.py --config.seeds=3    # mean +- std over 3 training seeds
 
 Every field is documented in dcsft_jax/config_base.py; the paper's own settings are in configs/paper/.
 """
 from dcsft_jax import config_base
 
 
-def get_config():
+# Fig. 5's sweep: SFT-EM's data plus this share of the hard bucket (0 is SFT-EM itself).
+HARD_SWEEP = (0.2, 0.5)
+
+
+def get_config(arg=None):
+  a = config_base.parse_arg(arg, hard_sweep=False)
   c = config_base.base()
   c.workdir = "workdir/dcsft_default"
   c.data.train = "builtin:train[256:]"
@@ -27,6 +34,14 @@ def get_config():
   c.cold_start.save_every = 1000
 
   c.score.max_new_tokens = 4        # the digits' answers are one word (a token or two plus EOS)
+
+  # Table 1's hard-only run beside the paper's recipes: SFT on the prompts the cold start never solves.
+  recipes = ["sft", "sft_m", "sft_em", "hard"]
+  if a.hard_sweep:
+    recipes += [f"sft_em+hard{r:g}" for r in HARD_SWEEP]
+  c.curate.recipes = c.finetune.recipes = ",".join(recipes)
+  c.evaluate.models = ",".join(["cold_start=cold_start_model"] + [f"{r}=models/{r}" for r in recipes[:1]] +
+                               ["grpo=models/grpo"] + [f"{r}=models/{r}" for r in recipes[1:]])
 
   c.finetune.steps = 40
   c.finetune.learning_rate = 1e-3

@@ -90,6 +90,9 @@ def directory(out_dir: str) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  # The contents reach the disk before the rename that publishes them: after a power cut the
+  # directory is the old one or the whole new one, never new names over empty files.
+  sync_tree(tmp)
   if os.path.exists(out_dir) and _exchange(tmp, out_dir):
     shutil.rmtree(tmp, ignore_errors=True)           # tmp now holds the old directory
     return
@@ -100,6 +103,25 @@ def directory(out_dir: str) -> Iterator[str]:
   os.replace(tmp, out_dir)
   if old:
     shutil.rmtree(old, ignore_errors=True)
+
+
+def sync_tree(root: str) -> None:
+  """fsync every file and directory under `root` (directories last, so their entries are durable)."""
+  for d, _, files in os.walk(root, topdown=False):
+    for name in files:
+      path = os.path.join(d, name)
+      if os.path.islink(path):
+        continue
+      fd = os.open(path, os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    fd = os.open(d, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
 
 
 def _remove_abandoned(out_dir: str) -> None:

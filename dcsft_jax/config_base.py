@@ -52,6 +52,10 @@ def base() -> ml_collections.ConfigDict:
   # already ran keep their outputs: restart them too (a comma list) if they read this one's.
   c.restart_stage = ""
   c.seed = 0
+  # Training seeds: finetune and GRPO run once per seed (seed s > 0 as NAME.seed{s}, its own LoRA
+  # init, data order and dropout) on the same cold start, scores and curated files; evaluation covers
+  # every seed, and the report gives mean +- std over seeds and paired-bootstrap intervals.
+  c.seeds = 1
   c.distributed = "auto"             # 'auto': jax.distributed.initialize() under a multi-host launcher
   # Device mesh: one size may be -1 (all remaining devices).
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))

@@ -4,6 +4,8 @@ The paper's rule (its `infer/sample.py`, NOTES.md §1.4 and §5): each training 
 sampled answers, each verified 0/1. easy = all correct, hard = none correct, medium = the verdicts
 differ (`len(set(verdicts)) > 1`). There are no thresholds. The recipes keep buckets:
   sft_m = medium (the paper's SFT-M), sft_em = easy + medium (SFT-EM), sft = everything.
+A recipe may add back a share of the hard bucket, the paper's Fig. 5 ablation: 'sft_em+hard0.2' is
+SFT-EM plus 20% of the hard prompts (`parse_recipe`), so a sweep is a list of recipes.
 
 Two inputs are understood:
   * our scores file (JSONL, one object per prompt, written by the scoring stage):
@@ -46,6 +48,23 @@ RECIPES: dict[str, frozenset[str]] = {
   "medium": frozenset({"medium"}),
   "hard": frozenset({"hard"}),
 }
+_HARD_ADDED = re.compile(r"^(?P<base>[a-z_]+)\+hard(?P<ratio>[0-9]*\.?[0-9]+)$")
+
+
+def parse_recipe(name: str) -> tuple[str, float | None]:
+  """'sft_em' -> ('sft_em', None); 'sft_em+hard0.2' -> ('sft_em', 0.2), SFT-EM with 20% of the hard
+  bucket added back (Fig. 5). Raises ValueError naming the recipes for anything else."""
+  m = _HARD_ADDED.match(name)
+  base, ratio = (m.group("base"), float(m.group("ratio"))) if m else (name, None)
+  if base not in RECIPES:
+    raise ValueError(f"unknown recipe {name!r}: the recipes are {', '.join(RECIPES)}, or one without the hard "
+                     f"bucket plus a share of it, e.g. sft_em+hard0.2")
+  if ratio is not None and ("hard" in RECIPES[base] or not 0.0 <= ratio <= 1.0):
+    raise ValueError(f"recipe {name!r}: '+hardR' adds R in [0, 1] of the hard bucket to a recipe without it "
+                     f"(sft_m, sft_em, easy, medium)")
+  return base, ratio
+
+
 # Bar colours of the pass-rate histogram: the bucket each bar falls into.
 BUCKET_COLORS = {"hard": (214, 69, 65), "medium": (240, 173, 40), "easy": (60, 160, 80)}
 _SCORES_FIX = ('each line must be one JSON object {"id": str, "completions": [str, ...], '

@@ -8,7 +8,6 @@ multi-host run, to any one process: all of them stop at the same step) saves a c
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import dataclasses
 import json
@@ -94,8 +93,8 @@ def run(config) -> dict:
   if config.data.max_image_pixels:
     # PIL refuses images over twice MAX_IMAGE_PIXELS (DecompressionBombError, a bad record).
     PIL.Image.MAX_IMAGE_PIXELS = config.data.max_image_pixels // 2
-  wd = workdir_lib.Workdir(config.workdir)
-  with workdir_lib.locked(wd) if jax.process_index() == 0 else contextlib.nullcontext():
+  wd = workdir_lib.Workdir(config.workdir, seeds=config.seeds)
+  with workdir_lib.locked_by_process_0(wd):
     return _run_stages(config, names, Context(wd, mesh, opts))
 
 
@@ -134,6 +133,14 @@ def main(argv):
     run(_CONFIG.value)
   except run_config.ConfigError as e:
     sys.exit(f"bad config: {e}")
+  except trainer.CheckpointSaveFailed as e:
+    # Out at once, skipping interpreter shutdown: the writes Orbax abandoned are still finishing, and
+    # their callbacks into its closed event loop would print a traceback each during finalization.
+    # The message is the cause; the trace is in the log file it names.
+    logging.flush()
+    print(f"dcsft_jax: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
   except (workdir_lib.WorkdirBusy, FileNotFoundError) as e:
     sys.exit(f"dcsft_jax: {e}")     # a missing input or a busy workdir: the message is the cause
   except trainer.Preempted as e:

@@ -169,10 +169,20 @@ def histogram_png(path: str | os.PathLike, counts: Sequence[int], labels: Sequen
 
 
 def line_png(path: str | os.PathLike, series: dict[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
-             xlabel: str, ylabel: str) -> str:
-  """A line chart of named (xs, ys) series, each in its own `PALETTE` colour with point markers and a legend."""
+             xlabel: str, ylabel: str,
+             bands: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> str:
+  """A line chart of named (xs, ys) series, each in its own `PALETTE` colour with point markers and a legend.
+
+  bands: {name: (lows, highs)} at the series' xs, shaded in the series' colour (translucent, so
+  overlapping bands stay visible): the spread over seeds around a mean."""
   if not series:
     raise ValueError("nothing to plot: no series")
+  bands = dict(bands or {})
+  for name, band in bands.items():
+    if name not in series:
+      raise ValueError(f"band {name!r} has no series")
+    if len(band) != 2 or not (len(band[0]) == len(band[1]) == len(series[name][0])):
+      raise ValueError(f"band {name!r} must be (lows, highs) with one value per x of its series")
   clean: dict[str, tuple[list[float], list[float]]] = {}
   for name, xy in series.items():
     if len(xy) != 2:
@@ -188,6 +198,10 @@ def line_png(path: str | os.PathLike, series: dict[str, tuple[Sequence[float], S
 
   all_x = [v for xs, _ in clean.values() for v in xs]
   all_y = [v for _, ys in clean.values() for v in ys]
+  for lows, highs in bands.values():
+    if not all(math.isfinite(float(v)) for v in [*lows, *highs]):
+      raise ValueError("a band holds a NaN or infinite value")
+    all_y += [float(v) for v in [*lows, *highs]]
   xticks, yticks = nice_ticks(min(all_x), max(all_x)), nice_ticks(min(all_y), max(all_y))
   img, draw = _frame(title, xlabel, ylabel)
   left, top, right, bottom = PLOT_BOX
@@ -204,6 +218,16 @@ def line_png(path: str | os.PathLike, series: dict[str, tuple[Sequence[float], S
   _axes(draw)
 
   colors = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(clean)}
+  if bands:
+    # Bands first, under every line, composited at 20% opacity onto the frame.
+    layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
+    shade = ImageDraw.Draw(layer)
+    for name, (lows, highs) in bands.items():
+      xs = clean[str(name)][0]
+      upper = [(to_x(x), to_y(float(h))) for x, h in zip(xs, highs)]
+      lower = [(to_x(x), to_y(float(lo))) for x, lo in zip(xs, lows)]
+      shade.polygon(upper + lower[::-1], fill=(*colors[str(name)], 51))
+    img.paste(Image.alpha_composite(img.convert("RGBA"), layer).convert("RGB"))
   for name, (xs, ys) in clean.items():
     pts = [(to_x(x), to_y(y)) for x, y in zip(xs, ys)]
     if len(pts) > 1:

@@ -49,6 +49,8 @@ def validate(config: ml_collections.ConfigDict, known_stages, *, check_files: bo
   # Pipeline order whatever the listed order: a stage's inputs come from the stages before it.
   stages = [s for s in known_stages if s in stages]
   _check(bool(config.workdir), "workdir", "must be a directory path")
+  _check(isinstance(config.seeds, int) and not isinstance(config.seeds, bool) and config.seeds >= 1, "seeds",
+         f"{config.seeds!r} must be a positive integer (training runs per method)")
   _check(config.distributed in ("auto", "on", "off"), "distributed", f"{config.distributed!r} is not auto|on|off")
   for axis in config.mesh.keys():
     _check(axis in mesh_lib.MESH_AXES, f"mesh.{axis}", f"unknown mesh axis; the axes are {mesh_lib.MESH_AXES}")
@@ -120,7 +122,7 @@ def _validate_training(config, stages) -> None:
     raise ConfigError(f"config.cold_start.data: {e}") from None
   curated = [r.strip() for r in config.curate.recipes.split(",") if r.strip()]
   for r in [x.strip() for x in config.finetune.recipes.split(",") if x.strip()]:
-    _check(r in curation.RECIPES, "finetune.recipes", f"unknown recipe {r!r}; the recipes are {list(curation.RECIPES)}")
+    _check(_recipe_problem(r) is None, "finetune.recipes", str(_recipe_problem(r)))
     if "finetune" in stages and "curate" in stages:
       _check(r in curated, "finetune.recipes", f"{r!r} is not made by curate.recipes ({','.join(curated)})")
   g = config.grpo
@@ -193,6 +195,15 @@ def dry_run(config, known_stages) -> dict:
                                        for k, v in specs.items()}}
 
 
+def _recipe_problem(name: str) -> str | None:
+  from dcsft_jax import curation
+  try:
+    curation.parse_recipe(name)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
 def _positive(config, key: str):
   section, field = key.split(".")
   v = config[section][field]
@@ -238,7 +249,7 @@ def _validate_data(config, stages, check_files: bool = True) -> None:
     raise ConfigError(f"config.score: {e}") from None
   c = config.curate
   for r in [x.strip() for x in c.recipes.split(",") if x.strip()]:
-    _check(r in curation.RECIPES, "curate.recipes", f"unknown recipe {r!r}; the recipes are {list(curation.RECIPES)}")
+    _check(_recipe_problem(r) is None, "curate.recipes", str(_recipe_problem(r)))
   _check(0.0 <= c.hard_ratio <= 1.0, "curate.hard_ratio", f"{c.hard_ratio!r} must be in [0, 1]")
   _check(0.0 <= c.window_lo <= c.window_hi <= 1.0, "curate.window_lo",
          f"need 0 <= window_lo ({c.window_lo}) <= window_hi ({c.window_hi}) <= 1")

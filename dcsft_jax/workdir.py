@@ -5,6 +5,7 @@ One object, so the stages, the report, the tests and a user's scripts agree on w
   config.json, stages.json            the run's settings; each finished stage's figures
   base_model/, cold_start_model/      model directories (Orbax params + config.json + processor files)
   models/{sft,sft_m,sft_em,grpo}/     the trained models; models/finetune.json marks the LoRA runs done
+                                      (with config.seeds = N > 1, seed s > 0 of run NAME is NAME.seed{s})
   train/NAME/                         a training run: checkpoints/, logs/ (metrics.jsonl, TensorBoard),
                                       curve.json (OOD accuracy vs step), figures.json, rollouts/ (GRPO)
   scores/scores.jsonl                 K verified samples per training prompt (scores.partial.jsonl while running)
@@ -21,15 +22,30 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import re
 import socket
 import time
 
 MODEL_DONE = "config.json"
+_SEED_SUFFIX = re.compile(r"\.seed(\d+)$")
+
+
+def run_name(name: str, seed: int) -> str:
+  """The run (and model, and evaluation label) of training seed `seed` of `name`: seed 0 keeps the
+  plain name, so a one-seed run's layout is the same as before seeds existed."""
+  return name if seed == 0 else f"{name}.seed{seed}"
+
+
+def split_run_name(run: str) -> tuple[str, int]:
+  """run_name's inverse: 'sft_em.seed2' -> ('sft_em', 2); 'sft_em' -> ('sft_em', 0)."""
+  m = _SEED_SUFFIX.search(run)
+  return (run[:m.start()], int(m.group(1))) if m else (run, 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class Workdir:
   root: str
+  seeds: int = 1                     # config.seeds: training runs per finetune recipe and for GRPO
 
   def __post_init__(self):
     object.__setattr__(self, "root", os.path.abspath(self.root))
@@ -150,14 +166,15 @@ class Workdir:
 
   def stage_outputs(self, stage: str, recipes: tuple[str, ...] = ()) -> list[str]:
     """Everything `stage` writes (what --config.restart_stage deletes); `recipes`: finetune's runs."""
-    runs = {"cold_start": ["cold_start"], "finetune": list(recipes), "grpo": ["grpo"]}.get(stage, [])
+    seeded = lambda names: [run_name(n, s) for n in names for s in range(self.seeds)]
+    runs = {"cold_start": ["cold_start"], "finetune": seeded(recipes), "grpo": seeded(["grpo"])}.get(stage, [])
     return {
         "init": [self.base_model],
         "cold_start": [self.cold_start_model],
         "score": [os.path.dirname(self.scores)],
         "curate": [self.curation],
-        "finetune": [self.model(r) for r in recipes] + [self.finetune_done],
-        "grpo": [self.model("grpo")],
+        "finetune": [self.model(r) for r in seeded(recipes)] + [self.finetune_done],
+        "grpo": [self.model(r) for r in seeded(["grpo"])],
         "evaluate": [self.path("eval")],
         "report": [self.report, self.results, self.plots],
         "export": [self.export],
@@ -172,7 +189,8 @@ class Workdir:
         "score": self.scores,
         "curate": self.curation_summary,
         "finetune": self.finetune_done,
-        "grpo": os.path.join(self.model("grpo"), MODEL_DONE),
+        # The seeds train in order: the last one's model means every one finished.
+        "grpo": os.path.join(self.model(run_name("grpo", self.seeds - 1)), MODEL_DONE),
         "evaluate": self.accuracy_json,
         "report": self.report,
         "export": self.export,
@@ -211,3 +229,31 @@ def locked(wd: Workdir):
       os.ftruncate(fd, 0)      # a clean exit leaves no holder; a killed run leaves its line behind
   finally:
     os.close(fd)
+
+
+@contextlib.contextmanager
+def locked_by_process_0(wd: Workdir):
+  """`locked` for a run of any number of processes. Process 0 takes the lock (the hosts share the
+  workdir) and every process learns whether it got it: a busy workdir stops them all at once with
+  the holder's name, where the others would otherwise wait forever at their first collective."""
+  import jax
+  if jax.process_count() == 1:
+    with locked(wd):
+      yield
+    return
+  import numpy as np
+  from jax.experimental import multihost_utils
+  with contextlib.ExitStack() as stack:
+    busy = b""
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(locked(wd))
+      except WorkdirBusy as e:
+        busy = str(e).encode()[:4000]
+    # Fixed-size bytes: every process contributes the same shape to the broadcast.
+    word = np.frombuffer(busy.ljust(4000, b"\0"), np.uint8)
+    said = bytes(np.asarray(multihost_utils.broadcast_one_to_all(word), np.uint8)).rstrip(b"\0").decode()
+    if said:
+      raise WorkdirBusy(said)
+    yield
+

@@ -32,3 +32,22 @@ def test_directory_replaces_whole(tmp_path):
   with atomic.directory(str(out)) as tmp:
     open(os.path.join(tmp, "new.txt"), "w").write("new")
   assert sorted(os.listdir(tmp_path)) == ["model"] and os.listdir(out) == ["new.txt"]
+
+
+def test_directory_syncs_every_file_before_publishing(tmp_path, monkeypatch):
+  """Each file and folder inside is fsync'ed before the rename that publishes the directory: else a
+  power cut could leave the new names over empty files."""
+  synced, renamed = [], []
+  real_fsync, real_exchange = os.fsync, atomic._exchange
+  monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+  monkeypatch.setattr(atomic, "_exchange", lambda a, b: (renamed.append(len(synced)), real_exchange(a, b))[1])
+  out = tmp_path / "model"
+  out.mkdir()
+  with atomic.directory(str(out)) as tmp:
+    os.makedirs(os.path.join(tmp, "params"))
+    open(os.path.join(tmp, "params", "a.bin"), "wb").write(b"x" * 10)
+    open(os.path.join(tmp, "config.json"), "w").write("{}")
+  names = [os.path.relpath(p, tmp) for p in synced]
+  assert {"params/a.bin", "config.json", "params", "."} <= set(names), names
+  assert renamed == [len(synced)]          # all of them before the swap
+  assert (out / "params" / "a.bin").read_bytes() == b"x" * 10

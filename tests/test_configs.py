@@ -79,7 +79,7 @@ def test_config_dry_run(path):
   _check_dry_run(mod.get_config())
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIG_FILES if _takes_arg(_load(p))], ids=lambda p: os.path.relpath(p, REPO))
+@pytest.mark.parametrize("path", [p for p in PAPER.values() if _takes_arg(_load(p))], ids=lambda p: os.path.relpath(p, REPO))
 def test_config_dry_run_on_the_paper_data(path, paper_data):
   out = _check_dry_run(_load(path).get_config(f"data_dir={paper_data}"))
   if os.path.basename(path).startswith("imagenet_"):
@@ -191,3 +191,22 @@ def test_main_refuses_missing_data_before_any_work(tmp_path):
   assert "bad config: config.cold_start.data" in p.stderr, p.stderr[-2000:]
   assert "/nonexistent/imagenet_cold_sft.json" in p.stderr
   assert not workdir.exists()
+
+
+def test_default_and_demo_configs_take_the_hard_sweep_argument():
+  """configs/dcsft.py:hard_sweep=true adds Fig. 5's recipes to curation, fine-tuning and evaluation;
+  the demonstration is the default with seeds, full evaluation sets and the sweep, nothing else."""
+  base, sweep = _config(os.path.join(REPO, "configs", "dcsft.py")), _config(os.path.join(REPO, "configs", "dcsft.py"),
+                                                                            "hard_sweep=true")
+  extra = ["sft_em+hard0.2", "sft_em+hard0.5"]
+  assert sweep.curate.recipes == sweep.finetune.recipes == base.finetune.recipes + "," + ",".join(extra)
+  assert all(f"{r}=models/{r}" in sweep.evaluate.models for r in extra)
+  demo = _config(os.path.join(REPO, "configs", "demo.py"))
+  assert (demo.seeds, demo.evaluate.limit, demo.finetune.recipes) == (4, 0, sweep.finetune.recipes)
+  changed = {k for k in ("seeds", "workdir") if demo[k] != sweep[k]}
+  changed |= {f"{s}.{k}" for s in ("data", "cold_start", "score", "curate", "finetune", "grpo", "evaluate", "report")
+              for k in sweep[s].keys() if demo[s][k] != sweep[s][k]}
+  assert changed == {"seeds", "workdir", "evaluate.limit", "report.curve_limit"}, changed
+  with pytest.raises(ValueError, match="hard_sweep"):
+    _config(os.path.join(REPO, "configs", "dcsft.py"), "hardsweep=1")
+

@@ -263,6 +263,19 @@ def test_a_second_run_on_a_busy_workdir_stops_naming_the_first(tmp_path, capsys)
     with pytest.raises(workdir_lib.WorkdirBusy, match=rf"in use by pid {holder.pid} on .*another --config.workdir"):
       main.run(c)
     assert sorted(os.listdir(wd.root)) == [".lock"]          # nothing written: not even config.json
+    # A two-host run: process 0 finds the lock taken and tells process 1, so both stop with the holder's
+    # name (process 1 would otherwise go on alone and wait at its first collective forever).
+    import socket
+    with socket.socket() as sock:
+      sock.bind(("127.0.0.1", 0))
+      port = sock.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    script = os.path.join(REPO, "tests", "two_process_lock.py")
+    procs = [subprocess.Popen([sys.executable, script, str(i), str(port), wd.root], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+      assert p.returncode == 0 and f"process {i}: busy: {wd.root} is in use by pid {holder.pid}" in out, err[-2000:]
   finally:
     holder.kill()
     holder.wait()
@@ -426,3 +439,23 @@ def test_unknown_override_key_is_one_line_naming_the_sections():
   assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
   assert "bad config override (--config.trainer.steps=3): no field trainer" in r.stderr
   assert "cold_start, curate, data" in r.stderr
+
+
+def test_stop_check_asks_the_preemption_sync_at_every_batch_of_a_multi_host_stage(monkeypatch):
+  """Several processes: no Python signal handler (JAX's own tells every host); the stage asks JAX's
+  preemption sync after each batch with a count that only grows over the stage (per-set batch indices
+  would restart at 0 and could never reach the agreed point), and stops where it says so."""
+  import signal as signal_lib
+  from dcsft_jax.train import trainer
+  asked = []
+  monkeypatch.setattr(common.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(trainer, "reached_preemption", lambda step: asked.append(step) or step == 3)
+  before = signal_lib.getsignal(signal_lib.SIGTERM)
+  with common.stop_requests() as got:
+    assert signal_lib.getsignal(signal_lib.SIGTERM) is before and got == []    # JAX's handler stays
+    check = common.StopCheck(got)
+    assert [check(), check(), check()] == [None, None, signal_lib.SIGTERM]
+  assert asked == [1, 2, 3]
+  one = common.StopCheck([signal_lib.SIGINT])          # one process: the signal stop_requests caught
+  monkeypatch.setattr(common.jax, "process_count", lambda: 1)
+  assert one() == signal_lib.SIGINT

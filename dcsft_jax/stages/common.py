@@ -14,6 +14,7 @@ import jax
 
 from dcsft_jax import atomic, checkpoint, sampling
 from dcsft_jax import fingerprint as fingerprint_lib
+from dcsft_jax import workdir as workdir_lib
 from dcsft_jax.data import batching, sources
 from dcsft_jax.data.processor import Processor
 from dcsft_jax.models import qwen2_5_vl as model_lib
@@ -24,8 +25,10 @@ def model_path(ctx, ref: str) -> str:
   inside = ctx.wd.path(ref)
   if os.path.exists(inside) or os.path.exists(ref):
     return inside if os.path.exists(inside) else os.path.abspath(ref)
-  maker = next((stage for stage in ("init", "cold_start", "grpo") if os.path.dirname(ctx.wd.done_marker(stage)) == inside),
-               "finetune" if os.path.dirname(inside) == ctx.wd.path("models") else None)
+  maker = next((stage for stage in ("init", "cold_start") if os.path.dirname(ctx.wd.done_marker(stage)) == inside),
+               None)
+  if maker is None and os.path.dirname(inside) == ctx.wd.path("models"):
+    maker = "grpo" if workdir_lib.split_run_name(os.path.basename(inside))[0] == "grpo" else "finetune"
   raise FileNotFoundError(f"model {ref!r} not found: neither {inside} nor {os.path.abspath(ref)} exists. "
                           + (f"The {maker!r} stage makes it: run that stage first (in this command's "
                              f"--config.stages, or before it)." if maker else
@@ -39,6 +42,21 @@ class LoadedModel:
   params: dict
   opts: model_lib.ModelOptions
   processor: Processor
+
+
+def evaluated_models(config) -> list[tuple[str, str]]:
+  """evaluate.models as (label, model ref) pairs. With config.seeds = N > 1, an entry naming a run this
+  config trains per seed (models/RECIPE of finetune.recipes, models/grpo) stands for all N of them:
+  LABEL, LABEL.seed1, ... (workdir.run_name); the cold start and outside paths stay one model."""
+  seeded = {f"models/{r.strip()}" for r in config.finetune.recipes.split(",") if r.strip()} | {"models/grpo"}
+  out = []
+  for item in [m.strip() for m in config.evaluate.models.split(",") if m.strip()]:
+    label, _, ref = item.rpartition("=") if "=" in item else (item, "", item)
+    ref = ref.strip().rstrip("/")
+    label = label.strip()
+    n = config.seeds if ref in seeded else 1
+    out += [(workdir_lib.run_name(label, i), workdir_lib.run_name(ref, i)) for i in range(n)]
+  return out
 
 
 def load_model(config, ctx, ref: str, *, max_pixels: int = 0) -> LoadedModel:
@@ -130,6 +148,27 @@ def stop_requests():
   finally:
     for s, h in old.items():
       signal.signal(s, h)
+
+
+class StopCheck:
+  """Asked after each finished unit of work (a batch) of a stage that saves as it goes: the signal to
+  stop with, or None. One process: what stop_requests caught. Several: the unit every process agreed
+  on through JAX's preemption sync (SIGTERM to any host reaches all of them there), counted over the
+  whole stage so the sync's step only grows, and asked by every process at every unit, as the sync
+  requires (all processes walk the same batches)."""
+
+  def __init__(self, got: list[int]):
+    self.got, self.count = got, 0
+
+  def __call__(self) -> int | None:
+    self.count += 1
+    if self.got:
+      return self.got[0]
+    if jax.process_count() > 1:
+      from dcsft_jax.train import trainer
+      if trainer.reached_preemption(self.count):
+        return signal.SIGTERM
+    return None
 
 
 class JsonlJournal:

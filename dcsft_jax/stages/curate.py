@@ -19,8 +19,10 @@ def run(config, ctx) -> dict:
   window = (float(c.window_lo), float(c.window_hi)) if (c.window_lo > 0 or c.window_hi < 1) else None
   out = {"summary": curation.summary(records, scores), "recipes": {}}
   for recipe in [r.strip() for r in c.recipes.split(",") if r.strip()]:
-    chosen = curation.select(records, scores, recipe=recipe,
-                             hard_ratio=0.0 if "hard" in curation.RECIPES[recipe] else c.hard_ratio, window=window,
+    base, added = curation.parse_recipe(recipe)    # 'sft_em+hard0.2': Fig. 5's share of hard added back
+    if added is None:
+      added = 0.0 if "hard" in curation.RECIPES[base] else c.hard_ratio
+    chosen = curation.select(records, scores, recipe=base, hard_ratio=added, window=window,
                              seed=config.seed, allow_missing=config.data.skip_bad_records)
     path = wd.recipe(recipe)
     n = curation.write_curated(chosen, path, wd.curated_images)

@@ -21,10 +21,11 @@ def _image_name(rec) -> str:
 
 
 def greedy_results(config, ctx, model, records, source: str, *, desc: str, sampler=None,
-                   stop: list | None = None) -> tuple[list[dict], int]:
+                   stop=None) -> tuple[list[dict], int]:
   """Greedy answers to `records`, verified -> (test_dp.py-shaped rows in record order, skipped).
 
-  stop: common.stop_requests()'s list; a signal in it ends the set early (raising _SetStopped)."""
+  stop: a common.StopCheck, asked after each batch; a signal from it ends the set early (raising
+  _SetStopped). None (the training curves): the trainer's own preemption handling applies."""
   e = config.evaluate
   sp = sampling.settings(model.directory, model.processor, repetition_penalty=e.repetition_penalty,
                          pad_id=model.cfg.pad_token_id or 0, max_new_tokens=e.max_new_tokens, num_samples=1,
@@ -43,8 +44,9 @@ def greedy_results(config, ctx, model, records, source: str, *, desc: str, sampl
         results.append((int(r), {"id": rec.id, "image": _image_name(rec), "question": rec.prompt,
                                  "ground_truth": rec.answer, "model_output": texts[0], "correct": correct}))
         bar.update(1)
-      if stop:
-        raise _SetStopped(stop[0])
+      signum = stop() if stop is not None else None
+      if signum is not None:
+        raise _SetStopped(signum)
   finally:
     bar.close()
   return [x for _, x in sorted(results, key=lambda t: t[0])], len(it.skipped)
@@ -60,7 +62,7 @@ def accuracy_of(results: list[dict]) -> float | None:
   return sum(x["correct"] for x in results) / len(results) if results else None
 
 
-def evaluate_set(config, ctx, model, name: str, spec, out_path: str, stop: list | None = None) -> dict:
+def evaluate_set(config, ctx, model, name: str, spec, out_path: str, stop=None) -> dict:
   records = common.load_records(config, spec, limit=config.evaluate.limit)
   t0 = time.time()
   results, skipped = greedy_results(config, ctx, model, records, str(spec), desc=f"eval {name}", stop=stop)
@@ -85,10 +87,9 @@ def table(acc: dict[str, dict[str, float | None]], sets: list[str], ood: list[st
   return "\n".join(lines) + "\n"
 
 
-def _evaluate_all(config, ctx, e, sets, acc: dict, figures: dict, stop: list) -> None:
+def _evaluate_all(config, ctx, e, sets, acc: dict, figures: dict, stop) -> None:
   """Every (model, set) not evaluated yet, into `acc` and `figures`; finished sets are read back."""
-  for item in [m.strip() for m in e.models.split(",") if m.strip()]:
-    label, _, ref = item.rpartition("=") if "=" in item else (item, "", item)
+  for label, ref in common.evaluated_models(config):
     model = None
     acc[label] = {}
     for name, spec in sets.items():
@@ -110,9 +111,9 @@ def run(config, ctx) -> dict:
   ood = [s.strip() for s in config.data.ood.split(",") if s.strip()]
   acc: dict[str, dict] = {}
   figures = {}
-  with common.stop_requests() as stop:
+  with common.stop_requests() as got:
     try:
-      _evaluate_all(config, ctx, e, sets, acc, figures, stop)
+      _evaluate_all(config, ctx, e, sets, acc, figures, common.StopCheck(got))
     except _SetStopped as s:      # SIGTERM / Ctrl-C: finished sets are on disk, the one in hand is redone
       done = sum(len(v) for v in acc.values())
       raise trainer.Preempted(done, ctx.wd.path("eval"), s.signum,

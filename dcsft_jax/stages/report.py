@@ -9,21 +9,35 @@ same for TensorBoard in plots/logs (see `_tensorboard`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 
 import jax
+import numpy as np
 from PIL import Image
 
-from dcsft_jax import plots, stats
+from dcsft_jax import curation, plots, stats
 from dcsft_jax.stages import common, evaluate, training
-from dcsft_jax.workdir import Workdir
+from dcsft_jax.workdir import Workdir, split_run_name
 from dcsft_jax.train import metrics
 
 # Display names of the models the default config evaluates (others keep their own label).
 PRETTY = {"base": "base", "cold_start": "cold start", "sft": "SFT", "grpo": "GRPO", "sft_m": "SFT-M",
-          "sft_em": "SFT-EM"}
+          "sft_em": "SFT-EM", "easy": "easy only", "medium": "medium only", "hard": "hard only"}
+
+
+def pretty(label: str) -> str:
+  """A model label for people: 'sft_em+hard0.2.seed1' -> 'SFT-EM + 20% hard (seed 1)'."""
+  method, seed = split_run_name(label)
+  base, added = method, None
+  try:
+    base, added = curation.parse_recipe(method)
+  except ValueError:
+    pass
+  name = PRETTY.get(base, base) + (f" + {100 * added:g}% hard" if added is not None else "")
+  return name + (f" (seed {seed})" if seed else "")
 
 
 def _read(path: str):
@@ -38,39 +52,142 @@ def _stage_seconds(wd: Workdir) -> dict[str, float]:
   return {k: v.get("seconds") for k, v in stages.items() if isinstance(v, dict)}
 
 
-# The paper's OOD average (ImageNet-R, ImageNet-A) minus SFT's, Qwen2.5-VL-7B on ImageNet, in points:
-# SFT 57.62, GRPO 59.48, SFT-M 60.41, SFT-EM 62.10.
-PAPER_VS_SFT = {"grpo": 59.48 - 57.62, "sft_m": 60.41 - 57.62, "sft_em": 62.10 - 57.62}
+@dataclasses.dataclass(frozen=True)
+class PaperFigure:
+  """One of the paper's comparisons: `method`'s OOD average minus `reference`'s, in points."""
+  reference: str
+  points: float
+  source: str
 
 
-def _correct(wd: Workdir, model: str, sets: list[str]) -> list[float] | None:
+# The paper's comparisons, Qwen2.5-VL-7B on ImageNet, OOD = the average of ImageNet-R and ImageNet-A:
+# Table 2 (against SFT: SFT 57.62, GRPO 59.48, SFT-M 60.41, SFT-EM 62.10, with grounding in the average),
+# Table 1 (one bucket alone against the cold start: R and A changes averaged), Fig. 5 (5% of the hard
+# bucket added to SFT-EM's data: ImageNet-R -3.74, ImageNet-A -2.51; OOD falls as the share grows).
+PAPER = {
+    ("grpo", "sft"): PaperFigure("sft", 59.48 - 57.62, "Table 2"),
+    ("sft_m", "sft"): PaperFigure("sft", 60.41 - 57.62, "Table 2"),
+    ("sft_em", "sft"): PaperFigure("sft", 62.10 - 57.62, "Table 2"),
+    ("easy", "cold_start"): PaperFigure("cold_start", (2.05 + 1.03) / 2, "Table 1"),
+    ("medium", "cold_start"): PaperFigure("cold_start", (1.35 + 1.36) / 2, "Table 1"),
+    ("hard", "cold_start"): PaperFigure("cold_start", (-14.07 - 6.20) / 2, "Table 1"),
+}
+PAPER_ORDER = ("sft", "grpo", "sft_m", "sft_em")     # Table 2's OOD ranking, worst to best
+
+
+def paper_figure(method: str, reference: str) -> PaperFigure | None:
+  if (method, reference) in PAPER:
+    return PAPER[(method, reference)]
+  try:
+    base, added = curation.parse_recipe(method)
+  except ValueError:
+    return None
+  if added and reference == base:     # Fig. 5: only 5% was reported; the sign is the claim
+    return PaperFigure(base, (-3.74 - 2.51) / 2, "Fig. 5, at 5% hard; lower as the share grows")
+  return None
+
+
+def _correct(wd: Workdir, label: str, sets: list[str]) -> list[float] | None:
   """The model's per-example verdicts over `sets`, in record order (None if a set is missing)."""
   out = []
   for s in sets:
-    res = _read(wd.eval_result(model, s))
+    res = _read(wd.eval_result(label, s))
     if res is None:
       return None
     out += [float(r["correct"]) for r in res["results"]]
   return out
 
 
-def _versus_sft(wd: Workdir, acc: dict, ood: list[str]) -> dict[str, dict]:
-  sft = _correct(wd, "sft", ood)
-  out = {}
-  for m in acc["accuracy"]:
-    mine = None if m == "sft" or sft is None else _correct(wd, m, ood)
-    if mine is not None and len(mine) == len(sft):
-      iv = stats.paired_bootstrap(mine, sft)
-      out[m] = {"diff": iv.diff, "lo": iv.lo, "hi": iv.hi, "verdict": iv.verdict}
+def methods_of(labels) -> dict[str, list[str]]:
+  """Evaluated labels grouped by method, seeds in order: {'sft': ['sft', 'sft.seed1', ...], ...}."""
+  out: dict[str, list[tuple[int, str]]] = {}
+  for label in labels:
+    method, seed = split_run_name(label)
+    out.setdefault(method, []).append((seed, label))
+  return {m: [label for _, label in sorted(v)] for m, v in out.items()}
+
+
+def _verdicts(wd: Workdir, labels: list[str], sets: list[str]) -> np.ndarray | None:
+  """[seeds, images] verdicts of one method (None when a seed lacks a set or the seeds' sets differ)."""
+  rows = [_correct(wd, label, sets) for label in labels]
+  if not rows or any(r is None for r in rows) or len({len(r) for r in rows}) != 1:
+    return None
+  return np.asarray(rows)
+
+
+def _paired(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+  """Two methods' [seeds, images] verdicts as pairs: seed i with seed i; a one-model method (the cold
+  start) is the same model against every seed of the other."""
+  if a.shape[1] != b.shape[1]:
+    return None
+  if len(a) == 1 or len(b) == 1:
+    n = max(len(a), len(b))
+    return np.broadcast_to(a, (n, a.shape[1])), np.broadcast_to(b, (n, b.shape[1]))
+  n = min(len(a), len(b))
+  return a[:n], b[:n]
+
+
+def _comparisons(wd: Workdir, groups: dict[str, list[str]], ood: list[str]) -> list[dict]:
+  """Every method against SFT, and against the paper's other references (the cold start for one bucket
+  alone, the recipe it extends for '+hardR'): the OOD difference, its paired-bootstrap interval over
+  seeds and evaluation images, and the paper's figure where it has one."""
+  verdicts = {m: _verdicts(wd, labels, ood) for m, labels in groups.items()}
+  pairs = [(m, "sft") for m in groups if m != "sft"]
+  for m in groups:
+    base = curation.parse_recipe(m)[0] if _is_recipe(m) else None
+    if m in ("easy", "medium", "hard"):
+      pairs.append((m, "cold_start"))
+    elif base is not None and base != m and base != "sft":
+      pairs.append((m, base))
+  out = []
+  for m, ref in pairs:
+    if verdicts.get(m) is None or verdicts.get(ref) is None:
+      continue
+    paired = _paired(verdicts[m], verdicts[ref])
+    if paired is None:
+      continue
+    iv = stats.paired_bootstrap(*paired)
+    fig = paper_figure(m, ref)
+    out.append({"method": m, "reference": ref, "seeds": int(paired[0].shape[0]), "diff": iv.diff, "lo": iv.lo,
+                "hi": iv.hi, "verdict": iv.verdict, "paper": None if fig is None else fig.points,
+                "paper_source": None if fig is None else fig.source, "reproduced": _reproduced(iv.verdict, fig)})
   return out
 
 
-def _reproduced(v: dict, paper: float | None) -> str:
-  if paper is None:
+def _is_recipe(name: str) -> bool:
+  try:
+    curation.parse_recipe(name)
+    return True
+  except ValueError:
+    return False
+
+
+def _reproduced(verdict: str, fig: PaperFigure | None) -> str:
+  if fig is None:
     return "-"
-  if v["verdict"] == "within noise":
+  if verdict == "within noise":
     return "within noise"
-  return "reproduced" if (v["verdict"] == "better") == (paper > 0) else "not reproduced"
+  return "reproduced" if (verdict == "better") == (fig.points > 0) else "not reproduced"
+
+
+def _ordering_sentence(comparisons: list[dict], ood_means: dict[str, float]) -> str:
+  """The plain-words verdict: the paper's OOD ordering, ours, and how each claim fared."""
+  have = [m for m in PAPER_ORDER if m in ood_means]
+  ours = sorted(have, key=lambda m: ood_means[m])
+  claims = [c for c in comparisons if c["paper"] is not None]
+  tally = {k: [pretty(c["method"]) + (f" vs {pretty(c['reference'])}" if c["reference"] != "sft" else "")
+               for c in claims if c["reproduced"] == k] for k in ("reproduced", "not reproduced", "within noise")}
+  parts = []
+  if len(have) > 1:
+    parts.append("The paper's OOD ordering is " + " < ".join(pretty(m) for m in have) + "; ours (means) is " +
+                 " < ".join(f"{pretty(m)} {100 * ood_means[m]:.2f}" for m in ours) + ".")
+  if claims:
+    parts.append(f"Of the paper's {len(claims)} comparisons here: " + "; ".join(
+        f"{len(v)} {k}" + (f" ({', '.join(v)})" if v else "") for k, v in tally.items()) + ".")
+    if not tally["reproduced"]:
+      parts.append("So the paper's finding is not reproduced by this run; a difference counts only when its "
+                   "95% interval excludes 0.")
+  return " ".join(parts) + "\n"
 
 
 def _skipped(wd: Workdir) -> dict[str, int]:
@@ -90,6 +207,29 @@ def _curves(wd: Workdir) -> dict[str, list[dict]]:
   return out
 
 
+def _mean_band(runs: list[tuple[list[float], list[float]]]):
+  """Seeds' (xs, ys) -> (xs, mean, low, high) over the xs every seed has; None if they share none."""
+  common_x = sorted(set.intersection(*[set(xs) for xs, _ in runs])) if runs else []
+  if not common_x:
+    return None
+  table = np.array([[dict(zip(xs, ys))[x] for x in common_x] for xs, ys in runs])
+  return common_x, table.mean(0).tolist(), table.min(0).tolist(), table.max(0).tolist()
+
+
+def _grouped_series(per_run: dict[str, tuple[list[float], list[float]]]):
+  """Per-run series -> per-method series (the mean over seeds) and bands (the seeds' range)."""
+  series, bands = {}, {}
+  for method, runs in methods_of(per_run).items():
+    got = _mean_band([per_run[r] for r in runs])
+    if got is None:
+      continue
+    xs, mean, lo, hi = got
+    series[pretty(method)] = (xs, mean)
+    if len(runs) > 1:
+      bands[pretty(method)] = (lo, hi)
+  return series, bands
+
+
 def _plots(wd: Workdir, ood: list[str], curves: dict[str, list[dict]]) -> list[str]:
   d = wd.plots
   os.makedirs(d, exist_ok=True)
@@ -101,17 +241,20 @@ def _plots(wd: Workdir, ood: list[str], curves: dict[str, list[dict]]) -> list[s
   for name in wd.train_runs():
     h = training.history(wd, name)
     if h and "reward" not in h[0]:           # GRPO's loss is another objective: it has its own plot
-      losses[PRETTY.get(name, name)] = ([x["step"] for x in h], [x["loss"] for x in h])
+      losses[name] = ([x["step"] for x in h], [x["loss"] for x in h])
+  seeded = any(split_run_name(n)[1] for n in wd.train_runs())
+  spread = " (mean over seeds; shaded: the seeds' range)" if seeded else ""
   if losses:
-    made.append(plots.line_png(os.path.join(d, "train_loss.png"), losses, title="training loss",
-                               xlabel="step", ylabel="loss"))
+    series, bands = _grouped_series(losses)
+    made.append(plots.line_png(os.path.join(d, "train_loss.png"), series, bands=bands,
+                               title="training loss" + spread, xlabel="step", ylabel="loss"))
   for s in ood:
-    series = {PRETTY.get(n, n): ([p["step"] for p in pts if p.get(s) is not None],
-                                 [100 * p[s] for p in pts if p.get(s) is not None])
-              for n, pts in curves.items() if any(p.get(s) is not None for p in pts)}
+    per_run = {n: ([p["step"] for p in pts if p.get(s) is not None], [100 * p[s] for p in pts if p.get(s) is not None])
+               for n, pts in curves.items() if any(p.get(s) is not None for p in pts)}
+    series, bands = _grouped_series(per_run)
     if series:
-      made.append(plots.line_png(os.path.join(d, f"ood_{s}_vs_step.png"), series,
-                                 title=f"{s} accuracy during training (Fig. 3)", xlabel="step",
+      made.append(plots.line_png(os.path.join(d, f"ood_{s}_vs_step.png"), series, bands=bands,
+                                 title=f"{s} accuracy during training (Fig. 3)" + spread, xlabel="step",
                                  ylabel="accuracy (%)"))
   h = training.history(wd, "grpo")
   if h and "reward" in h[0]:
@@ -137,6 +280,36 @@ def _tensorboard(wd: Workdir, text: str, made: list[str]) -> None:
   w.close()
 
 
+def _by_method(acc: dict, groups: dict[str, list[str]], sets: list[str], ood: list[str]) -> dict:
+  """{method: {SET or 'ood_average': {'mean', 'std', 'seeds': [per-seed accuracy]}}}."""
+  out = {}
+  for m, labels in groups.items():
+    row = {}
+    for s in sets + ["ood_average"]:
+      if s == "ood_average":
+        vals = [sum(acc[x][o] for o in ood) / len(ood) if ood and all(acc[x].get(o) is not None for o in ood)
+                else None for x in labels]
+      else:
+        vals = [acc[x].get(s) for x in labels]
+      vals = [v for v in vals if v is not None]
+      mean, std = stats.mean_std(vals) if vals else (None, None)
+      row[s] = {"mean": mean, "std": std, "seeds": vals}
+    out[m] = row
+  return out
+
+
+def _seeds_table(by_method: dict, sets: list[str], ood: list[str]) -> str:
+  cols = sets + (["OOD avg"] if ood else [])
+  keys = sets + (["ood_average"] if ood else [])
+  rows = []
+  for m, row in by_method.items():
+    cells = ["-" if row[k]["mean"] is None else
+             f"{100 * row[k]['mean']:.2f} ± {100 * row[k]['std']:.2f}" if len(row[k]["seeds"]) > 1 else
+             f"{100 * row[k]['mean']:.2f}" for k in keys]
+    rows.append([pretty(m), str(len(row[keys[0]]["seeds"]))] + cells)
+  return _md_table(["model", "seeds"] + cols, rows)
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -155,27 +328,41 @@ def build(workdir: str) -> dict:
   parts = ["# DC-SFT run report\n", f"Workdir: `{workdir}`\n"]
   results: dict = {"workdir": workdir, "seconds": seconds}
   if acc:
+    groups = methods_of(acc["accuracy"])
+    by_method = _by_method(acc["accuracy"], groups, sets, ood)
+    seeds = max(len(v) for v in groups.values()) if groups else 1
     parts += ["## Accuracy (%), greedy\n",
               "In-distribution: " + ", ".join(s for s in sets if s not in ood) + "; out of distribution: " +
-              ", ".join(ood) + ".\n",
-              evaluate.table({PRETTY.get(m, m): row for m, row in acc["accuracy"].items()}, sets, ood)]
+              ", ".join(ood) + ".\n"]
+    if seeds > 1:
+      parts += [f"Mean ± standard deviation over each method's training seeds ({seeds} seeds; the cold start "
+                "is one model, trained once).\n", _seeds_table(by_method, sets, ood)]
+    else:
+      parts.append(evaluate.table({pretty(m): row for m, row in acc["accuracy"].items()}, sets, ood))
     results["accuracy"] = acc["accuracy"]
+    results["by_method"] = by_method
     results["sets"], results["ood"] = acc["sets"], ood
     results["ood_average"] = {m: (sum(row[s] for s in ood) / len(ood) if ood and all(row.get(s) is not None
                                                                                       for s in ood) else None)
                               for m, row in acc["accuracy"].items()}
-  if acc and ood and "sft" in acc["accuracy"]:
-    versus = _versus_sft(wd, acc, ood)
-    if versus:
-      results["ood_vs_sft"] = versus
-      parts += ["## Out of distribution, against SFT\n",
-                "Each method's OOD accuracy minus SFT's, in points, with the 95% interval of a paired bootstrap "
-                "over the evaluation images (one training seed), beside the paper's (Qwen2.5-VL-7B on "
-                "ImageNet, the average of ImageNet-R and ImageNet-A). \"Within noise\": the interval holds 0.\n",
-                _md_table(["method", "ours", "95% interval", "verdict", "paper", "the paper's ordering here"],
-                          [[PRETTY.get(m, m), f"{100 * v['diff']:+.2f}", f"[{100 * v['lo']:+.2f}, {100 * v['hi']:+.2f}]",
-                            v["verdict"], f"{PAPER_VS_SFT[m]:+.2f}" if m in PAPER_VS_SFT else "-",
-                            _reproduced(v, PAPER_VS_SFT.get(m))] for m, v in versus.items()])]
+  if acc and ood and "sft" in groups:
+    comparisons = _comparisons(wd, groups, ood)
+    if comparisons:
+      results["comparisons"] = comparisons
+      n_seeds = max(c["seeds"] for c in comparisons)
+      over = f"{n_seeds} training seeds and the evaluation images" if n_seeds > 1 else \
+          "the evaluation images (one training seed)"
+      ood_means = {m: v["ood_average"]["mean"] for m, v in by_method.items() if v["ood_average"]["mean"] is not None}
+      parts += ["## Out of distribution, against SFT and the paper\n",
+                "Each method's OOD accuracy minus the reference's, in points, with the 95% interval of a paired "
+                f"bootstrap over {over}, beside the paper's (Qwen2.5-VL-7B on ImageNet, the average of "
+                "ImageNet-R and ImageNet-A). \"Within noise\": the interval holds 0.\n",
+                _md_table(["method", "against", "ours", "95% interval", "verdict", "paper", "the paper's claim here"],
+                          [[pretty(c["method"]), pretty(c["reference"]), f"{100 * c['diff']:+.2f}",
+                            f"[{100 * c['lo']:+.2f}, {100 * c['hi']:+.2f}]", c["verdict"],
+                            f"{c['paper']:+.2f} ({c['paper_source']})" if c["paper"] is not None else "-",
+                            c["reproduced"]] for c in comparisons]),
+                _ordering_sentence(comparisons, ood_means)]
   if cur:
     s = cur["summary"]
     b = s["buckets"]
@@ -205,7 +392,7 @@ def build(workdir: str) -> dict:
   if runs:
     parts += ["## Training runs\n",
               _md_table(["run", "steps", "first loss", "final loss", "final reward (GRPO, mean of the last 5 steps)"],
-                        [[PRETTY.get(n, n), str(r["steps"]), f"{r['first_loss']:.4f}", f"{r['final_loss']:.4f}",
+                        [[pretty(n), str(r["steps"]), f"{r['first_loss']:.4f}", f"{r['final_loss']:.4f}",
                           f"{r['final_reward']:.3f}" if "final_reward" in r else "-"] for n, r in runs.items()])]
     results["runs"] = runs
   results["curves"] = curves

@@ -7,7 +7,6 @@ run resumes at the first unfinished batch and ends with the same file.
 from __future__ import annotations
 
 import os
-import signal
 import time
 
 import jax
@@ -49,7 +48,8 @@ def run(config, ctx) -> dict:
   bar.update(done_rows)
   t0, n_new, answers = time.time(), 0, 0
   try:
-    with common.stop_requests() as stop:
+    with common.stop_requests() as got:
+      stop = common.StopCheck(got)
       for out in gen.run(records, start_batch=resumed, iterator=it):
         rows = []
         for r, texts in zip(out.rows, out.texts):
@@ -64,10 +64,11 @@ def run(config, ctx) -> dict:
         answers += len(rows) * sp.num_samples
         bar.update(len(rows))
         bar.set_postfix(answers_per_s=f"{answers / max(time.time() - t0, 1e-9):.1f}")
-        # SIGTERM / Ctrl-C (one process), or the batch every host agreed on through JAX's preemption
-        # sync (several: each walks the same batches): this batch is in the journal; stop here.
-        if stop or (jax.process_count() > 1 and trainer.reached_preemption(out.index)):
-          raise trainer.Preempted(out.index, journal.path, stop[0] if stop else signal.SIGTERM, unit="batch")
+        # SIGTERM / Ctrl-C (one process), or the batch every host agreed on: this batch is in the
+        # journal; stop here.
+        signum = stop()
+        if signum is not None:
+          raise trainer.Preempted(out.index, journal.path, signum, unit="batch")
   finally:
     bar.close()
     journal.close()

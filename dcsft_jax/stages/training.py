@@ -23,7 +23,7 @@ from dcsft_jax.data import batching, sources
 from dcsft_jax.models import qwen2_5_vl as model_lib
 from dcsft_jax.stages import common, evaluate
 from dcsft_jax.train import grpo_trainer, optim, trainer
-from dcsft_jax.workdir import Workdir
+from dcsft_jax.workdir import Workdir, run_name
 
 def lora_spec(s) -> model_lib.LoraSpec | None:
   if not s.lora:
@@ -146,8 +146,14 @@ def _start(config, ctx, ref: str, key: str) -> common.LoadedModel:
   return model
 
 
+def run_seed(config, name: str, seed_index: int = 0) -> int:
+  """The RNG seed of training seed `seed_index` of run `name` (LoRA init, data order, dropout, rollouts):
+  distinct per run and per seed; seed 0 of a run is what a one-seed run always used."""
+  return config.seed + sum(map(ord, name)) + 1_000_003 * seed_index
+
+
 def _sft_run(config, ctx, name: str, s, start_ref: str, start_key: str, spec, *, train_noise: bool,
-             key: str) -> dict:
+             key: str, seed: int) -> dict:
   model = _start(config, ctx, start_ref, start_key)
   records = common.load_records(config, spec, train=train_noise)
   read_skipped = getattr(records, "skipped", [])
@@ -156,7 +162,6 @@ def _sft_run(config, ctx, name: str, s, start_ref: str, start_key: str, spec, *,
                      f"got every prompt right or every prompt wrong; check scores/ and curation/summary.json "
                      f"(a stronger or weaker cold start, or more training prompts, fixes it)")
   records, dropped = within_max_length(records, model.processor, s.max_length, key)
-  seed = config.seed + sum(map(ord, name))
   it = _iterator(config, records, model.processor, s, with_answers=True, seed=seed, source=str(spec),
                  key=key, mesh=ctx.mesh)
   tc = train_config(config, s, _steps(s, it), seed)
@@ -214,38 +219,59 @@ def within_max_length(records, processor, max_length: int, key: str):
 def cold_start(config, ctx) -> dict:
   c = config.cold_start
   return _sft_run(config, ctx, "cold_start", c, c.model, "cold_start.model", sources.parse(c.data),
-                  train_noise=True, key="cold_start")
+                  train_noise=True, key="cold_start", seed=run_seed(config, "cold_start"))
 
 
 def finetune(config, ctx) -> dict:
   f = config.finetune
   out = {}
-  for recipe in [r.strip() for r in f.recipes.split(",") if r.strip()]:
-    figures = ctx.wd.figures(recipe)
-    if ctx.wd.model_done(recipe):
-      print(f"[finetune] {recipe}: done already")
-      # An earlier invocation trained it: its figures still belong in the stage's summary.
-      if os.path.exists(figures):
-        out.update({f"{recipe}/{k}": v for k, v in json.load(open(figures)).items()})
-      continue
-    path = ctx.wd.recipe(recipe)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path} not found: add {recipe!r} to config.curate.recipes and run 'curate'")
-    print(f"[finetune] {recipe} from {path}")
-    res = _sft_run(config, ctx, recipe, f, f.model, "finetune.model", sources.Spec("json", path), train_noise=False,
-                   key="finetune")
-    res = {k: v for k, v in res.items() if k != "written"}
-    common.write_json(figures, res)
-    out.update({f"{recipe}/{k}": v for k, v in res.items()})
+  recipes = [r.strip() for r in f.recipes.split(",") if r.strip()]
+  # Seed by seed: with several seeds every method has its first run before any has its third.
+  for i in range(config.seeds):
+    for recipe in recipes:
+      name = run_name(recipe, i)
+      figures = ctx.wd.figures(name)
+      if ctx.wd.model_done(name):
+        print(f"[finetune] {name}: done already")
+        # An earlier invocation trained it: its figures still belong in the stage's summary.
+        if os.path.exists(figures):
+          out.update({f"{name}/{k}": v for k, v in json.load(open(figures)).items()})
+        continue
+      path = ctx.wd.recipe(recipe)
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: add {recipe!r} to config.curate.recipes and run 'curate'")
+      print(f"[finetune] {name} from {path}" + (f" (seed {i + 1} of {config.seeds})" if config.seeds > 1 else ""))
+      res = _sft_run(config, ctx, name, f, f.model, "finetune.model", sources.Spec("json", path),
+                     train_noise=False, key="finetune", seed=run_seed(config, recipe, i))
+      res = {k: v for k, v in res.items() if k != "written"}
+      common.write_json(figures, res)
+      out.update({f"{name}/{k}": v for k, v in res.items()})
   common.write_json(ctx.wd.finetune_done, out)
   return out
 
 
 def grpo(config, ctx) -> dict:
+  out = {}
+  for i in range(config.seeds):
+    name = run_name("grpo", i)
+    if ctx.wd.model_done(name):
+      print(f"[grpo] {name}: done already")
+      if os.path.exists(ctx.wd.figures(name)):
+        out.update({f"{name}/{k}": v for k, v in json.load(open(ctx.wd.figures(name))).items()})
+      continue
+    if config.seeds > 1:
+      print(f"[grpo] {name} (seed {i + 1} of {config.seeds})")
+    figures = _grpo_run(config, ctx, name, run_seed(config, "grpo", i))
+    common.write_json(ctx.wd.figures(name), figures)
+    # One seed: the figures as they always were; several: each under its run's name.
+    out.update(figures if config.seeds == 1 else {f"{name}/{k}": v for k, v in figures.items()})
+  return out
+
+
+def _grpo_run(config, ctx, name: str, seed: int) -> dict:
   g = config.grpo
   model = _start(config, ctx, g.model, "grpo.model")
   records = common.load_records(config, config.data.train, limit=config.data.train_limit, train=True)
-  seed = config.seed + sum(map(ord, "grpo"))
   it = _iterator(config, records, model.processor, g, with_answers=False, seed=seed, source=config.data.train,
                  key="grpo", mesh=ctx.mesh)
   tc = train_config(config, g, _steps(g, it), seed)
@@ -256,16 +282,16 @@ def grpo(config, ctx) -> dict:
                          pad_id=model.cfg.pad_token_id or 0, max_new_tokens=g.max_new_tokens,
                          num_samples=g.num_generations, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
   t = grpo_trainer.GRPOTrainer(model.cfg, ctx.model_options, params, tc, ctx.mesh,
-                               ctx.wd.train("grpo"), sampling_params=sp, records=records,
+                               ctx.wd.train(name), sampling_params=sp, records=records,
                                processor=model.processor, beta=g.beta, clip_eps=g.clip_eps,
                                num_iterations=g.num_iterations,
                                fingerprint=_data_fingerprint(config, ctx, config.data.train, records, model))
   params = model.params = None   # the trainer holds the weights now
-  figures = _fit(config, ctx, "grpo", t, it, g, model)
-  h = history(ctx.wd, "grpo")
+  figures = _fit(config, ctx, name, t, it, g, model)
+  h = history(ctx.wd, name)
   if h:
     figures["final_reward"] = round(final_reward(h), 4)
-  return {"prompts": len(records), **figures}
+  return {"prompts": len(records), **{k: v for k, v in figures.items() if k != "written"}}
 
 
 def final_reward(h: list[dict], last: int = 5) -> float:

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import time
 import traceback
 from typing import Any, Sequence
@@ -109,6 +110,81 @@ class Preempted(Exception):
     self.step, self.exit_status = step, 128 + signum
 
 
+class CheckpointSaveFailed(RuntimeError):
+  """A checkpoint could not be written (a full disk, a quota, a lost mount). Its message is one line:
+  the folder, the cause and what to do; Orbax's trace goes to logs/checkpoint_errors.log."""
+
+
+_DISK_FULL = ("No space left on device", "Disk quota exceeded", "File too large", "ENOSPC", "EDQUOT", "EFBIG")
+
+
+class _ToLog(logging.Filter):
+  """Drops Orbax's own reports of a failed write from the console (they arrive one per array, from
+  its threads and at garbage collection, hundreds of lines) and appends them to the last run's trace
+  file: the failure itself reaches the user as one CheckpointSaveFailed line or one set-aside warning."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    ours = ("orbax" in record.pathname and record.exc_info) or \
+        (record.name == "asyncio" and "orbax" in text and "never retrieved" in text)
+    if not ours:
+      return True
+    _append(_LAST_TRACE[0], f"[{record.name}] {text}\n" + (
+        "".join(traceback.format_exception(*record.exc_info)) if record.exc_info else ""))
+    return False
+
+
+def _append(path: str, text: str) -> None:
+  if not path or jax.process_index() != 0:
+    return
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(text)
+  except OSError:
+    pass                   # the disk that refused a checkpoint may refuse the log too
+
+
+_LAST_TRACE = [""]
+
+
+def _quiet_hook(hook):
+  def quiet(kind, value, tb):
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      _append(_LAST_TRACE[0], "".join(traceback.format_exception(kind, value, tb)))
+      return
+    hook(kind, value, tb)
+  quiet.dcsft_quiet = True
+  return quiet
+
+
+def _quiet_unraisable(hook):
+  def quiet(u):
+    if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+      _append(_LAST_TRACE[0], "".join(traceback.format_exception(u.exc_type, u.exc_value, u.exc_traceback)))
+      return
+    hook(u)
+  quiet.dcsft_quiet = True
+  return quiet
+
+
+def orbax_noise_to(trace: str) -> None:
+  """From now on in this process, Orbax's per-array failure reports (its thread's logging.exception,
+  asyncio's "Task/Future exception was never retrieved") and tensorstore's "Event loop is closed"
+  callbacks into a loop Orbax already closed (printed through sys.excepthook or sys.unraisablehook)
+  go to `trace`, not the
+  console. For the process, not a block: the abandoned writes finish, and report, after the failure
+  has long left the training loop."""
+  _LAST_TRACE[0] = trace
+  for lg in (logging.getLogger("absl"), logging.getLogger("asyncio")):
+    if not any(isinstance(f, _ToLog) for f in lg.filters):
+      lg.addFilter(_ToLog())
+  if not getattr(sys.excepthook, "dcsft_quiet", False):
+    sys.excepthook = _quiet_hook(sys.excepthook)
+  if not getattr(sys.unraisablehook, "dcsft_quiet", False):     # the same, through PyErr_WriteUnraisable
+    sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+
+
 class SFTTrainer:
   """Trains `params` (a full model or a LoRA-augmented one) on records; resumes from `ckpt_dir`."""
 
@@ -166,6 +242,39 @@ class SFTTrainer:
         meta=ocp.args.JsonSave({"iterator": iterator_state, "history": history,
                                 "fingerprint": self.fingerprint})), force=True)
 
+  def _checkpoint_io(self, fn, step: int):
+    """fn() (a save, or waiting for the asynchronous one), with a failure turned into one
+    CheckpointSaveFailed line; the whole trace goes to the log file a bug report needs."""
+    try:
+      return fn()
+    except Exception as e:  # noqa: BLE001 - Orbax's writers raise whatever the filesystem does
+      trace = self._log_trace(f"saving step {step}", e)
+      last = self._last_complete_step()
+      text = f"{type(e).__name__}: {e}"
+      cause = next((k for k in _DISK_FULL if k in text), None)
+      hint = ("the disk (or quota) is full: free space, or give --config.workdir on a larger disk, and " if cause
+              else "fix the cause and ")
+      resume = f"step {last}" if last is not None else "the start (no step was saved)"
+      raise CheckpointSaveFailed(
+          f"saving a checkpoint to {self.ckpt_dir} failed at step {step} ({cause or text.splitlines()[0][:200]}); "
+          f"{hint}run the same command again: it resumes from {resume}. Full trace: {trace}") from None
+
+  def _last_complete_step(self) -> int | None:
+    """The newest step folder Orbax finished (it renames a step into place when complete)."""
+    steps = [int(d) for d in os.listdir(self.ckpt_dir) if d.isdigit()] if os.path.isdir(self.ckpt_dir) else []
+    return max(steps) if steps else None
+
+  def _log_trace(self, what: str, error: BaseException) -> str:
+    trace = os.path.join(self.workdir, "logs", "checkpoint_errors.log")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(trace), exist_ok=True)
+      try:
+        with open(trace, "a", encoding="utf-8") as f:
+          f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {what}\n" + "".join(traceback.format_exception(error)))
+      except OSError:
+        pass                 # a full disk may refuse the log too: the console line still says it all
+    return trace
+
   def restore(self) -> tuple[dict | None, list[dict]]:
     """Restores the latest readable checkpoint: (iterator state, history), or (None, []) for none.
 
@@ -208,14 +317,10 @@ class SFTTrainer:
   def _set_aside(self, step: int, error: Exception) -> None:
     cause = (str(error).strip().splitlines() or [""])[0][:300]
     aside = os.path.join(self.ckpt_dir, f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
-    trace = os.path.join(self.workdir, "logs", "checkpoint_errors.log")
+    # The whole story goes to the log, for a bug report; the console gets one line.
+    trace = self._log_trace(f"step {step} -> {aside}", error)
     log.warning("checkpoint step %d in %s cannot be read (%s: %s); moved to %s, trying the step before it "
                 "(full trace: %s)", step, self.ckpt_dir, type(error).__name__, cause, aside, trace)
-    if jax.process_index() == 0:      # the whole story, for a bug report; the console gets one line
-      os.makedirs(os.path.dirname(trace), exist_ok=True)
-      with open(trace, "a", encoding="utf-8") as f:
-        f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} step {step} -> {aside}\n"
-                + "".join(traceback.format_exception(error)))
     if jax.process_index() == 0:
       os.replace(os.path.join(self.ckpt_dir, str(step)), aside)
     if jax.process_count() > 1:
@@ -232,6 +337,7 @@ class SFTTrainer:
     on_step(step, metrics): called after each step; a dict it returns joins that step's metrics.
     hparams: the run's settings, for TensorBoard's HPARAMS tab (MetricsWriter.hparams).
     """
+    orbax_noise_to(os.path.join(self.workdir, "logs", "checkpoint_errors.log"))
     tc = self.tc
     it_state, history = self.restore()
     if it_state is not None:
@@ -277,15 +383,15 @@ class SFTTrainer:
         # Every process asks at every step: the agreed step has to be one that each of them asks about.
         stop = reached_preemption(step) or self._signal is not None
         if step % tc.save_every == 0 or step == tc.steps or stop:
-          self.save(iterator.state(), history)
+          self._checkpoint_io(lambda: self.save(iterator.state(), history), step)
           writer.flush()
       if stop:
-        self.manager.wait_until_finished()
+        self._checkpoint_io(self.manager.wait_until_finished, step)
         raise Preempted(step, self.ckpt_dir, self._signal or signal.SIGTERM)
     finally:
       bar.close()
       writer.close()
-      self.manager.wait_until_finished()
+      self._checkpoint_io(self.manager.wait_until_finished, step)
       for signum, handler in old.items():
         signal.signal(signum, handler)
       iterator.close()
