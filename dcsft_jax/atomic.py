@@ -87,12 +87,12 @@ def directory(out_dir: str) -> Iterator[str]:
   os.makedirs(tmp)
   try:
     yield tmp
+    # The contents reach the disk before the rename that publishes them: after a power cut the
+    # directory is the old one or the whole new one, never new names over empty files.
+    sync_tree(tmp)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  # The contents reach the disk before the rename that publishes them: after a power cut the
-  # directory is the old one or the whole new one, never new names over empty files.
-  sync_tree(tmp)
   if os.path.exists(out_dir) and _exchange(tmp, out_dir):
     shutil.rmtree(tmp, ignore_errors=True)           # tmp now holds the old directory
     return

@@ -106,12 +106,17 @@ def _run_stages(config, names: list[str], ctx: Context) -> dict:
   summary = json.load(open(wd.stages)) if os.path.exists(wd.stages) else {}
   print(f"dcsft_jax: {jax.device_count()} {jax.default_backend()} device(s), mesh {dict(mesh.shape)}, "
         f"workdir {wd.root}")
+  ran = []
   for name in names:
     stage = stages_lib.BY_NAME[name]
     marker = wd.done_marker(name)
     if os.path.exists(marker):
-      print(f"[{name}] done already ({os.path.relpath(marker, wd.root)} exists): skipped")
-      continue
+      missing = _missing(config, wd, name, ran)
+      if not missing:
+        print(f"[{name}] done already ({os.path.relpath(marker, wd.root)} exists): skipped")
+        continue
+      print(f"[{name}] done before, but {missing}: running it again (finished parts are kept)")
+    ran.append(name)
     print(f"[{name}] {stage.doc}")
     t0 = time.time()
     with mesh_lib.use(mesh):
@@ -122,6 +127,29 @@ def _run_stages(config, names: list[str], ctx: Context) -> dict:
     if jax.process_index() == 0:
       atomic.write_json(wd.stages, summary, default=str)
   return summary
+
+
+def _missing(config, wd: workdir_lib.Workdir, name: str, ran: list[str]) -> str:
+  """What a finished stage lacks for this config ('' if nothing): a later --config.seeds or another
+  recipe or model adds runs to finetune and evaluation, which then do only the new ones (each run and
+  each evaluated set is its own done file); the report is rebuilt when any stage ran."""
+  if name == "finetune":
+    have = {k.rsplit("/", 1)[0] for k in json.load(open(wd.finetune_done))}
+    want = [workdir_lib.run_name(r.strip(), s) for s in range(config.seeds)
+            for r in config.finetune.recipes.split(",") if r.strip()]
+    new = [r for r in want if r not in have]
+    return f"runs {', '.join(new)} are new" if new else ""
+  if name == "evaluate":
+    from dcsft_jax.data import sources
+    from dcsft_jax.stages import common
+    acc = json.load(open(wd.accuracy_json))["accuracy"]
+    sets = list(sources.parse_sets(config.data.eval))
+    new = [label for label, _ in common.evaluated_models(config)
+           if label not in acc or any(s not in acc[label] for s in sets)]
+    return f"models {', '.join(new)} are new" if new else ""
+  if name == "report" and ran:
+    return f"{', '.join(ran)} ran since"
+  return ""
 
 
 def main(argv):

@@ -255,6 +255,11 @@ def _validate_data(config, stages, check_files: bool = True) -> None:
          f"need 0 <= window_lo ({c.window_lo}) <= window_hi ({c.window_hi}) <= 1")
   _check(bool([m for m in config.evaluate.models.split(",") if m.strip()]), "evaluate.models",
          "name at least one model (NAME=DIR)")
+  from dcsft_jax.stages import common
+  try:
+    common.evaluated_models(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def model_options(config) -> model_lib.ModelOptions:

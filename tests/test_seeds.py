@@ -73,6 +73,8 @@ def test_curate_adds_the_named_share_of_hard(tmp_path):
   figures = curate.run(c, main.Context(wd, None, None))
   assert figures["sft_em_records"] == 20
   assert figures["sft_em+hard0.25_records"] == 25 and figures["sft_em+hard1_records"] == 40
+  recipes = json.load(open(wd.curation_summary))["recipes"]
+  assert [recipes[r]["hard"] for r in ("sft_em", "sft_em+hard0.25", "sft_em+hard1")] == [0, 5, 20]
 
 
 def test_every_seed_trains_on_the_same_files_with_its_own_seed(tmp_path, monkeypatch):
@@ -191,3 +193,35 @@ def test_curve_plot_draws_a_band_per_seeded_method(tmp_path):
   assert (np.abs(px - tint).max(-1) <= 2).sum() > 2000
   with pytest.raises(ValueError, match="band 'c' has no series"):
     plots.line_png(tmp_path / "c.png", {"a": ([0], [1])}, bands={"c": ([0], [1])}, title="t", xlabel="x", ylabel="y")
+
+
+def test_more_seeds_later_reopens_finetune_evaluation_and_report(tmp_path):
+  """A workdir finished with one seed, run again with --config.seeds=2: finetune and evaluate are done
+  for the old settings only; they run again (each run and set is its own done file, so only the new
+  ones train and evaluate) and the report is rebuilt."""
+  wd = Workdir(str(tmp_path), seeds=2)
+  os.makedirs(os.path.dirname(wd.finetune_done))
+  json.dump({"sft/records": 3, "sft_em/records": 2}, open(wd.finetune_done, "w"))
+  os.makedirs(os.path.dirname(wd.accuracy_json))
+  sets = {"id": 0.5, "rendition": 0.4, "adversarial": 0.3}
+  json.dump({"accuracy": {m: sets for m in ("cold_start", "sft", "sft_em")}}, open(wd.accuracy_json, "w"))
+  c = _config(workdir=wd.root, seeds=1)
+  c.finetune.recipes = "sft,sft_em"
+  c.evaluate.models = "cold_start=cold_start_model,sft=models/sft,sft_em=models/sft_em"
+  assert [main._missing(c, wd, s, []) for s in ("finetune", "evaluate", "report")] == ["", "", ""]
+  c.seeds = 2
+  assert main._missing(c, wd, "finetune", []) == "runs sft.seed1, sft_em.seed1 are new"
+  assert main._missing(c, wd, "evaluate", []) == "models sft.seed1, sft_em.seed1 are new"
+  assert main._missing(c, wd, "report", ["finetune"]) == "finetune ran since"
+
+
+def test_evaluated_models_normalise_paths_and_refuse_clashing_labels(tmp_path):
+  c = _config(workdir=str(tmp_path), seeds=2)
+  c.finetune.recipes = "sft"
+  c.evaluate.models = f"a=./models/sft/,b={tmp_path}/models/sft,models/grpo/,c=cold_start_model"
+  assert common.evaluated_models(c) == [("a", "models/sft"), ("a.seed1", "models/sft.seed1"), ("b", "models/sft"),
+                                        ("b.seed1", "models/sft.seed1"), ("models/grpo", "models/grpo"),
+                                        ("models/grpo.seed1", "models/grpo.seed1"), ("c", "cold_start_model")]
+  c.evaluate.models = "sft=models/sft,sft.seed1=cold_start_model"
+  with pytest.raises(run_config.ConfigError, match=r"label\(s\) sft.seed1 name two models"):
+    run_config.validate(c, KNOWN, check_files=False)

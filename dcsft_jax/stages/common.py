@@ -48,14 +48,22 @@ def evaluated_models(config) -> list[tuple[str, str]]:
   """evaluate.models as (label, model ref) pairs. With config.seeds = N > 1, an entry naming a run this
   config trains per seed (models/RECIPE of finetune.recipes, models/grpo) stands for all N of them:
   LABEL, LABEL.seed1, ... (workdir.run_name); the cold start and outside paths stay one model."""
-  seeded = {f"models/{r.strip()}" for r in config.finetune.recipes.split(",") if r.strip()} | {"models/grpo"}
+  root = os.path.abspath(config.workdir)
+  seeded = {os.path.join("models", r.strip()) for r in config.finetune.recipes.split(",") if r.strip()}
+  seeded.add(os.path.join("models", "grpo"))
   out = []
   for item in [m.strip() for m in config.evaluate.models.split(",") if m.strip()]:
     label, _, ref = item.rpartition("=") if "=" in item else (item, "", item)
-    ref = ref.strip().rstrip("/")
-    label = label.strip()
-    n = config.seeds if ref in seeded else 1
-    out += [(workdir_lib.run_name(label, i), workdir_lib.run_name(ref, i)) for i in range(n)]
+    label, ref = label.strip().rstrip("/"), os.path.normpath(ref.strip())
+    # The workdir's own runs however spelled (models/sft, ./models/sft/, WORKDIR/models/sft).
+    inside = os.path.relpath(ref, root) if os.path.isabs(ref) else ref
+    n = config.seeds if inside in seeded else 1
+    out += [(workdir_lib.run_name(label, i), workdir_lib.run_name(inside if n > 1 else ref, i)) for i in range(n)]
+  labels = [label for label, _ in out]
+  twice = sorted({x for x in labels if labels.count(x) > 1})
+  if twice:
+    raise ValueError(f"config.evaluate.models: the label(s) {', '.join(twice)} name two models (with "
+                     f"seeds = {config.seeds}, LABEL stands for LABEL.seed1 ... too); give each model its own label")
   return out
 
 
@@ -154,8 +162,9 @@ class StopCheck:
   """Asked after each finished unit of work (a batch) of a stage that saves as it goes: the signal to
   stop with, or None. One process: what stop_requests caught. Several: the unit every process agreed
   on through JAX's preemption sync (SIGTERM to any host reaches all of them there), counted over the
-  whole stage so the sync's step only grows, and asked by every process at every unit, as the sync
-  requires (all processes walk the same batches)."""
+  whole stage so the sync's step only grows within it (JAX agrees on one past the steps the processes
+  report at the notice, and a new stage starts its count again in every process alike), and asked by
+  every process at every unit, as the sync requires (all processes walk the same batches)."""
 
   def __init__(self, got: list[int]):
     self.got, self.count = got, 0

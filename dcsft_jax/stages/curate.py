@@ -26,7 +26,10 @@ def run(config, ctx) -> dict:
                              seed=config.seed, allow_missing=config.data.skip_bad_records)
     path = wd.recipe(recipe)
     n = curation.write_curated(chosen, path, wd.curated_images)
-    out["recipes"][recipe] = {"records": n, "file": path}
+    # The hard prompts in the recipe's data: Fig. 5's x axis is their share of it (13.5% in the
+    # paper's standard SFT), where a '+hardR' recipe names a share of the hard bucket.
+    hard = sum(1 for r in chosen if r.id in scores and scores[r.id].bucket == "hard")
+    out["recipes"][recipe] = {"records": n, "hard": hard, "file": path}
   png = wd.pass_rates_png
   curation.pass_rate_histogram_png(scores, png, title=f"pass rates of {len(scores)} training prompts")
   out["histogram"] = png

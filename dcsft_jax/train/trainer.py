@@ -391,10 +391,12 @@ class SFTTrainer:
     finally:
       bar.close()
       writer.close()
-      self._checkpoint_io(self.manager.wait_until_finished, step)
-      for signum, handler in old.items():
-        signal.signal(signum, handler)
-      iterator.close()
+      try:
+        self._checkpoint_io(self.manager.wait_until_finished, step)
+      finally:        # a failed save raised here must not keep this run's signal handlers installed
+        for signum, handler in old.items():
+          signal.signal(signum, handler)
+        iterator.close()
     return {"steps": int(self.state.step), "history": history}
 
   def _catch_signals(self) -> dict:
