@@ -372,7 +372,7 @@ def build(workdir: str) -> dict:
                             f"[{100 * c['lo']:+.2f}, {100 * c['hi']:+.2f}]", c["verdict"],
                             f"{c['paper']:+.2f} ({c['paper_source']})" if c["paper"] is not None else "-",
                             c["reproduced"]] for c in comparisons]),
-                note, _ordering_sentence(comparisons, ood_means)]
+                *([note] if note else []), _ordering_sentence(comparisons, ood_means)]
   if cur:
     s = cur["summary"]
     b = s["buckets"]
