@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -51,6 +52,11 @@ def cell(programs: list[dict]) -> str:
   if not programs:
     return "-"
   fits = all(p["compiled"] and p["fits"] for p in programs)
+  # The TPU compiler refuses a program that cannot fit (RESOURCE_EXHAUSTED at compile time) and says
+  # what its temporaries alone would need: that is the cell's figure then.
+  oom = [re.search(r"HLO temporaries \(([0-9.]+)G\)", p.get("error") or "") for p in programs if not p["compiled"]]
+  if any(oom):
+    return "**no**, temporaries alone " + max(m.group(1) for m in oom if m)
   gib = max((p["bytes"].get("total") or 0) for p in programs) / 2 ** 30
   rows = [p.get("max_rows_per_device") for p in programs]
   mb = "" if any(r is None for r in rows) else f", max {min(rows)}"
