@@ -1,0 +1,35 @@
+"""benchmarks/fit_table.py: the BENCHMARKS.md memory table's cells from the aot command's JSON."""
+import importlib.util
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("fit_table", os.path.join(REPO, "benchmarks", "fit_table.py"))
+fit_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fit_table)
+GIB = 2 ** 30
+
+
+def _prog(stage, total_gib, *, fits=True, compiled=True, error="", max_rows=None):
+  return {"stage": stage, "compiled": compiled, "fits": fits, "error": error, "max_rows_per_device": max_rows,
+          "bytes": {"total": int(total_gib * GIB)} if compiled else {}}
+
+
+def test_cells_say_fits_gib_and_the_smallest_max_batch():
+  assert fit_table.cell([_prog("grpo", 2.6), _prog("grpo", 9.46)]) == "yes 9.5"
+  assert fit_table.cell([_prog("score", 15.3, max_rows=471), _prog("score", 4.0, max_rows=900)]) == \
+      "yes 15.3, max 471"
+  assert fit_table.cell([_prog("cold_start", 123.5, fits=False)]) == "**no** 123.5"
+  assert fit_table.cell([]) == "-"
+
+
+def test_a_compile_time_oom_shows_what_the_temporaries_need():
+  err = ("JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+         "temporaries (17.13G) exceeds available HBM (15.75G).")
+  assert fit_table.cell([_prog("cold_start", 0, compiled=False, fits=False, error=err)]) == \
+      "**no**, temporaries alone 17.13"
+
+
+def test_table_marks_missing_pairs_not_run():
+  results = {("c3b.py", "h100x1"): {"budget_bytes": 59.3 * GIB, "programs": [_prog("finetune", 9.9)]}}
+  md = fit_table.table(results, ["c3b.py"], ["h100x1", "v5e-8"])
+  assert "| 3B | LoRA SFT | yes 9.9 | not run |" in md and "h100x1: 59.3 GiB" in md
