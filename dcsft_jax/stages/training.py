@@ -129,7 +129,10 @@ def _fit(config, ctx, name: str, t: trainer.SFTTrainer, it, s, model: common.Loa
   directory = ctx.wd.model(name)
   # A LoRA run keeps only its adapters; the frozen base stays in the starting model's directory.
   base = model.directory if t.tc.lora is not None and checkpoint.is_model_dir(model.directory) else None
-  checkpoint.save_model(directory, t.params, model.cfg, source_dir=model.directory, lora=t.tc.lora, base_dir=base)
+  # A full disk here gets the same one line as during training (the run's checkpoints are intact).
+  t.save_or_explain(lambda: checkpoint.save_model(directory, t.params, model.cfg, source_dir=model.directory,
+                                                 lora=t.tc.lora, base_dir=base),
+                   int(t.state.step), what=f"the model directory {directory}")
   h = out["history"]
   figures = {"steps": out["steps"], "final_loss": round(h[-1]["loss"], 4) if h else None,
              "parameters_trained": model_lib.count_params(t.state.train), "written": directory}

@@ -242,13 +242,14 @@ class SFTTrainer:
         meta=ocp.args.JsonSave({"iterator": iterator_state, "history": history,
                                 "fingerprint": self.fingerprint})), force=True)
 
-  def _checkpoint_io(self, fn, step: int):
-    """fn() (a save, or waiting for the asynchronous one), with a failure turned into one
-    CheckpointSaveFailed line; the whole trace goes to the log file a bug report needs."""
+  def save_or_explain(self, fn, step: int, what: str | None = None):
+    """fn() (a save, or waiting for the asynchronous one; `what`: another write, e.g. the finished
+    model directory), with a failure turned into one CheckpointSaveFailed line; the whole trace goes
+    to the log file a bug report needs."""
     try:
       return fn()
     except Exception as e:  # noqa: BLE001 - Orbax's writers raise whatever the filesystem does
-      trace = self._log_trace(f"saving step {step}", e)
+      trace = self._log_trace(f"saving step {step}" + (f" ({what})" if what else ""), e)
       last = self._last_complete_step()
       text = f"{type(e).__name__}: {e}"
       cause = next((k for k in _DISK_FULL if k in text), None)
@@ -256,7 +257,8 @@ class SFTTrainer:
               else "fix the cause and ")
       resume = f"step {last}" if last is not None else "the start (no step was saved)"
       raise CheckpointSaveFailed(
-          f"saving a checkpoint to {self.ckpt_dir} failed at step {step} ({cause or text.splitlines()[0][:200]}); "
+          f"saving {what or f'a checkpoint to {self.ckpt_dir}'} failed at step {step} "
+          f"({cause or text.splitlines()[0][:200]}); "
           f"{hint}run the same command again: it resumes from {resume}. Full trace: {trace}") from None
 
   def _last_complete_step(self) -> int | None:
@@ -383,16 +385,16 @@ class SFTTrainer:
         # Every process asks at every step: the agreed step has to be one that each of them asks about.
         stop = reached_preemption(step) or self._signal is not None
         if step % tc.save_every == 0 or step == tc.steps or stop:
-          self._checkpoint_io(lambda: self.save(iterator.state(), history), step)
+          self.save_or_explain(lambda: self.save(iterator.state(), history), step)
           writer.flush()
       if stop:
-        self._checkpoint_io(self.manager.wait_until_finished, step)
+        self.save_or_explain(self.manager.wait_until_finished, step)
         raise Preempted(step, self.ckpt_dir, self._signal or signal.SIGTERM)
     finally:
       bar.close()
       writer.close()
       try:
-        self._checkpoint_io(self.manager.wait_until_finished, step)
+        self.save_or_explain(self.manager.wait_until_finished, step)
       finally:        # a failed save raised here must not keep this run's signal handlers installed
         for signum, handler in old.items():
           signal.signal(signum, handler)
