@@ -65,6 +65,14 @@ def parse_recipe(name: str) -> tuple[str, float | None]:
   return base, ratio
 
 
+def recipe_parts(name: str) -> tuple[str, float | None] | None:
+  """parse_recipe's answer, or None for a name that is no recipe (a model label such as 'grpo')."""
+  try:
+    return parse_recipe(name)
+  except ValueError:
+    return None
+
+
 # Bar colours of the pass-rate histogram: the bucket each bar falls into.
 BUCKET_COLORS = {"hard": (214, 69, 65), "medium": (240, 173, 40), "easy": (60, 160, 80)}
 _SCORES_FIX = ('each line must be one JSON object {"id": str, "completions": [str, ...], '

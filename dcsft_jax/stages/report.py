@@ -31,11 +31,7 @@ PRETTY = {"base": "base", "cold_start": "cold start", "sft": "SFT", "grpo": "GRP
 def pretty(label: str) -> str:
   """A model label for people: 'sft_em+hard0.2.seed1' -> 'SFT-EM + 20% hard (seed 1)'."""
   method, seed = split_run_name(label)
-  base, added = method, None
-  try:
-    base, added = curation.parse_recipe(method)
-  except ValueError:
-    pass
+  base, added = curation.recipe_parts(method) or (method, None)
   name = PRETTY.get(base, base) + (f" + {100 * added:g}% hard" if added is not None else "")
   return name + (f" (seed {seed})" if seed else "")
 
@@ -78,10 +74,7 @@ PAPER_ORDER = ("sft", "grpo", "sft_m", "sft_em")     # Table 2's OOD ranking, wo
 def paper_figure(method: str, reference: str) -> PaperFigure | None:
   if (method, reference) in PAPER:
     return PAPER[(method, reference)]
-  try:
-    base, added = curation.parse_recipe(method)
-  except ValueError:
-    return None
+  base, added = curation.recipe_parts(method) or (method, None)
   # Fig. 5 adds hard prompts to SFT-EM's data; only its 5% point was reported, and OOD falls as the
   # share grows, so the sign is the claim at any share.
   if added and base == "sft_em" and reference == base:
@@ -136,10 +129,10 @@ def _comparisons(wd: Workdir, groups: dict[str, list[str]], ood: list[str]) -> l
   verdicts = {m: _verdicts(wd, labels, ood) for m, labels in groups.items()}
   pairs = [(m, "sft") for m in groups if m != "sft"] if "sft" in groups else []
   for m in groups:
-    base = curation.parse_recipe(m)[0] if _is_recipe(m) else None
+    base, added = curation.recipe_parts(m) or (m, None)
     if m in ("easy", "medium", "hard"):
       pairs.append((m, "cold_start"))
-    elif base is not None and base != m and base != "sft":
+    elif added is not None and base != "sft":
       pairs.append((m, base))
   out = []
   for m, ref in pairs:
@@ -154,14 +147,6 @@ def _comparisons(wd: Workdir, groups: dict[str, list[str]], ood: list[str]) -> l
                 "hi": iv.hi, "verdict": iv.verdict, "paper": None if fig is None else fig.points,
                 "paper_source": None if fig is None else fig.source, "reproduced": _reproduced(iv.verdict, fig)})
   return out
-
-
-def _is_recipe(name: str) -> bool:
-  try:
-    curation.parse_recipe(name)
-    return True
-  except ValueError:
-    return False
 
 
 def _reproduced(verdict: str, fig: PaperFigure | None) -> str:
@@ -282,17 +267,18 @@ def _tensorboard(wd: Workdir, text: str, made: list[str]) -> None:
   w.close()
 
 
+def _ood_average(row: dict, ood: list[str]) -> float | None:
+  """A model's mean accuracy over the OOD sets (None when a set is missing)."""
+  return sum(row[o] for o in ood) / len(ood) if ood and all(row.get(o) is not None for o in ood) else None
+
+
 def _by_method(acc: dict, groups: dict[str, list[str]], sets: list[str], ood: list[str]) -> dict:
   """{method: {SET or 'ood_average': {'mean', 'std', 'seeds': [per-seed accuracy]}}}."""
   out = {}
   for m, labels in groups.items():
     row = {}
     for s in sets + ["ood_average"]:
-      if s == "ood_average":
-        vals = [sum(acc[x][o] for o in ood) / len(ood) if ood and all(acc[x].get(o) is not None for o in ood)
-                else None for x in labels]
-      else:
-        vals = [acc[x].get(s) for x in labels]
+      vals = [_ood_average(acc[x], ood) if s == "ood_average" else acc[x].get(s) for x in labels]
       vals = [v for v in vals if v is not None]
       mean, std = stats.mean_std(vals) if vals else (None, None)
       row[s] = {"mean": mean, "std": std, "seeds": vals}
@@ -345,9 +331,7 @@ def build(workdir: str) -> dict:
     results["accuracy"] = acc["accuracy"]
     results["by_method"] = by_method
     results["sets"], results["ood"] = acc["sets"], ood
-    results["ood_average"] = {m: (sum(row[s] for s in ood) / len(ood) if ood and all(row.get(s) is not None
-                                                                                      for s in ood) else None)
-                              for m, row in acc["accuracy"].items()}
+    results["ood_average"] = {m: _ood_average(row, ood) for m, row in acc["accuracy"].items()}
   if acc and ood:
     comparisons = _comparisons(wd, groups, ood)
     if comparisons:
