@@ -14,21 +14,11 @@ over seeds and images. None of these settings was chosen by looking at the metho
 evaluation sets were calibrated on the cold-started model alone, and this file was written before its
 first run.
 """
-import importlib.util
-import os
-
-
-def _default(arg):
-  # configs/ is not a package: load the sibling file the way config_flags loads this one.
-  spec = importlib.util.spec_from_file_location("dcsft_default_config",
-                                                os.path.join(os.path.dirname(os.path.abspath(__file__)), "dcsft.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+from dcsft_jax import config_base
 
 
 def get_config(arg=None):
-  c = _default(arg or "hard_sweep=true")
+  c = config_base.load_config_file("dcsft.py", beside=__file__).get_config(arg or "hard_sweep=true")
   c.workdir = "workdir/dcsft_demo"
   c.seeds = 4
   c.evaluate.limit = 0            # every record of each set

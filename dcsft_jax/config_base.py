@@ -4,6 +4,10 @@ that is not here is a typo, and run_config.validate names it before any work sta
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+import types
+
 import ml_collections
 
 
@@ -165,3 +169,20 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     kind = type(defaults[key])
     out[key] = (value.strip().lower() in ("1", "true", "yes")) if kind is bool else kind(value.strip())
   return out
+
+
+def load_config_file(path: str, beside: str | None = None) -> types.ModuleType:
+  """A config file as a module, loaded by path the way config_flags loads `--config=FILE.py`:
+  configs/ is not a package, so one config file reaches another (configs/paper/_common.py,
+  configs/dcsft.py) this way. `beside`: resolve `path` next to this file (a config passes `__file__`)."""
+  if beside is not None:
+    path = os.path.join(os.path.dirname(os.path.abspath(beside)), path)
+  path = os.path.abspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path} does not exist")
+  # A name per path, so two config files never share a module in sys.modules' sense.
+  name = "dcsft_config_" + "".join(ch if ch.isalnum() else "_" for ch in path)
+  spec = importlib.util.spec_from_file_location(name, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod

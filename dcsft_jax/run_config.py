@@ -92,7 +92,7 @@ TRAIN_SECTIONS = ("cold_start", "finetune", "grpo")
 
 
 def _validate_training(config, stages) -> None:
-  from dcsft_jax import curation, sampling
+  from dcsft_jax import sampling
   from dcsft_jax.train import optim
   for name in TRAIN_SECTIONS:
     s = config[name]
@@ -211,7 +211,7 @@ def _positive(config, key: str):
 
 
 def _validate_data(config, stages, check_files: bool = True) -> None:
-  from dcsft_jax import curation, sampling
+  from dcsft_jax import sampling
   from dcsft_jax.data import sources
   d = config.data
   _check(isinstance(d.max_image_pixels, int) and d.max_image_pixels >= 0, "data.max_image_pixels",

@@ -15,7 +15,7 @@ import sys
 import jax.numpy as jnp
 import pytest
 
-from dcsft_jax import aot, targets
+from dcsft_jax import aot, config_base, targets
 from dcsft_jax.models import attention
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,10 +23,7 @@ CUDNN = "cudnn"
 
 
 def _default_config(**overrides):
-  spec = importlib.util.spec_from_file_location("dcsft_default_cfg", os.path.join(REPO, "configs", "dcsft.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = config_base.load_config_file(os.path.join(REPO, "configs", "dcsft.py")).get_config()
   c.model.dtype = "bfloat16"            # cuDNN's attention needs bf16/fp16
   c.data.train_limit = 64               # planning reads image headers only; keep it short
   c.evaluate.limit = 64

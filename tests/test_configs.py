@@ -4,7 +4,6 @@ key or a bad config argument is refused naming the key, before any work starts."
 from __future__ import annotations
 
 import glob
-import importlib.util
 import inspect
 import os
 import subprocess
@@ -33,11 +32,7 @@ HINTS = {"json": ("file not found",), "hf": ("no such dataset",), "tfds": ("data
 
 
 def _load(path: str):
-  name = "cfg_" + os.path.relpath(path, REPO).replace(os.sep, "_").replace(".", "_")
-  spec = importlib.util.spec_from_file_location(name, path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return config_base.load_config_file(path)
 
 
 def _takes_arg(mod) -> bool:
@@ -152,6 +147,18 @@ def test_bad_config_arg_names_the_key():
     _config(PAPER["imagenet_qwen25vl_3b"], "source=parquet")
   with pytest.raises(ValueError, match="nokey"):
     config_base.parse_arg("nokey", data_dir="x")
+
+
+def test_config_files_load_each_other_by_path(tmp_path):
+  """configs/ is not a package: demo.py, the 7B bench twin and the paper files reach their base files
+  through config_base.load_config_file; a missing one is named."""
+  demo = config_base.load_config_file(os.path.join(REPO, "configs", "demo.py")).get_config()
+  default = config_base.load_config_file("dcsft.py", beside=os.path.join(REPO, "configs", "demo.py")).get_config()
+  assert demo.model.to_dict() == default.model.to_dict() and demo.seeds == 4
+  b7 = config_base.load_config_file(os.path.join(REPO, "configs", "bench", "imagenet_synthetic_7b.py")).get_config()
+  assert b7.model.preset == "7b" and b7.finetune.steps == 600
+  with pytest.raises(FileNotFoundError, match="nothere.py"):
+    config_base.load_config_file("nothere.py", beside=str(tmp_path / "x.py"))
 
 
 @pytest.mark.parametrize("path", [os.path.join(REPO, "configs", "dcsft.py"), PAPER["imagenet_qwen25vl_3b"]],

@@ -93,12 +93,9 @@ def test_paper_configs_dry_run_at_the_authors_values(name):
   """Every paper config validates and dry-runs with the authors' values for what their scripts leave
   to ms-swift and HF generate: Adam b2 0.95, the checkpoint's repetition penalty (1.05 for
   Qwen2.5-VL-Instruct), qwen_vl_utils' 12,845,056-pixel cap for scoring and evaluation."""
-  import importlib.util
+  from dcsft_jax import config_base
   from dcsft_jax.stages import STAGES
-  spec = importlib.util.spec_from_file_location("paper_" + name[:-3], os.path.join(REPO, "configs", "paper", name))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config()
+  config = config_base.load_config_file(os.path.join(REPO, "configs", "paper", name)).get_config()
   for s in ("cold_start", "finetune", "grpo"):
     sec = config[s]
     assert (sec.b1, sec.b2, sec.eps, sec.weight_decay, sec.max_grad_norm) == (0.9, 0.95, 1e-8, 0.1, 1.0), s

@@ -2,14 +2,13 @@
 files, the report's mean +- std over seeds, and its paired comparisons against SFT and the paper."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 
-from dcsft_jax import curation, main, run_config, stats
+from dcsft_jax import config_base, curation, main, run_config, stats
 from dcsft_jax.stages import STAGES, common, report, training
 from dcsft_jax.workdir import Workdir, run_name, split_run_name
 
@@ -18,10 +17,7 @@ KNOWN = [s.name for s in STAGES]
 
 
 def _config(arg=None, **top):
-  spec = importlib.util.spec_from_file_location("dcsft_cfg", os.path.join(REPO, "configs", "dcsft.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(arg)
+  c = config_base.load_config_file(os.path.join(REPO, "configs", "dcsft.py")).get_config(arg)
   for k, v in top.items():
     c[k] = v
   return c

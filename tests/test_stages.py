@@ -2,7 +2,6 @@
 verdicts that agree with the verifiers, config errors that name the key."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ import time
 
 import pytest
 
-from dcsft_jax import curation, main, run_config, verify
+from dcsft_jax import config_base, curation, main, run_config, verify
 from dcsft_jax.data import builtin
 from dcsft_jax.data.records import read_paper_json
 from dcsft_jax.stages import STAGES, common, evaluate
@@ -23,10 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(workdir, **overrides):
-  spec = importlib.util.spec_from_file_location("dcsft_cfg", os.path.join(REPO, "configs", "dcsft.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = config_base.load_config_file(os.path.join(REPO, "configs", "dcsft.py")).get_config()
   c.workdir = str(workdir)
   c.data.train = "builtin:train"
   c.data.train_limit = 24

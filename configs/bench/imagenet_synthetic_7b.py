@@ -8,16 +8,11 @@ Everything but the model is the 3B config's. The cold start (full fine-tuning: f
 Adam moments, 8.3 B parameters, 99 GiB before any activation) needs FSDP over several devices; the LoRA
 runs keep the frozen base in bf16 (15.5 GiB) and fit one H100.
 """
-import importlib.util
-import os
+from dcsft_jax import config_base
 
 
 def get_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_synthetic_3b.py")
-  spec = importlib.util.spec_from_file_location("bench_imagenet_synthetic_3b", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = config_base.load_config_file("imagenet_synthetic_3b.py", beside=__file__).get_config()
   c.workdir = "workdir/bench_imagenet_synthetic_7b"
   c.model.preset = "7b"
   return c

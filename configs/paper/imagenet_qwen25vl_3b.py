@@ -23,18 +23,8 @@ answer words with DATA_DIR/imagenet_label_names.json ({"n04355338": "sundial", .
 dcsft_jax.data.tfds_source.label_map_from_records over the paper's JSON records). Training data stays
 the paper's JSON files: the paper's 100-class, 10k-image subset is defined by them.
 """
-import importlib.util
-import os
-
-
-def _common():
-  """configs/paper/_common.py, loaded by path: config_flags loads config files by path, not as a package."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_common.py")
-  spec = importlib.util.spec_from_file_location("dcsft_paper_common", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from dcsft_jax import config_base
 
 
 def get_config(arg=None):
-  return _common().imagenet(arg, "3b")
+  return config_base.load_config_file("_common.py", beside=__file__).imagenet(arg, "3b")

@@ -19,18 +19,8 @@ their options in the prompt ("A. ...", "B. ...") and the option letter as the so
                           the benchmarks NOTES names (MMMU val, MathVista mini, MathVision, MathVerse
                           mini, WeMath), multiple-choice questions only; the paper's 6th is unknown.
 """
-import importlib.util
-import os
-
-
-def _common():
-  """configs/paper/_common.py, loaded by path: config_flags loads config files by path, not as a package."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_common.py")
-  spec = importlib.util.spec_from_file_location("dcsft_paper_common", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from dcsft_jax import config_base
 
 
 def get_config(arg=None):
-  return _common().mmk12(arg, "7b")
+  return config_base.load_config_file("_common.py", beside=__file__).mmk12(arg, "7b")

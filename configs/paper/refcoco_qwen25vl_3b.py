@@ -23,18 +23,8 @@ with integer pixel boxes [x1, y1, x2, y2] of the image file:
 source=tfds takes the RefCOCO sets from TFDS ref_coco/refcoco_unc under tfds_dir instead (train[:400],
 train[400:10000], validation: in the dataset's order, not a random 10k); Ref-L4 and LISA stay JSON.
 """
-import importlib.util
-import os
-
-
-def _common():
-  """configs/paper/_common.py, loaded by path: config_flags loads config files by path, not as a package."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_common.py")
-  spec = importlib.util.spec_from_file_location("dcsft_paper_common", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from dcsft_jax import config_base
 
 
 def get_config(arg=None):
-  return _common().refcoco(arg, "3b")
+  return config_base.load_config_file("_common.py", beside=__file__).refcoco(arg, "3b")
