@@ -274,6 +274,8 @@ def programs(config, mesh, *, records: int = 0, patches: int = 0, tokens: int = 
   d = config.data
   train = [d.train]
   base_params = mesh_lib.abstract_params(model_lib.init_params(cfg, opts, abstract=True), mesh)
+  sopts = run_config.sampling_options(config, opts)      # what scoring and evaluation load
+  sparams = mesh_lib.abstract_params(model_lib.init_params(cfg, sopts, abstract=True), mesh)
   out: list[Program] = []
   want = lambda stage: stage in names and (not only or stage in only)
   if want("cold_start"):
@@ -284,7 +286,7 @@ def programs(config, mesh, *, records: int = 0, patches: int = 0, tokens: int = 
     sp = sampling.SamplingParams(max_new_tokens=s.max_new_tokens, num_samples=s.num_samples, temperature=s.temperature,
                                  top_k=s.top_k, top_p=s.top_p, eos_ids=(cfg.eos_token_id or 0,),
                                  repetition_penalty=_penalty(config, s.repetition_penalty))
-    out += sampler_programs("score", "score", cfg, opts, base_params, shape_of(train, False, s.max_pixels), sp, mesh,
+    out += sampler_programs("score", "score", cfg, sopts, sparams, shape_of(train, False, s.max_pixels), sp, mesh,
                             s.batch_size, attached)
   if want("finetune"):
     out.append(sft_program(config, "finetune", config.finetune, cfg, opts, mesh, shape_of(train, True)))
@@ -293,7 +295,7 @@ def programs(config, mesh, *, records: int = 0, patches: int = 0, tokens: int = 
   if want("evaluate"):
     e = config.evaluate
     lora = training.lora_spec(config.finetune) if "finetune" in names else None
-    eopts = dc.replace(opts, lora=lora)
+    eopts = dc.replace(sopts, lora=lora)
     eparams = mesh_lib.abstract_params(model_lib.init_params(cfg, eopts, abstract=True), mesh)
     sp = sampling.SamplingParams(max_new_tokens=e.max_new_tokens, num_samples=1, temperature=0.0,
                                  eos_ids=(cfg.eos_token_id or 0,),

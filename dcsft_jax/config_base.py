@@ -71,9 +71,10 @@ def base() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"    # master weights and optimizer state
   c.model.attention = "auto"         # auto | xla | cudnn
   c.model.remat = False              # recompute each layer in the backward pass (memory for compute)
-  # Keep frozen weights (the base model under LoRA, GRPO's reference copy) in `dtype` instead of
-  # `param_dtype`: half the memory in a bf16 run, same computation (layers cast weights to `dtype`);
-  # adapters and Adam moments stay in param_dtype. The authors' LoRA runs load the base in bf16.
+  # Keep frozen weights (the base model under LoRA, GRPO's reference copy, and the whole model that
+  # scoring and evaluation sample from) in `dtype` instead of `param_dtype`: half the memory in a bf16
+  # run, same computation (layers cast weights to `dtype`); adapters and Adam moments stay in
+  # param_dtype. The authors' LoRA runs load the base in bf16, and their samplers a bf16 model.
   c.model.frozen_in_compute_dtype = False
 
   # Datasets (dcsft_jax/data/sources.py): builtin:SPLIT | json:PATH | tfds:NAME[:SPLIT] | hf:PATH[:SPLIT],

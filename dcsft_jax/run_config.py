@@ -1,6 +1,7 @@
 """Checks a run config before any work starts, naming the key that is wrong."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax.numpy as jnp
@@ -266,3 +267,13 @@ def model_options(config) -> model_lib.ModelOptions:
   m = config.model
   return model_lib.ModelOptions(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
                                 attention=m.attention, remat=bool(m.remat))
+
+
+def sampling_options(config, opts: model_lib.ModelOptions) -> model_lib.ModelOptions:
+  """The options a model is loaded with for sampling only (scoring, evaluation). Nothing there is
+  trained, so under model.frozen_in_compute_dtype every weight is stored in the compute dtype, as a
+  LoRA run's frozen base is: every layer casts its weights to the compute dtype before use, so the
+  samples are the same, from half the bytes that each decode step reads."""
+  if not config.model.frozen_in_compute_dtype:
+    return opts
+  return dataclasses.replace(opts, param_dtype=opts.dtype)

@@ -138,3 +138,23 @@ def test_attention_kernel_follows_the_target_platform():
   assert attention.resolve("auto", jnp.bfloat16, 128, "cpu") == "xla"
   with pytest.raises(ValueError, match="cuDNN"):
     attention.resolve("cudnn", jnp.bfloat16, 128, "tpu")
+
+
+@pytest.mark.parametrize("frozen_in_compute_dtype", [False, True])
+def test_sampling_programs_take_the_weights_the_stages_load(frozen_in_compute_dtype):
+  """Scoring and evaluation load their model through run_config.sampling_options; the programs the
+  aot check compiles take weights of the same dtype (bf16 under model.frozen_in_compute_dtype),
+  LoRA adapters of the evaluated models included, so their memory is what the run will need."""
+  import jax
+  from dcsft_jax import mesh as mesh_lib
+  config = _default_config(**{"model.frozen_in_compute_dtype": frozen_in_compute_dtype})
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  progs, _ = aot.programs(config, mesh, only={"score", "evaluate"})
+  assert {p.name for p in progs} == {"score prefill", "score decode", "evaluate prefill", "evaluate decode"}
+  want = jnp.dtype(jnp.bfloat16 if frozen_in_compute_dtype else jnp.float32)
+  for p in progs:
+    params = p.build(p.rows)[1][0]
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    assert {x.dtype for _, x in leaves} == {want}, p.name
+    if p.stage == "evaluate":    # the evaluated models carry LoRA adapters
+      assert any("lora_a" in jax.tree_util.keystr(k) for k, _ in leaves)

@@ -365,3 +365,37 @@ def test_kth_largest_equals_top_k_threshold():
     want = np.asarray(jax.lax.top_k(jnp.asarray(x), k)[0][:, -1])
     got = np.asarray(jax.jit(lambda v: sampling.kth_largest(v, k))(jnp.asarray(x)))
     np.testing.assert_array_equal(got, want)
+
+
+def test_sampling_only_models_in_the_compute_dtype_sample_the_same(hf_dir, tmp_path):
+  """model.frozen_in_compute_dtype: scoring and evaluation load every weight in the compute dtype
+  (run_config.sampling_options, through common.load_model(sampling_only=True)). Every layer casts
+  its weights to the compute dtype before use, so in a bf16 run the samples and their log-probs are
+  bit-identical to the fp32-weight model's, from half the weight bytes."""
+  from types import SimpleNamespace
+  from dcsft_jax import config_base, run_config
+  from dcsft_jax.stages import common
+  from dcsft_jax.workdir import Workdir
+  config = config_base.base()
+  config.model.dtype = "bfloat16"
+  ctx = SimpleNamespace(wd=Workdir(str(tmp_path / "wd")), mesh=mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1]),
+                        model_options=run_config.model_options(config))
+  loaded = {}
+  for flag in (False, True):
+    config.model.frozen_in_compute_dtype = flag
+    loaded[flag] = common.load_model(config, ctx, hf_dir, sampling_only=True)
+  dtypes = {flag: {x.dtype for x in jax.tree.leaves(m.params)} for flag, m in loaded.items()}
+  assert dtypes == {False: {jnp.dtype(jnp.float32)}, True: {jnp.dtype(jnp.bfloat16)}}
+  nbytes = {flag: sum(x.nbytes for x in jax.tree.leaves(m.params)) for flag, m in loaded.items()}
+  assert nbytes[True] * 2 == nbytes[False]
+  # Training loads keep param_dtype whatever the flag says (master weights).
+  assert {x.dtype for x in jax.tree.leaves(common.load_model(config, ctx, hf_dir).params)} == {jnp.dtype(jnp.float32)}
+
+  records = _records(_images(tmp_path))
+  b = _batch(loaded[True].processor, records)
+  sp = sampling.SamplingParams(max_new_tokens=6, num_samples=2, temperature=0.9, top_k=50, pad_id=400)
+  keys = sampling.sample_keys(0, b.ids, 2)
+  out = {flag: [np.asarray(x) for x in sampling.Sampler(m.cfg, m.opts).generate(m.params, b.arrays, keys, sp)]
+         for flag, m in loaded.items()}
+  for a, c in zip(out[False], out[True]):
+    np.testing.assert_array_equal(a, c)

@@ -12,7 +12,7 @@ import threading
 
 import jax
 
-from dcsft_jax import atomic, checkpoint, sampling
+from dcsft_jax import atomic, checkpoint, run_config, sampling
 from dcsft_jax import fingerprint as fingerprint_lib
 from dcsft_jax import workdir as workdir_lib
 from dcsft_jax.data import batching, sources
@@ -67,11 +67,13 @@ def evaluated_models(config) -> list[tuple[str, str]]:
   return out
 
 
-def load_model(config, ctx, ref: str, *, max_pixels: int = 0) -> LoadedModel:
-  """The model at `ref` with its processor; `max_pixels` (a stage's own cap) over data.max_pixels."""
+def load_model(config, ctx, ref: str, *, max_pixels: int = 0, sampling_only: bool = False) -> LoadedModel:
+  """The model at `ref` with its processor; `max_pixels` (a stage's own cap) over data.max_pixels.
+  `sampling_only` (scoring, evaluation): stored as run_config.sampling_options says."""
   directory = model_path(ctx, ref)
-  cfg, params, lora = checkpoint.load_any(directory, mesh=ctx.mesh, opts=ctx.model_options)
-  opts = dataclasses.replace(ctx.model_options, lora=lora)
+  opts = run_config.sampling_options(config, ctx.model_options) if sampling_only else ctx.model_options
+  cfg, params, lora = checkpoint.load_any(directory, mesh=ctx.mesh, opts=opts)
+  opts = dataclasses.replace(opts, lora=lora)
   return LoadedModel(directory, cfg, params, opts, processor_for(config, directory, cfg, max_pixels))
 
 

@@ -98,7 +98,7 @@ def _evaluate_all(config, ctx, e, sets, acc: dict, figures: dict, stop) -> None:
         with open(path) as f:
           acc[label][name] = json.load(f)["accuracy"]
         continue
-      model = model or common.load_model(config, ctx, ref, max_pixels=e.max_pixels)
+      model = model or common.load_model(config, ctx, ref, max_pixels=e.max_pixels, sampling_only=True)
       res = evaluate_set(config, ctx, model, name, spec, path, stop=stop)
       acc[label][name] = res["accuracy"]
       figures[f"{label}/{name}_prompts_per_s"] = res["prompts_per_s"]

@@ -26,7 +26,7 @@ def sampling_params(s, model) -> sampling.SamplingParams:
 def run(config, ctx) -> dict:
   s = config.score
   records = common.load_records(config, config.data.train, limit=config.data.train_limit, train=True)
-  model = common.load_model(config, ctx, s.model, max_pixels=s.max_pixels)
+  model = common.load_model(config, ctx, s.model, max_pixels=s.max_pixels, sampling_only=True)
   sp = sampling_params(s, model)
   gen, it = common.generator(config, ctx, model, records, sp, batch_size=s.batch_size, seed=config.seed + 1,
                              source=config.data.train, batch_key="score.batch_size")
