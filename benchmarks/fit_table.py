@@ -59,7 +59,8 @@ def cell(programs: list[dict]) -> str:
     return "**no**, temporaries alone " + max(m.group(1) for m in oom if m)
   gib = max((p["bytes"].get("total") or 0) for p in programs) / 2 ** 30
   rows = [p.get("max_rows_per_device") for p in programs]
-  mb = "" if any(r is None for r in rows) else f", max {min(rows)}"
+  # A program that does not fit at the config's batch has no largest batch to show (the search says 0).
+  mb = "" if not fits or any(r is None for r in rows) else f", max {min(rows)}"
   return f"{'yes' if fits else '**no**'} {gib:.1f}{mb}"
 
 

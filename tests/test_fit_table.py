@@ -19,6 +19,7 @@ def test_cells_say_fits_gib_and_the_smallest_max_batch():
   assert fit_table.cell([_prog("score", 15.3, max_rows=471), _prog("score", 4.0, max_rows=900)]) == \
       "yes 15.3, max 471"
   assert fit_table.cell([_prog("cold_start", 123.5, fits=False)]) == "**no** 123.5"
+  assert fit_table.cell([_prog("cold_start", 123.5, fits=False, max_rows=0)]) == "**no** 123.5"
   assert fit_table.cell([]) == "-"
 
 
