@@ -305,6 +305,12 @@ def test_lora_model_dir_keeps_only_adapters_and_reads_its_base(tmp_path):
   flat = lambda t: {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}
   a, b = flat(params), flat(back)
   assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+  # Scoring and evaluation load in the compute dtype (run_config.sampling_options): Orbax casts the
+  # stored fp32 base and adapters while restoring, to exactly what a cast after loading gives.
+  _, back16, _ = checkpoint.load_model(d, opts=M.ModelOptions(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
+  c = flat(back16)
+  assert sorted(c) == sorted(a) and {v.dtype for v in c.values()} == {np.dtype(jnp.bfloat16)}
+  assert all(np.array_equal(c[k], a[k].astype(jnp.bfloat16)) for k in a)
   shutil.rmtree(base_dir)
   with pytest.raises(FileNotFoundError, match="cold_start_model"):
     checkpoint.load_model(d)
