@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from dcsft_jax import aot
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = "configs/bench/imagenet_synthetic_3b.py,configs/bench/imagenet_synthetic_7b.py"
 TARGETS = "h100x1,h100x8,v5e-8,v5p-8,v6e-8"
@@ -60,7 +62,11 @@ def cell(programs: list[dict]) -> str:
   gib = max((p["bytes"].get("total") or 0) for p in programs) / 2 ** 30
   rows = [p.get("max_rows_per_device") for p in programs]
   # A program that does not fit at the config's batch has no largest batch to show (the search says 0).
-  mb = "" if not fits or any(r is None for r in rows) else f", max {min(rows)}"
+  if not fits or any(r is None for r in rows):
+    mb = ""
+  else:
+    least = min(programs, key=lambda p: p["max_rows_per_device"])
+    mb = ", max " + aot.max_rows_text(least["max_rows_per_device"], least.get("max_rows_at_least", False))
   return f"{'yes' if fits else '**no**'} {gib:.1f}{mb}"
 
 

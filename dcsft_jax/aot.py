@@ -2,7 +2,7 @@
 host may not have, and checks each against the device's memory.
 
   python -m dcsft_jax.aot --config=configs/bench/imagenet_synthetic_3b.py --target=h100x1 [--json=out.json]
-      [--max_batch] [--programs=cold_start,score] [--records=N] [--patches=P --tokens=L]
+      [--max_batch [--max_batch_limit=N]] [--programs=cold_start,score] [--records=N] [--patches=P --tokens=L]
 
 Targets (dcsft_jax/targets.py): h100x1, h100x8, h200x1, h200x8, a100-80x8 (XLA:GPU through the CUDA
 plugin) and v4-8, v5e-4, v5e-8, v5p-8, v6e-8 (XLA:TPU through libtpu); `pip install -r
@@ -18,8 +18,8 @@ headers read, nothing decoded); where a source is not on this machine they come 
 
 For each program: the per-device bytes (arguments, outputs, temporaries, aliased, total) beside the
 device's memory, the compile seconds, the attention kernel in the compiled program, and whether it fits;
-with --max_batch, the largest per-device micro-batch that fits. The exit status is 1 when a program
-fails to compile or does not fit, and the message names it.
+with --max_batch, the largest per-device micro-batch that fits (up to --max_batch_limit). The exit
+status is 1 when a program fails to compile or does not fit, and the message names it.
 """
 from __future__ import annotations
 
@@ -114,8 +114,18 @@ def plan_shape(config, specs: list[str], processor, cfg, *, with_answers: bool, 
                f"max_pixels {max_pixels} + {text} text tokens")
 
 
-def _abstract_batch(arrays: dict[str, np.ndarray], mesh, micro_axis: bool) -> dict:
-  """Host arrays -> ShapeDtypeStructs sharded as the trainers and samplers shard real batches."""
+def _empty_batch(bucket: batching.Bucket, rows: int, vcfg) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes and dtypes of batching.empty_arrays(bucket, rows), without allocating them: the
+  largest-batch search probes thousands of rows per device, and their pixel arrays alone (rows x
+  patches x 1176 fp32) would exhaust the compiling host's memory."""
+  one = batching.empty_arrays(bucket, 1, vcfg)
+  return {k: jax.ShapeDtypeStruct((v.shape[0], rows) + v.shape[2:] if k == "positions" else (rows,) + v.shape[1:],
+                                  v.dtype) for k, v in one.items()}
+
+
+def _abstract_batch(arrays: dict, mesh, micro_axis: bool) -> dict:
+  """Host arrays or unsharded ShapeDtypeStructs -> ShapeDtypeStructs sharded as the trainers and
+  samplers shard real batches."""
   out = {}
   for k, v in arrays.items():
     dim = (1 if k == "positions" else 0) + (1 if micro_axis else 0)
@@ -151,13 +161,15 @@ class Result:
   error: str = ""
   note: str = ""
   max_rows_per_device: int | None = None
+  max_rows_at_least: bool = False       # the search stopped at its cap: a bigger batch may fit too
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
 
 
-def _stack(arrays: dict[str, np.ndarray], accum: int) -> dict[str, np.ndarray]:
-  return {k: np.stack([v] * accum) for k, v in arrays.items()}
+def _stack(arrays: dict, accum: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """The accumulation axis in front, as the trainers stack micro-batches (shapes only)."""
+  return {k: jax.ShapeDtypeStruct((accum,) + tuple(v.shape), v.dtype) for k, v in arrays.items()}
 
 
 def sft_program(config, name: str, section, cfg, opts, mesh, shape: Shape) -> Program:
@@ -168,10 +180,11 @@ def sft_program(config, name: str, section, cfg, opts, mesh, shape: Shape) -> Pr
   spec = trainer.step_spec(cfg, opts, tc, mesh)
 
   def build(rows: int):
-    host = _stack(batching.empty_arrays(shape.bucket, rows, cfg.vision), s.accum)
-    host["loss_mask"][..., :min(shape.answer_tokens, shape.bucket.length)] = 1
-    host["valid"][:] = True
-    host["loss_index"], host["loss_select"] = sft.loss_positions(host["loss_mask"], host["valid"])
+    host = _stack(_empty_batch(shape.bucket, rows, cfg.vision), s.accum)
+    # The loss positions' shape depends on the answers' length: computed from a real (small) mask.
+    loss_mask = np.zeros(host["loss_mask"].shape, np.int32)
+    loss_mask[..., :min(shape.answer_tokens, shape.bucket.length)] = 1
+    host["loss_index"], host["loss_select"] = sft.loss_positions(loss_mask, np.ones(host["valid"].shape, bool))
     return spec.step_fn, (spec.layout, _abstract_batch(host, mesh, micro_axis=True))
 
   kind = "LoRA" if tc.lora is not None else "full"
@@ -199,11 +212,12 @@ def grpo_programs(config, cfg, opts, mesh, shape: Shape, attached: bool = False)
 
   def build_step(rows: int):
     # The loss tokens: T sampled + the <|im_end|> a truncated completion gets (grpo.loss_tokens).
-    rollouts = {"completions": np.zeros((rows, G, T + 1), np.int32),
-                "completion_mask": np.ones((rows, G, T + 1), np.int32), "rewards": np.zeros((rows, G), np.float32)}
+    rollouts = {"completions": jax.ShapeDtypeStruct((rows, G, T + 1), np.int32),
+                "completion_mask": jax.ShapeDtypeStruct((rows, G, T + 1), np.int32),
+                "rewards": jax.ShapeDtypeStruct((rows, G), np.float32)}
     if g.num_iterations > 1:
-      rollouts["old_logprobs"] = np.zeros((rows, G, T + 1), np.float32)
-    host = _stack({**batching.empty_arrays(shape.bucket, rows, cfg.vision), **rollouts}, g.accum)
+      rollouts["old_logprobs"] = jax.ShapeDtypeStruct((rows, G, T + 1), np.float32)
+    host = _stack({**_empty_batch(shape.bucket, rows, cfg.vision), **rollouts}, g.accum)
     args = (spec.layout, _abstract_batch(host, mesh, micro_axis=True)) + ((ref,) if ref is not None else ())
     return spec.step_fn, args
 
@@ -219,7 +233,7 @@ def sampler_programs(name: str, stage: str, cfg, opts, params, shape: Shape, sp:
   compiled_prefill: dict[int, Any] = {}
 
   def prefill_args(r: int):
-    a = _abstract_batch(batching.empty_arrays(shape.bucket, r, cfg.vision), mesh, micro_axis=False)
+    a = _abstract_batch(_empty_batch(shape.bucket, r, cfg.vision), mesh, micro_axis=False)
     images = {k: a[k] for k in ("pixel_values", "pos_hw", "frame_seg", "window_seg")}
     return a, (params, a["input_ids"], a["positions"], a["attention_mask"], a["lengths"], images)
 
@@ -388,11 +402,16 @@ def compile_program(p: Program, devices: targets_lib.Devices, mesh, rows: int | 
                 seconds=seconds, note=note, **base)
 
 
-def max_rows(p: Program, devices: targets_lib.Devices, mesh, first: Result, limit_per_device: int = 4096) -> int:
-  """The largest per-device batch that fits. Memory grows about linearly with the rows, so each next
-  try is where the line through two measured points crosses the budget (regula falsi), which lands
-  within a compile or two of the answer; a compile that runs out of memory (XLA:TPU refuses
-  programs that do not fit) gives no bytes, and the bracket is then halved instead."""
+def max_rows(p: Program, devices: targets_lib.Devices, mesh, first: Result,
+             limit_per_device: int = 4096, log=None) -> tuple[int, bool]:
+  """The largest per-device batch that fits, and whether that is only a lower bound: the search probes
+  no batch above limit_per_device (each probe is a full compile, and a probe of tens of thousands of
+  rows costs minutes and host memory for an answer no run uses), so when the limit fits the answer is
+  "at least" it. Memory grows
+  about linearly with the rows, so each next try is where the line through two measured points crosses
+  the budget (regula falsi), which lands within a compile or two of the answer; a compile that runs
+  out of memory (XLA:TPU refuses programs that do not fit) gives no bytes, and the bracket is then
+  halved instead."""
   step = mesh.shape["data"] * mesh.shape["fsdp"]
   seen: dict[int, Result] = {first.rows_per_device: first}
   budget = devices.budget_bytes
@@ -400,6 +419,11 @@ def max_rows(p: Program, devices: targets_lib.Devices, mesh, first: Result, limi
   def fits(n: int) -> bool:
     if n not in seen:
       seen[n] = compile_program(p, devices, mesh, rows=n * step)
+      if log:
+        r = seen[n]
+        log(f"[aot {devices.target.name}]   {p.name} at {n} rows/device: "
+            + (f"{_gib(r.bytes.get('total'))} GiB, {'fits' if r.fits else 'does not fit'}" if r.compiled
+               else "refused") + f" ({r.seconds} s)")
     return seen[n].fits
 
   total = lambda n: seen[n].bytes.get("total") if seen[n].compiled else None
@@ -413,22 +437,22 @@ def max_rows(p: Program, devices: targets_lib.Devices, mesh, first: Result, limi
   n = max(first.rows_per_device, 1)
   if fits(n):
     lo, hi = n, None
-    nxt = 2 * n
+    nxt = min(2 * n, limit_per_device)
     while hi is None:
-      if nxt > limit_per_device:
-        return lo
+      if lo >= limit_per_device:
+        return lo, True
       if not fits(nxt):
         hi = nxt
         break
       prev, lo = lo, nxt
       guess = crossing(prev, lo)
-      nxt = min(max(guess if guess is not None else 2 * lo, lo + 1), limit_per_device + 1)
+      nxt = min(max(guess if guess is not None else 2 * lo, lo + 1), limit_per_device)
   else:
     hi = n
     while hi > 1 and not fits(hi // 2):
       hi //= 2
     if hi == 1:
-      return 0
+      return 0, False
     lo = hi // 2
   while hi - lo > 1:
     guess = crossing(lo, hi)
@@ -437,11 +461,16 @@ def max_rows(p: Program, devices: targets_lib.Devices, mesh, first: Result, limi
       lo = mid
     else:
       hi = mid
-  return lo
+  return lo, False
 
 
 def _gib(n: int | None) -> str:
   return "-" if n is None else f"{n / GiB:.2f}"
+
+
+def max_rows_text(max_rows: int | None, at_least: bool) -> str:
+  """A searched largest batch for people: "-" when not searched, ">=N" where the search stopped at its cap."""
+  return "-" if max_rows is None else f"{'>=' if at_least else ''}{max_rows}"
 
 
 def report(results: list[Result], devices: targets_lib.Devices, info: dict) -> str:
@@ -459,15 +488,15 @@ def report(results: list[Result], devices: targets_lib.Devices, info: dict) -> s
     lines.append(f"| {r.name} | {r.rows_per_device} | {r.shape} | {r.seconds} | {r.attention} | "
                  f"{_gib(b.get('arguments'))} | {_gib(b.get('outputs'))} | {_gib(b.get('temporaries'))} | "
                  f"{_gib(b.get('aliased'))} | {_gib(b.get('total'))} | "
-                 f"{'yes' if r.fits else 'NO'} | {'-' if r.max_rows_per_device is None else r.max_rows_per_device} |")
+                 f"{'yes' if r.fits else 'NO'} | {max_rows_text(r.max_rows_per_device, r.max_rows_at_least)} |")
   for r in results:
     if r.error or r.note:
       lines.append(f"{r.name}: {r.error or r.note}")
   return "\n".join(lines)
 
 
-def run(config, target: str, *, max_batch: bool = False, only: set[str] | None = None, records: int = 0,
-        patches: int = 0, tokens: int = 0, attached: bool | None = None, log=print) -> dict:
+def run(config, target: str, *, max_batch: bool = False, max_batch_limit: int = 4096, only: set[str] | None = None,
+        records: int = 0, patches: int = 0, tokens: int = 0, attached: bool | None = None, log=print) -> dict:
   devices = targets_lib.devices(target, attached=attached)
   mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices=devices.devices)
   progs, info = programs(config, mesh, records=records, patches=patches, tokens=tokens, only=only,
@@ -477,10 +506,12 @@ def run(config, target: str, *, max_batch: bool = False, only: set[str] | None =
     log(f"[aot {target}] {p.name} ({p.note}): {p.rows} rows ...")
     r = compile_program(p, devices, mesh)
     if max_batch:
-      r.max_rows_per_device = max_rows(p, devices, mesh, r)
+      r.max_rows_per_device, r.max_rows_at_least = max_rows(p, devices, mesh, r, log=log,
+                                                            limit_per_device=max_batch_limit)
     log(f"[aot {target}] {p.name}: {'compiled' if r.compiled else 'FAILED'} in {r.seconds} s, "
         f"{_gib(r.bytes.get('total'))} GiB of {_gib(devices.budget_bytes)}, attention {r.attention}"
-        + (f", max {r.max_rows_per_device} rows/device" if r.max_rows_per_device is not None else "")
+        + (f", max {max_rows_text(r.max_rows_per_device, r.max_rows_at_least)} rows/device"
+           if r.max_rows_per_device is not None else "")
         + (f": {r.error}" if r.error else ""))
     results.append(r)
   return {"target": target, "description": devices.target.description, "attached": devices.attached,
@@ -502,8 +533,8 @@ def main(argv):
   attached = {"yes": True, "no": False}.get(F.attached)
   only = {x.strip() for x in F.programs.split(",") if x.strip()} or None
   try:
-    out = run(F.config, F.target, max_batch=F.max_batch, only=only, records=F.records, patches=F.patches,
-              tokens=F.tokens, attached=attached)
+    out = run(F.config, F.target, max_batch=F.max_batch, max_batch_limit=F.max_batch_limit, only=only,
+              records=F.records, patches=F.patches, tokens=F.tokens, attached=attached)
   except (run_config.ConfigError, ValueError, RuntimeError) as e:
     sys.exit(f"aot: {e}")
   print(out["table"])
@@ -523,6 +554,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("target", "", f"one of {', '.join(targets_lib.TARGETS)}")
   flags.DEFINE_string("json", "", "also write the results here")
   flags.DEFINE_bool("max_batch", False, "search the largest per-device micro-batch that fits, per program")
+  flags.DEFINE_integer("max_batch_limit", 4096, "stop the --max_batch search here (reported as at least this)")
   flags.DEFINE_string("programs", "", "only these stages' programs (comma list: cold_start,score,finetune,grpo,"
                       "evaluate)")
   flags.DEFINE_integer("records", 0, "plan bucket shapes from the first N records of each source (0 = all)")

@@ -125,8 +125,20 @@ def test_largest_batch_search_finds_the_crossing(monkeypatch):
   for kind, start in (("gpu", 4), ("tpu", 4), ("gpu", 300), ("tpu", 300)):
     calls.clear()
     first = fake(kind, dev, mesh, rows=2 * start)
-    assert aot.max_rows(kind, dev, mesh, first) == 128, (kind, start)     # 100 + 7 * 128 = 996 <= 1000 < 1003
+    assert aot.max_rows(kind, dev, mesh, first) == (128, False), (kind, start)   # 100 + 7 * 128 = 996 <= 1000 < 1003
     assert len(calls) <= (6 if kind == "gpu" else 14), (kind, start, calls)
+    # Capped below the answer: no probe above the cap (or above the config's own batch, compiled
+    # already, where that is bigger), and the answer is "at least" the cap.
+    calls.clear()
+    got = aot.max_rows(kind, dev, mesh, first, limit_per_device=100)
+    assert got == ((100, True) if start < 100 else (128, False)), (kind, start, got)
+    assert all(c <= max(100, start) for c in calls), (kind, start, calls)
+    # A cap above the answer changes nothing.
+    calls.clear()
+    assert aot.max_rows(kind, dev, mesh, first, limit_per_device=129) == (128, False), (kind, start, calls)
+    assert all(c <= max(129, start) for c in calls), calls
+  first = fake("gpu", dev, mesh, rows=2 * 110)
+  assert aot.max_rows("gpu", dev, mesh, first, limit_per_device=100) == (110, True)    # fits above the cap
 
 
 def test_attention_kernel_follows_the_target_platform():
@@ -158,3 +170,53 @@ def test_sampling_programs_take_the_weights_the_stages_load(frozen_in_compute_dt
     assert {x.dtype for _, x in leaves} == {want}, p.name
     if p.stage == "evaluate":    # the evaluated models carry LoRA adapters
       assert any("lora_a" in jax.tree_util.keystr(k) for k, _ in leaves)
+
+
+def test_programs_at_thousands_of_rows_per_device_build_from_shapes_not_host_arrays():
+  """The largest-batch search builds each program at up to thousands of rows per device. Its arguments
+  are shapes: a host batch that big (pixels alone are rows x patches x 1176 fp32) once exhausted this
+  host's memory in a 3B search on h100x8. Built for the CPU mesh here; the shapes must match what the
+  batcher really fills (batching.empty_arrays), and no host array may grow with the rows."""
+  import tracemalloc
+
+  import jax
+  import numpy as np
+
+  from dcsft_jax import mesh as mesh_lib
+  from dcsft_jax.data import batching
+
+  config = _default_config()
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices=jax.devices())
+  progs, _ = aot.programs(config, mesh)
+  step = mesh.shape["data"] * mesh.shape["fsdp"]
+  small = {}
+  for p in progs:
+    if p.name.endswith("decode"):      # builds by compiling its prefill: covered by the prefill's build
+      continue
+    _, args = p.build(2 * step)
+    small[p.name] = args
+  cfg, _ = aot.model_and_processor(config)
+  # The shapes and dtypes of the real host batch at the same rows.
+  pre = small["score prefill"]
+  real = batching.empty_arrays(next(p for p in progs if p.name == "score prefill").shape.bucket, 2 * step, cfg.vision)
+  assert (pre[1].shape, pre[1].dtype) == (real["input_ids"].shape, real["input_ids"].dtype)
+  assert (pre[2].shape, pre[2].dtype) == (real["positions"].shape, real["positions"].dtype)
+  for k, v in pre[5].items():
+    assert (v.shape, v.dtype) == (real[k].shape, np.dtype(real[k].dtype)), k
+  sft_batch = small["cold_start step"][1]
+  assert sft_batch["pixel_values"].shape[1:] == real["pixel_values"].shape and sft_batch["loss_index"].ndim == 3
+
+  rows = 4096 * step
+  tracemalloc.start()
+  try:
+    for p in progs:
+      if not p.name.endswith("decode"):
+        _, args = p.build(rows)
+        assert any(getattr(a, "shape", (0,))[:1] == (rows,) for a in jax.tree.leaves(args)) or \
+            any(rows in getattr(a, "shape", ()) for a in jax.tree.leaves(args)), p.name
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  pixels = rows * real["pixel_values"].shape[1] * real["pixel_values"].shape[2] * 4
+  # The SFT steps' loss positions come from a real (rows x length) mask: small beside the pixels.
+  assert peak < pixels / 8, (peak, pixels)

@@ -9,8 +9,9 @@ spec.loader.exec_module(fit_table)
 GIB = 2 ** 30
 
 
-def _prog(stage, total_gib, *, fits=True, compiled=True, error="", max_rows=None):
+def _prog(stage, total_gib, *, fits=True, compiled=True, error="", max_rows=None, at_least=False):
   return {"stage": stage, "compiled": compiled, "fits": fits, "error": error, "max_rows_per_device": max_rows,
+          "max_rows_at_least": at_least,
           "bytes": {"total": int(total_gib * GIB)} if compiled else {}}
 
 
@@ -21,6 +22,12 @@ def test_cells_say_fits_gib_and_the_smallest_max_batch():
   assert fit_table.cell([_prog("cold_start", 123.5, fits=False)]) == "**no** 123.5"
   assert fit_table.cell([_prog("cold_start", 123.5, fits=False, max_rows=0)]) == "**no** 123.5"
   assert fit_table.cell([]) == "-"
+
+
+def test_a_search_stopped_at_its_cap_says_at_least():
+  assert fit_table.cell([_prog("score", 3.0, max_rows=512, at_least=True), _prog("score", 2.0, max_rows=900)]) \
+      == "yes 3.0, max >=512"
+  assert fit_table.cell([_prog("score", 3.0, max_rows=511)]) == "yes 3.0, max 511"
 
 
 def test_a_compile_time_oom_shows_what_the_temporaries_need():
