@@ -6,12 +6,14 @@
 
 A cell is the stage's binding program: fits (every program of the stage fits), its per-device GiB (the
 largest of the stage's programs) and the largest per-device micro-batch where searched (the smallest
-over the stage's programs). Runs already in DIR (their JSON) are reused, so an interrupted table resumes;
---existing_only makes the table from them alone ("not run" where a pair has none).
+over the stage's programs). Runs already in DIR (their JSON, and parts NAME.TARGET.PART.json from
+`python -m dcsft_jax.aot --programs=STAGES --json=...`, merged program by program) are reused, so an
+interrupted table resumes; --existing_only makes the table from them alone ("not run" where a pair has none).
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -32,10 +34,29 @@ STAGES = [("cold_start", "cold start (full SFT)"), ("finetune", "LoRA SFT"), ("g
           ("score", "scoring (K = 8)"), ("evaluate", "evaluation (greedy)")]
 
 
+def load(out: str, config: str, target: str) -> dict | None:
+  """A pair's results: its column's JSON (NAME.TARGET.json) merged with any parts beside it
+  (NAME.TARGET.PART.json: one aot run with `--programs=STAGES`, e.g. a slow TPU column compiled stage by
+  stage so that an interrupted one keeps what finished, or a `--max_batch` search of some stages). A
+  part's program replaces the column's program of the same name; parts apply in name order. None when
+  the pair has no file."""
+  stem = os.path.join(out, f"{os.path.basename(config)[:-3]}.{target}")
+  paths = ([stem + ".json"] if os.path.exists(stem + ".json") else []) + sorted(glob.glob(glob.escape(stem) + ".*.json"))
+  if not paths:
+    return None
+  merged, programs = None, {}
+  for path in paths:
+    r = json.load(open(path))
+    merged = merged or r
+    programs.update((p["name"], p) for p in r["programs"])
+  return {**merged, "programs": list(programs.values())}
+
+
 def run_one(config: str, target: str, out: str, *, max_batch: bool, records: int, extra: list[str]) -> dict:
+  done = load(out, config, target)
+  if done is not None:
+    return done
   path = os.path.join(out, f"{os.path.basename(config)[:-3]}.{target}.json")
-  if os.path.exists(path):
-    return json.load(open(path))
   cmd = [sys.executable, "-m", "dcsft_jax.aot", f"--config={config}", f"--target={target}", f"--json={path}",
          f"--records={records}", *PAPER, *extra] + (["--max_batch"] if max_batch else [])
   t0 = time.time()
@@ -100,8 +121,7 @@ def main():
   configs, targets = a.configs.split(","), a.targets.split(",")
   for c in configs:
     for t in targets:
-      path = os.path.join(a.out, f"{os.path.basename(c)[:-3]}.{t}.json")
-      if a.existing_only and not os.path.exists(path):
+      if a.existing_only and load(a.out, c, t) is None:
         continue
       results[(c, t)] = run_one(c, t, a.out, max_batch=t in searched, records=a.records, extra=extra)
   md = table(results, configs, targets)

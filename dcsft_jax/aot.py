@@ -243,7 +243,14 @@ def sampler_programs(name: str, stage: str, cfg, opts, params, shape: Shape, sp:
   def build_decode(r: int):
     a, args = prefill_args(r)
     if r not in compiled_prefill:
-      compiled_prefill[r] = compile_lowered(sampler.prefill.lower(*args), attached)[0]
+      # The decode reads the prefill's outputs with the shardings XLA gave them, so building it needs
+      # that compile. Where the prefill is refused (XLA:TPU, out of HBM) the decode cannot be built:
+      # say whose error it is rather than pass the prefill's off as the decode's own.
+      try:
+        compiled_prefill[r] = compile_lowered(sampler.prefill.lower(*args), attached)[0]
+      except Exception as e:  # pylint: disable=broad-except
+        raise RuntimeError(f"the prefill whose outputs this decode reads does not compile at {r} rows: "
+                           f"{type(e).__name__}: {e}") from e
     c = compiled_prefill[r]
     outs = jax.tree.map(lambda i, s: jax.ShapeDtypeStruct(i.shape, i.dtype, sharding=s), c.out_info,
                         c.output_shardings)
@@ -423,7 +430,7 @@ def max_rows(p: Program, devices: targets_lib.Devices, mesh, first: Result,
         r = seen[n]
         log(f"[aot {devices.target.name}]   {p.name} at {n} rows/device: "
             + (f"{_gib(r.bytes.get('total'))} GiB, {'fits' if r.fits else 'does not fit'}" if r.compiled
-               else "refused") + f" ({r.seconds} s)")
+               else f"refused: {r.error}") + f" ({r.seconds} s)")
     return seen[n].fits
 
   total = lambda n: seen[n].bytes.get("total") if seen[n].compiled else None

@@ -220,3 +220,26 @@ def test_programs_at_thousands_of_rows_per_device_build_from_shapes_not_host_arr
   pixels = rows * real["pixel_values"].shape[1] * real["pixel_values"].shape[2] * 4
   # The SFT steps' loss positions come from a real (rows x length) mask: small beside the pixels.
   assert peak < pixels / 8, (peak, pixels)
+
+
+def test_a_decode_whose_prefill_is_refused_says_the_refusal_is_the_prefills(monkeypatch):
+  """A decode is built from its compiled prefill's outputs. Where XLA:TPU refuses that prefill (out of
+  HBM), the decode's result must say so: a 3B v5e-8 search once read the prefill's refusal as the
+  decode's own, in 1 s, at a size where the decode alone needs half the chip."""
+  import jax
+
+  from dcsft_jax import mesh as mesh_lib
+  config = _default_config()
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  progs, _ = aot.programs(config, mesh, only={"score"})
+  decode = next(p for p in progs if p.name == "score decode")
+  oom = "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (16.93G)"
+
+  def refuse(lowered, attached):
+    raise RuntimeError(oom)
+
+  monkeypatch.setattr(aot, "compile_lowered", refuse)
+  devices = targets.devices("v5e-4", attached=False)
+  r = aot.compile_program(decode, devices, mesh)
+  assert not r.compiled and not r.fits
+  assert "the prefill whose outputs this decode reads does not compile" in r.error and "16.93G" in r.error

@@ -41,3 +41,29 @@ def test_table_marks_missing_pairs_not_run():
   results = {("c3b.py", "h100x1"): {"budget_bytes": 59.3 * GIB, "programs": [_prog("finetune", 9.9)]}}
   md = fit_table.table(results, ["c3b.py"], ["h100x1", "v5e-8"])
   assert "| 3B | LoRA SFT | yes 9.9 | not run |" in md and "h100x1: 59.3 GiB" in md
+
+
+def test_a_column_merges_with_its_per_stage_parts(tmp_path):
+  import json
+
+  def write(name, programs):
+    (tmp_path / name).write_text(json.dumps({"target": "v6e-8", "budget_bytes": 31.25 * GIB, "programs": programs}))
+
+  def named(name, *args, **kw):
+    return {**_prog(*args, **kw), "name": name}
+
+  assert fit_table.load(str(tmp_path), "configs/bench/c7b.py", "v6e-8") is None
+  # A TPU column compiled stage by stage: no whole-column file, two parts.
+  write("c7b.v6e-8.score.json", [named("score prefill", "score", 3.0), named("score decode", "score", 3.3)])
+  write("c7b.v6e-8.finetune.json", [named("finetune step", "finetune", 4.2)])
+  got = fit_table.load(str(tmp_path), "configs/bench/c7b.py", "v6e-8")
+  assert sorted(p["name"] for p in got["programs"]) == ["finetune step", "score decode", "score prefill"]
+  # A later max-batch search of one stage replaces that stage's programs, and only theirs.
+  write("c7b.v6e-8.json", [named("score prefill", "score", 3.0), named("finetune step", "finetune", 4.2)])
+  write("c7b.v6e-8.score_max.json", [named("score prefill", "score", 3.0, max_rows=700),
+                                     named("score decode", "score", 3.3, max_rows=400)])
+  got = fit_table.load(str(tmp_path), "configs/bench/c7b.py", "v6e-8")
+  md = fit_table.table({("c7b.py", "v6e-8"): got}, ["c7b.py"], ["v6e-8"])
+  assert "| 7B | scoring (K = 8) | yes 3.3, max 400 |" in md and "| 7B | LoRA SFT | yes 4.2 |" in md
+  # Another target's files are not this pair's.
+  assert fit_table.load(str(tmp_path), "configs/bench/c7b.py", "v6e-4") is None
