@@ -38,8 +38,9 @@ def load(out: str, config: str, target: str) -> dict | None:
   """A pair's results: its column's JSON (NAME.TARGET.json) merged with any parts beside it
   (NAME.TARGET.PART.json: one aot run with `--programs=STAGES`, e.g. a slow TPU column compiled stage by
   stage so that an interrupted one keeps what finished, or a `--max_batch` search of some stages). A
-  part's program replaces the column's program of the same name; parts apply in name order. None when
-  the pair has no file."""
+  part's program replaces the column's program of the same name, parts in name order, except that a
+  program whose largest batch was searched is never replaced by one whose was not. None when the pair
+  has no file."""
   stem = os.path.join(out, f"{os.path.basename(config)[:-3]}.{target}")
   paths = ([stem + ".json"] if os.path.exists(stem + ".json") else []) + sorted(glob.glob(glob.escape(stem) + ".*.json"))
   if not paths:
@@ -48,7 +49,10 @@ def load(out: str, config: str, target: str) -> dict | None:
   for path in paths:
     r = json.load(open(path))
     merged = merged or r
-    programs.update((p["name"], p) for p in r["programs"])
+    for p in r["programs"]:
+      had = programs.get(p["name"])
+      if had is None or had.get("max_rows_per_device") is None or p.get("max_rows_per_device") is not None:
+        programs[p["name"]] = p
   return {**merged, "programs": list(programs.values())}
 
 

@@ -60,8 +60,9 @@ def test_a_column_merges_with_its_per_stage_parts(tmp_path):
   assert sorted(p["name"] for p in got["programs"]) == ["finetune step", "score decode", "score prefill"]
   # A later max-batch search of one stage replaces that stage's programs, and only theirs.
   write("c7b.v6e-8.json", [named("score prefill", "score", 3.0), named("finetune step", "finetune", 4.2)])
-  write("c7b.v6e-8.score_max.json", [named("score prefill", "score", 3.0, max_rows=700),
-                                     named("score decode", "score", 3.3, max_rows=400)])
+  write("c7b.v6e-8.max.json", [named("score prefill", "score", 3.0, max_rows=700),
+                               named("score decode", "score", 3.3, max_rows=400)])
+  # (it sorts before the score part, whose unsearched programs must not replace its searched ones)
   got = fit_table.load(str(tmp_path), "configs/bench/c7b.py", "v6e-8")
   md = fit_table.table({("c7b.py", "v6e-8"): got}, ["c7b.py"], ["v6e-8"])
   assert "| 7B | scoring (K = 8) | yes 3.3, max 400 |" in md and "| 7B | LoRA SFT | yes 4.2 |" in md
