@@ -34,6 +34,10 @@ STAGES = [("cold_start", "cold start (full SFT)"), ("finetune", "LoRA SFT"), ("g
           ("score", "scoring (K = 8)"), ("evaluate", "evaluation (greedy)")]
 
 
+def _stem(out: str, config: str, target: str) -> str:
+  return os.path.join(out, f"{os.path.basename(config)[:-3]}.{target}")
+
+
 def load(out: str, config: str, target: str) -> dict | None:
   """A pair's results: its column's JSON (NAME.TARGET.json) merged with any parts beside it
   (NAME.TARGET.PART.json: one aot run with `--programs=STAGES`, e.g. a slow TPU column compiled stage by
@@ -41,7 +45,7 @@ def load(out: str, config: str, target: str) -> dict | None:
   part's program replaces the column's program of the same name, parts in name order, except that a
   program whose largest batch was searched is never replaced by one whose was not. None when the pair
   has no file."""
-  stem = os.path.join(out, f"{os.path.basename(config)[:-3]}.{target}")
+  stem = _stem(out, config, target)
   paths = ([stem + ".json"] if os.path.exists(stem + ".json") else []) + sorted(glob.glob(glob.escape(stem) + ".*.json"))
   if not paths:
     return None
@@ -57,10 +61,7 @@ def load(out: str, config: str, target: str) -> dict | None:
 
 
 def run_one(config: str, target: str, out: str, *, max_batch: bool, records: int, extra: list[str]) -> dict:
-  done = load(out, config, target)
-  if done is not None:
-    return done
-  path = os.path.join(out, f"{os.path.basename(config)[:-3]}.{target}.json")
+  path = _stem(out, config, target) + ".json"
   cmd = [sys.executable, "-m", "dcsft_jax.aot", f"--config={config}", f"--target={target}", f"--json={path}",
          f"--records={records}", *PAPER, *extra] + (["--max_batch"] if max_batch else [])
   t0 = time.time()
@@ -125,9 +126,10 @@ def main():
   configs, targets = a.configs.split(","), a.targets.split(",")
   for c in configs:
     for t in targets:
-      if a.existing_only and load(a.out, c, t) is None:
+      done = load(a.out, c, t)     # reused: an interrupted table resumes
+      if done is None and a.existing_only:
         continue
-      results[(c, t)] = run_one(c, t, a.out, max_batch=t in searched, records=a.records, extra=extra)
+      results[(c, t)] = done or run_one(c, t, a.out, max_batch=t in searched, records=a.records, extra=extra)
   md = table(results, configs, targets)
   with open(os.path.join(a.out, "table.md"), "w") as f:
     f.write(md)
