@@ -291,11 +291,12 @@ class Qwen25VL(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- helpers
-def init_params(cfg: Qwen25VLConfig, opts: ModelOptions = ModelOptions(), rng=None, *, abstract: bool = False,
-                mesh=None):
-  """Random (or, with abstract=True, shape-only) parameters; leaves are nn.LogicallyPartitioned.
-
-  With a mesh, the random parameters are created already sharded (and unboxed)."""
+def _init_fn(cfg: Qwen25VLConfig, opts: ModelOptions, keep=None):
+  """rng -> the boxed parameter tree (only the leaves `keep` accepts, if given), traced from a batch-1
+  dummy forward. The logical-axis rules are cleared while it traces: the dummy's activation
+  constraints would otherwise ask the ambient mesh to split its batch of 1 over the batch axes (an
+  IndivisibleError on any mesh of more than one device). Only the parameters' shapes and initial
+  values come from it; their placement comes from the rules applied to the result."""
   model = Qwen25VL(cfg, opts)
   ids = jnp.zeros((1, 8), jnp.int32)
   pos = jnp.zeros((3, 1, 8), jnp.int32)
@@ -304,15 +305,53 @@ def init_params(cfg: Qwen25VLConfig, opts: ModelOptions = ModelOptions(), rng=No
   images = {"pixel_values": jnp.zeros((1, P, vc.patch_dim), opts.dtype),
             "pos_hw": jnp.zeros((1, P, 2), jnp.int32),
             "frame_seg": jnp.zeros((1, P), jnp.int32), "window_seg": jnp.zeros((1, P), jnp.int32)}
+
+  def fn(rng):
+    with nn.logical_axis_rules(()):
+      params = model.init({"params": rng}, ids, pos, images)["params"]
+    return params if keep is None else select(params, keep)
+  return fn
+
+
+def select(tree, keep):
+  """The leaves of a nested dict whose path (a tuple of keys) `keep` accepts, empty branches dropped."""
+  def walk(node, path):
+    if not isinstance(node, dict):
+      return node if keep(path) else None
+    out = {k: walk(v, path + (k,)) for k, v in node.items()}
+    return {k: v for k, v in out.items() if v is not None and v != {}}
+  return walk(tree, ())
+
+
+def is_adapter(path) -> bool:
+  """Whether a parameter path names a LoRA adapter leaf."""
+  return path[-1] in ("lora_a", "lora_b")
+
+
+def init_params(cfg: Qwen25VLConfig, opts: ModelOptions = ModelOptions(), rng=None, *, abstract: bool = False,
+                mesh=None, keep=None):
+  """Random (or, with abstract=True, shape-only) parameters; leaves are nn.LogicallyPartitioned.
+
+  With a mesh, the random parameters are made by `init_program` straight into their shardings
+  (unboxed). `keep` (a path predicate, e.g. `is_adapter`) returns only those leaves."""
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  fn = lambda r: model.init({"params": r}, ids, pos, images)["params"]
+  fn = _init_fn(cfg, opts, keep)
   if abstract:
     return jax.eval_shape(fn, rng)
   if mesh is None:
     return fn(rng)
+  return init_program(cfg, opts, mesh, keep)(rng)
+
+
+def init_program(cfg: Qwen25VLConfig, opts: ModelOptions, mesh, keep=None):
+  """The jitted rng -> unboxed parameters program: one program that writes every leaf (or every kept
+  leaf; the others are never computed) straight into the sharding the logical rules give it on
+  `mesh`, the same on every process of a multi-host run, so no leaf is ever whole on one device.
+  What the stages run (init, LoRA adapters), and what dcsft_jax.aot compiles for a target."""
   from dcsft_jax import mesh as mesh_lib
-  shardings = mesh_lib.param_shardings(jax.eval_shape(fn, rng), mesh)
-  return jax.jit(lambda r: unbox(fn(r)), out_shardings=shardings)(rng)
+  fn = _init_fn(cfg, opts, keep)
+  abstract = jax.eval_shape(fn, jax.random.PRNGKey(0))
+  return jax.jit(lambda r: unbox(fn(r)), out_shardings=mesh_lib.param_shardings(abstract, mesh))
 
 
 def unbox(tree):

@@ -499,14 +499,18 @@ def _batch_sharding(mesh, key: str, ndim: int):
 
 
 def init_lora(params, cfg, lora: model_lib.LoraSpec, seed: int, mesh=None):
-  """Adds freshly initialised adapters (B = 0, so the model is unchanged) to base params."""
+  """Adds freshly initialised adapters (B = 0, so the model is unchanged) to base params.
+
+  Only the adapters are made, by one program whose outputs lie in their shardings on `mesh` (the
+  base is never built again); without a mesh, on the default device. The values are the same
+  either way: those of the adapters in init_params(cfg, lora options, PRNGKey(seed))."""
   opts = model_lib.ModelOptions(lora=lora)
-  fresh = model_lib.unbox(model_lib.init_params(cfg, opts, jax.random.PRNGKey(seed), mesh=mesh))
+  fresh = model_lib.unbox(model_lib.init_params(cfg, opts, jax.random.PRNGKey(seed), mesh=mesh,
+                                                keep=model_lib.is_adapter))
 
   def merge(base, new):
     if isinstance(new, dict):
-      return {k: merge(base.get(k) if isinstance(base, dict) else None, v) for k, v in new.items()}
+      base = base if isinstance(base, dict) else {}
+      return {**base, **{k: merge(base.get(k), v) for k, v in new.items()}}
     return base if base is not None else new
   return merge(params, fresh)
-
-
