@@ -86,12 +86,14 @@ def cell(programs: list[dict]) -> str:
   if any(oom):
     return "**no**, temporaries alone " + max(m.group(1) for m in oom if m)
   gib = max((p["bytes"].get("total") or 0) for p in programs) / 2 ** 30
-  rows = [p.get("max_rows_per_device") for p in programs]
+  # Programs without a batch (parameter and adapter init) have no largest batch.
+  batched = [p for p in programs if p.get("rows", 1)]
+  rows = [p.get("max_rows_per_device") for p in batched]
   # A program that does not fit at the config's batch has no largest batch to show (the search says 0).
-  if not fits or any(r is None for r in rows):
+  if not fits or not batched or any(r is None for r in rows):
     mb = ""
   else:
-    least = min(programs, key=lambda p: p["max_rows_per_device"])
+    least = min(batched, key=lambda p: p["max_rows_per_device"])
     mb = ", max " + aot.max_rows_text(least["max_rows_per_device"], least.get("max_rows_at_least", False))
   return f"{'yes' if fits else '**no**'} {gib:.1f}{mb}"
 

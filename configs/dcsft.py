@@ -5,6 +5,8 @@ digits dataset (ID: held-out digits; OOD: font renditions and corrupted digits).
   python -m dcsft_jax.main --config=configs/dcsft.py [--config.workdir=DIR --config.stages=init,cold_start ...]
   python -m dcsft_jax.main --config=configs/dcsft.py:hard_sweep=true     # + the Fig. 5 hard-ratio sweep
   python -m dcsft_jax.main --config=configs/dcsft.py --config.seeds=3    # mean +- std over 3 training seeds
+  python -m dcsft_jax.main --config=configs/dcsft.py:short=true         # every stage, few steps (a check
+                                                                        # of a mesh or a launch, ~1 min)
 
 Every field is documented in dcsft_jax/config_base.py; the paper's own settings are in configs/paper/.
 """
@@ -16,7 +18,7 @@ HARD_SWEEP = (0.2, 0.5)
 
 
 def get_config(arg=None):
-  a = config_base.parse_arg(arg, hard_sweep=False)
+  a = config_base.parse_arg(arg, hard_sweep=False, short=False)
   c = config_base.base()
   c.workdir = "workdir/dcsft_default"
   c.data.train = "builtin:train[256:]"
@@ -60,4 +62,23 @@ def get_config(arg=None):
   c.evaluate.max_new_tokens = 4
   c.evaluate.limit = 200
   c.report.curve_limit = 64
+  if a.short:
+    shorten(c)
   return c
+
+
+def shorten(c) -> None:
+  """Every stage of the default run, each with few steps and little data: what the tests run on
+  meshes and on two processes (tests/test_pipeline_mesh.py), and a quick check of a new launch. The
+  batch sizes stay the default's (16 cold-start and LoRA rows, 8 GRPO prompts x 8 rollouts), so any
+  mesh the default runs on runs this too."""
+  c.workdir = "workdir/dcsft_short"
+  c.data.train_limit = 32
+  c.cold_start.data = "builtin:train[:128]"
+  c.cold_start.epochs = 12.0                # 96 steps: mixed pass rates (medium and hard filled)
+  c.finetune.steps = 6
+  c.finetune.eval_every = 3
+  c.grpo.steps = 2
+  c.grpo.eval_every = 2
+  c.evaluate.limit = 32
+  c.report.curve_limit = 16

@@ -138,8 +138,8 @@ def _abstract_batch(arrays: dict, mesh, micro_axis: bool) -> dict:
 class Program:
   name: str
   stage: str
-  rows: int                                  # global rows of its batch (micro-batch, prompts)
-  shape: Shape
+  rows: int                                  # global rows of its batch (micro-batch, prompts; 0: none)
+  shape: Shape | None                        # None: a program without a batch (parameter init)
   build: Callable[[int], tuple[Any, tuple]]  # global rows -> (jitted function, abstract arguments)
   note: str = ""
 
@@ -170,6 +170,28 @@ class Result:
 def _stack(arrays: dict, accum: int) -> dict[str, jax.ShapeDtypeStruct]:
   """The accumulation axis in front, as the trainers stack micro-batches (shapes only)."""
   return {k: jax.ShapeDtypeStruct((accum,) + tuple(v.shape), v.dtype) for k, v in arrays.items()}
+
+
+def init_program(name: str, stage: str, cfg, opts, mesh, keep=None, note: str = "") -> Program:
+  """A parameter-init program the stages run (models' init_program): the init stage's random weights,
+  or a LoRA run's fresh adapters (keep=is_adapter), written straight into their shardings on the
+  target's mesh. It takes only an RNG key, so a sharding the mesh cannot take fails here."""
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+
+  def build(rows: int):
+    return model_lib.init_program(cfg, opts, mesh, keep), (key,)
+  return Program(name, stage, 0, None, build, note)
+
+
+def adapter_init_program(name: str, section, cfg, opts, mesh) -> list[Program]:
+  """A LoRA run's adapter init (trainer.init_lora), or nothing for full fine-tuning."""
+  from dcsft_jax.stages import training
+  from dcsft_jax.train import trainer
+  lora = training.lora_spec(section)
+  if lora is None:
+    return []
+  return [init_program(f"{name} adapters init", name, cfg, trainer.adapter_options(opts, lora), mesh,
+                       keep=model_lib.is_adapter, note=f"LoRA r{lora.rank} adapters, into their shardings")]
 
 
 def sft_program(config, name: str, section, cfg, opts, mesh, shape: Shape) -> Program:
@@ -299,6 +321,9 @@ def programs(config, mesh, *, records: int = 0, patches: int = 0, tokens: int = 
   sparams = mesh_lib.abstract_params(model_lib.init_params(cfg, sopts, abstract=True), mesh)
   out: list[Program] = []
   want = lambda stage: stage in names and (not only or stage in only)
+  if want("init") and not config.model.hf_path:
+    # (a checkpoint is streamed into its shardings instead: hf.load_hf, no program of its own)
+    out.append(init_program("init params", "init", cfg, opts, mesh, note="random weights, into their shardings"))
   if want("cold_start"):
     out.append(sft_program(config, "cold_start", config.cold_start, cfg, opts, mesh,
                            shape_of([config.cold_start.data], True)))
@@ -310,8 +335,10 @@ def programs(config, mesh, *, records: int = 0, patches: int = 0, tokens: int = 
     out += sampler_programs("score", "score", cfg, sopts, sparams, shape_of(train, False, s.max_pixels), sp, mesh,
                             s.batch_size, attached)
   if want("finetune"):
+    out += adapter_init_program("finetune", config.finetune, cfg, opts, mesh)
     out.append(sft_program(config, "finetune", config.finetune, cfg, opts, mesh, shape_of(train, True)))
   if want("grpo"):
+    out += adapter_init_program("grpo", config.grpo, cfg, opts, mesh)
     out += grpo_programs(config, cfg, opts, mesh, shape_of(train, False), attached)
   if want("evaluate"):
     e = config.evaluate
@@ -384,7 +411,7 @@ def compile_lowered(lowered, attached: bool):
 def compile_program(p: Program, devices: targets_lib.Devices, mesh, rows: int | None = None) -> Result:
   rows = p.rows if rows is None else rows
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  shape = f"{p.shape.bucket.patches} patches, {p.shape.bucket.length} tokens ({p.shape.source})"
+  shape = "-" if p.shape is None else f"{p.shape.bucket.patches} patches, {p.shape.bucket.length} tokens ({p.shape.source})"
   base = dict(name=p.name, stage=p.stage, budget_bytes=devices.budget_bytes, rows=rows,
               rows_per_device=rows // max(shards, 1), shape=shape)
   if rows % shards:
@@ -512,7 +539,7 @@ def run(config, target: str, *, max_batch: bool = False, max_batch_limit: int = 
   for p in progs:
     log(f"[aot {target}] {p.name} ({p.note}): {p.rows} rows ...")
     r = compile_program(p, devices, mesh)
-    if max_batch:
+    if max_batch and p.rows:
       r.max_rows_per_device, r.max_rows_at_least = max_rows(p, devices, mesh, r, log=log,
                                                             limit_per_device=max_batch_limit)
     log(f"[aot {target}] {p.name}: {'compiled' if r.compiled else 'FAILED'} in {r.seconds} s, "

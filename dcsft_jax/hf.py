@@ -251,9 +251,10 @@ def merge_lora(params: dict, lora: model_lib.LoraSpec | None) -> dict:
     if "lora_a" in node and "lora_b" in node:
       if lora is None:
         raise ValueError("params hold LoRA adapters; pass the LoraSpec (rank/alpha) they were trained with")
-      k = np.asarray(jax.device_get(node["kernel"]))
-      a = np.asarray(jax.device_get(node["lora_a"]), np.float32)
-      b = np.asarray(jax.device_get(node["lora_b"]), np.float32)
+      # (every process gathers: leaves may be sharded over other hosts' devices)
+      k = _host(node["kernel"])
+      a = _host(node["lora_a"]).astype(np.float32)
+      b = _host(node["lora_b"]).astype(np.float32)
       delta = np.matmul(a, b) * np.float32(lora.scale)
       out = {k2: v for k2, v in node.items() if k2 not in ("lora_a", "lora_b")}
       out["kernel"] = (k.astype(np.float32) + delta).astype(k.dtype)

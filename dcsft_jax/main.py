@@ -25,6 +25,7 @@ import PIL.Image
 
 from dcsft_jax import atomic
 from dcsft_jax import mesh as mesh_lib
+from dcsft_jax import multihost
 from dcsft_jax import run_config
 from dcsft_jax import stages as stages_lib
 from dcsft_jax import workdir as workdir_lib
@@ -65,18 +66,24 @@ def _restart(config, wd: workdir_lib.Workdir) -> None:
       done[stage] = key
       atomic.write_json(marker, done)
     print(f"[{stage}] restart: deleted {', '.join(os.path.relpath(p, wd.root) for p in gone) or 'nothing'}")
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("dcsft-restart")
+  multihost.barrier("dcsft-restart")
 
 
 def maybe_initialize_distributed(mode: str) -> None:
-  """Multi-host start-up. TPU pods and SLURM set the variables jax.distributed reads by itself."""
+  """Multi-host start-up. TPU pods and SLURM set the variables jax.distributed reads by itself; any
+  other launcher (several processes on one machine, a cluster without SLURM) sets
+  JAX_COORDINATOR_ADDRESS=HOST:PORT, JAX_NUM_PROCESSES and JAX_PROCESS_ID for each process."""
   env = os.environ
   launched = any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")) or \
       int(env.get("SLURM_NTASKS", "1")) > 1 or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
   if mode == "on" or (mode == "auto" and launched):
-    jax.distributed.initialize()
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in env:
+      # CPU devices of several processes talk through gloo (JAX's CPU default has no cross-process
+      # collectives); accelerators' own collectives are unaffected.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    explicit = {k: int(env[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+                if env.get(v)}
+    jax.distributed.initialize(**explicit)
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
@@ -108,6 +115,9 @@ def _run_stages(config, names: list[str], ctx: Context) -> dict:
         f"workdir {wd.root}")
   ran = []
   for name in names:
+    # Every process finds the previous stage's files written (process 0 writes most of them) before
+    # any process reads them or looks for this stage's done marker.
+    multihost.barrier(f"dcsft-before-{name}")
     stage = stages_lib.BY_NAME[name]
     marker = wd.done_marker(name)
     if os.path.exists(marker):
@@ -126,6 +136,7 @@ def _run_stages(config, names: list[str], ctx: Context) -> dict:
     print(f"[{name}] " + ", ".join(f"{k}={v}" for k, v in figures.items()))
     if jax.process_index() == 0:
       atomic.write_json(wd.stages, summary, default=str)
+  multihost.barrier("dcsft-done")
   return summary
 
 

@@ -241,19 +241,15 @@ def locked_by_process_0(wd: Workdir):
     with locked(wd):
       yield
     return
-  import numpy as np
-  from jax.experimental import multihost_utils
+  from dcsft_jax import multihost
   with contextlib.ExitStack() as stack:
-    busy = b""
+    busy = ""
     if jax.process_index() == 0:
       try:
         stack.enter_context(locked(wd))
       except Exception as e:  # noqa: BLE001 - busy, or no workdir at all: every process must hear it
-        busy = (str(e) if isinstance(e, WorkdirBusy) else f"{wd.root}: {type(e).__name__}: {e}").encode()[:4000]
-    # Fixed-size bytes: every process contributes the same shape to the broadcast.
-    word = np.frombuffer(busy.ljust(4000, b"\0"), np.uint8)
-    said = bytes(np.asarray(multihost_utils.broadcast_one_to_all(word), np.uint8)).rstrip(b"\0").decode(errors="replace")
+        busy = str(e) if isinstance(e, WorkdirBusy) else f"{wd.root}: {type(e).__name__}: {e}"
+    said = multihost.broadcast_text(busy)
     if said:
       raise WorkdirBusy(said)
     yield
-

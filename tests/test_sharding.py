@@ -65,3 +65,35 @@ def test_sharded_forward_equals_single_device(tmp_path):
   out = np.asarray(out)
   m = batch.attention_mask.astype(bool)
   assert np.abs(out - ref)[m].max() <= 1e-5 * max(1.0, np.abs(ref[m]).max()), np.abs(out - ref)[m].max()
+
+
+@pytest.mark.parametrize("shape", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 1, "fsdp": 8, "tensor": 1}])
+def test_params_and_adapters_are_made_into_their_shardings_under_the_stages_mesh(shape):
+  """What the stages do (issue 25): with the mesh current and its rules active (main's mesh_lib.use),
+  init_params and init_lora make their leaves straight into the rules' shardings, with the values of
+  the unsharded init. On main before the fix, init_lora traced a batch-1 forward whose activation
+  constraint asked the 8 devices' batch axes to split it (IndivisibleError) on every such mesh."""
+  from dcsft_jax.train import trainer
+  cfg = tiny_config()
+  lora = M.LoraSpec(rank=4, alpha=8.0)
+  mesh = mesh_lib.make_mesh(shape)
+  plain = M.unbox(M.init_params(cfg, rng=jax.random.PRNGKey(3)))
+  plain_lora = trainer.init_lora(plain, cfg, lora, seed=5)
+  with mesh_lib.use(mesh):
+    params = M.init_params(cfg, rng=jax.random.PRNGKey(3), mesh=mesh)
+    with_lora = trainer.init_lora(params, cfg, lora, seed=5, mesh=mesh)
+  want = mesh_lib.param_shardings(M.init_params(cfg, M.ModelOptions(lora=lora), abstract=True), mesh)
+  flat = lambda t: dict(jax.tree_util.tree_flatten_with_path(t)[0])
+  got, ref, sh = flat(with_lora), flat(plain_lora), flat(want)
+  assert got.keys() == ref.keys() == sh.keys()
+  adapters = [k for k in got if M.is_adapter(tuple(getattr(x, "key", x) for x in k))]
+  assert adapters and len(adapters) < len(got)
+  for k, x in got.items():
+    assert x.sharding.is_equivalent_to(sh[k], x.ndim), (k, x.sharding, sh[k])
+    # The same random bits; XLA may round the normal init's transform 1 ulp apart in one jitted
+    # program from op-by-op (fp32: 1.2e-7 relative).
+    np.testing.assert_allclose(np.asarray(x), np.asarray(ref[k]), rtol=3e-7, atol=0, err_msg=str(k))
+  # The base leaves are the ones given, not made again.
+  assert with_lora["layers"]["q_proj"]["kernel"] is params["layers"]["q_proj"]["kernel"]
+  assert any("tensor" in jax.tree.leaves(tuple(got[k].sharding.spec)) or "fsdp" in jax.tree.leaves(tuple(got[k].sharding.spec))
+             for k in adapters)

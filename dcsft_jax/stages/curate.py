@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import os
 
-from dcsft_jax import curation
+from dcsft_jax import curation, multihost
 from dcsft_jax.stages import common
 
+
 def run(config, ctx) -> dict:
+  """Host work that writes shared files: process 0 does it, every process gets its figures."""
+  return multihost.on_process_0(lambda: _curate(config, ctx))
+
+
+def _curate(config, ctx) -> dict:
   c = config.curate
   wd = ctx.wd
   scores_path = wd.scores

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from dcsft_jax import curation, plots, stats
+from dcsft_jax import curation, multihost, plots, stats
 from dcsft_jax.stages import common, evaluate, training
 from dcsft_jax.workdir import Workdir, split_run_name
 from dcsft_jax.train import metrics
@@ -415,6 +415,9 @@ def build(workdir: str) -> dict:
 
 
 def run(config, ctx) -> dict:
-  res = build(ctx.workdir)
-  print(open(ctx.wd.report).read())
-  return {"written": ctx.wd.report, "plots": len(res["plots"])}
+  """Host work that writes shared files: process 0 builds the report, every process gets its figures."""
+  def make() -> dict:
+    res = build(ctx.workdir)
+    print(open(ctx.wd.report).read())
+    return {"written": ctx.wd.report, "plots": len(res["plots"])}
+  return multihost.on_process_0(make)

@@ -170,7 +170,7 @@ def _sft_run(config, ctx, name: str, s, start_ref: str, start_key: str, spec, *,
   tc = train_config(config, s, _steps(s, it), seed)
   params = model.params
   if tc.lora is not None:
-    params = trainer.init_lora(params, model.cfg, tc.lora, seed=seed, mesh=ctx.mesh)
+    params = trainer.init_lora(params, model.cfg, tc.lora, seed=seed, mesh=ctx.mesh, opts=ctx.model_options)
   t = trainer.SFTTrainer(model.cfg, ctx.model_options, params, tc, ctx.mesh, ctx.wd.train(name),
                          fingerprint=_data_fingerprint(config, ctx, spec, records, model))
   params = model.params = None   # the trainer holds the weights now (a LoRA base perhaps in bf16)
@@ -280,7 +280,7 @@ def _grpo_run(config, ctx, name: str, seed: int) -> dict:
   tc = train_config(config, g, _steps(g, it), seed)
   params = model.params
   if tc.lora is not None:
-    params = trainer.init_lora(params, model.cfg, tc.lora, seed=seed, mesh=ctx.mesh)
+    params = trainer.init_lora(params, model.cfg, tc.lora, seed=seed, mesh=ctx.mesh, opts=ctx.model_options)
   sp = sampling.settings(model.directory, model.processor, repetition_penalty=g.repetition_penalty,
                          pad_id=model.cfg.pad_token_id or 0, max_new_tokens=g.max_new_tokens,
                          num_samples=g.num_generations, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)

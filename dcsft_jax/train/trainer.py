@@ -498,15 +498,19 @@ def _batch_sharding(mesh, key: str, ndim: int):
   return mesh_lib.batch_sharding(mesh, ndim, 2 if key == "positions" else 1)
 
 
-def init_lora(params, cfg, lora: model_lib.LoraSpec, seed: int, mesh=None):
+def adapter_options(opts: model_lib.ModelOptions | None, lora: model_lib.LoraSpec) -> model_lib.ModelOptions:
+  """The model options fresh adapters are made with: the run's (their param_dtype), with `lora`."""
+  return dataclasses.replace(opts or model_lib.ModelOptions(), lora=lora)
+
+
+def init_lora(params, cfg, lora: model_lib.LoraSpec, seed: int, mesh=None, opts: model_lib.ModelOptions | None = None):
   """Adds freshly initialised adapters (B = 0, so the model is unchanged) to base params.
 
-  Only the adapters are made, by one program whose outputs lie in their shardings on `mesh` (the
-  base is never built again); without a mesh, on the default device. The values are the same
-  either way: those of the adapters in init_params(cfg, lora options, PRNGKey(seed))."""
-  opts = model_lib.ModelOptions(lora=lora)
-  fresh = model_lib.unbox(model_lib.init_params(cfg, opts, jax.random.PRNGKey(seed), mesh=mesh,
-                                                keep=model_lib.is_adapter))
+  Only the adapters are made, by one program (model_lib.init_program) whose outputs lie in their
+  shardings on `mesh`; the base is never built again. Without a mesh, on the default device. The
+  values are the same either way: the adapters of init_params(cfg, adapter options, PRNGKey(seed))."""
+  fresh = model_lib.unbox(model_lib.init_params(cfg, adapter_options(opts, lora), jax.random.PRNGKey(seed),
+                                                mesh=mesh, keep=model_lib.is_adapter))
 
   def merge(base, new):
     if isinstance(new, dict):
