@@ -207,3 +207,23 @@ def test_whole_pipeline_on_two_processes_equals_one_process(reference, tmp_path)
   assert "report.md" in w0 and "scores/scores.jsonl" in w0 and "curation/summary.json" in w0
   stray = sorted(x for x in w1 if not (re.search(r"(^|/)process_1$", x) or (wd / x).is_dir()))
   assert not stray, stray
+
+
+def test_process_0_work_reaches_every_process_and_so_does_its_failure():
+  """multihost.on_process_0 (curation, the report): process 0 alone runs it, every process gets its
+  result; when it raises, every process raises the same type and message (else the others would wait
+  at the next barrier for a process that has stopped)."""
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "two_process_multihost.py"), str(i),
+                             str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, err[-3000:]
+    lines = out.splitlines()
+    assert f"process {i}: text 'from 0 ü'" in lines and f"process {i}: empty ''" in lines, out
+    assert f"process {i}: result {{'n': 3, 'who': 0}} ran {[0] if i == 0 else []}" in lines, out
+    assert (f"process {i}: raised FileNotFoundError: scores.jsonl not found: run the 'score' stage first"
+            in lines), out
+    assert lines[-1] == f"process {i}: done"

@@ -298,15 +298,17 @@ def _init_fn(cfg: Qwen25VLConfig, opts: ModelOptions, keep=None):
   IndivisibleError on any mesh of more than one device). Only the parameters' shapes and initial
   values come from it; their placement comes from the rules applied to the result."""
   model = Qwen25VL(cfg, opts)
-  ids = jnp.zeros((1, 8), jnp.int32)
-  pos = jnp.zeros((3, 1, 8), jnp.int32)
   vc = cfg.vision
   P = vc.merge_unit * max(1, vc.window_merged) ** 2
-  images = {"pixel_values": jnp.zeros((1, P, vc.patch_dim), opts.dtype),
-            "pos_hw": jnp.zeros((1, P, 2), jnp.int32),
-            "frame_seg": jnp.zeros((1, P), jnp.int32), "window_seg": jnp.zeros((1, P), jnp.int32)}
 
   def fn(rng):
+    # The dummies are made while tracing: an eager array would run on the ambient mesh's devices,
+    # which dcsft_jax.aot's compile-only accelerators cannot.
+    ids = jnp.zeros((1, 8), jnp.int32)
+    pos = jnp.zeros((3, 1, 8), jnp.int32)
+    images = {"pixel_values": jnp.zeros((1, P, vc.patch_dim), opts.dtype),
+              "pos_hw": jnp.zeros((1, P, 2), jnp.int32),
+              "frame_seg": jnp.zeros((1, P), jnp.int32), "window_seg": jnp.zeros((1, P), jnp.int32)}
     with nn.logical_axis_rules(()):
       params = model.init({"params": rng}, ids, pos, images)["params"]
     return params if keep is None else select(params, keep)
@@ -334,13 +336,18 @@ def init_params(cfg: Qwen25VLConfig, opts: ModelOptions = ModelOptions(), rng=No
 
   With a mesh, the random parameters are made by `init_program` straight into their shardings
   (unboxed). `keep` (a path predicate, e.g. `is_adapter`) returns only those leaves."""
-  rng = jax.random.PRNGKey(0) if rng is None else rng
   fn = _init_fn(cfg, opts, keep)
   if abstract:
-    return jax.eval_shape(fn, rng)
+    return jax.eval_shape(fn, _abstract_key() if rng is None else rng)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
   if mesh is None:
     return fn(rng)
   return init_program(cfg, opts, mesh, keep)(rng)
+
+
+def _abstract_key():
+  """The shape of jax.random.PRNGKey's key, without running it (nothing runs on a compile-only mesh)."""
+  return jax.eval_shape(lambda: jax.random.PRNGKey(0))
 
 
 def init_program(cfg: Qwen25VLConfig, opts: ModelOptions, mesh, keep=None):
@@ -350,7 +357,7 @@ def init_program(cfg: Qwen25VLConfig, opts: ModelOptions, mesh, keep=None):
   What the stages run (init, LoRA adapters), and what dcsft_jax.aot compiles for a target."""
   from dcsft_jax import mesh as mesh_lib
   fn = _init_fn(cfg, opts, keep)
-  abstract = jax.eval_shape(fn, jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(fn, _abstract_key())
   return jax.jit(lambda r: unbox(fn(r)), out_shardings=mesh_lib.param_shardings(abstract, mesh))
 
 
