@@ -115,17 +115,17 @@ def _run_stages(config, names: list[str], ctx: Context) -> dict:
         f"workdir {wd.root}")
   ran = []
   for name in names:
-    # Every process finds the previous stage's files written (process 0 writes most of them) before
-    # any process reads them or looks for this stage's done marker.
-    multihost.barrier(f"dcsft-before-{name}")
+    # Whether the stage runs is process 0's reading of the workdir, told to every process (a
+    # collective, so every process is past the previous stage): hosts whose view of a shared
+    # filesystem lags would otherwise disagree, and one would run a stage alone.
     stage = stages_lib.BY_NAME[name]
     marker = wd.done_marker(name)
-    if os.path.exists(marker):
-      missing = _missing(config, wd, name, ran)
-      if not missing:
-        print(f"[{name}] done already ({os.path.relpath(marker, wd.root)} exists): skipped")
-        continue
-      print(f"[{name}] done before, but {missing}: running it again (finished parts are kept)")
+    todo = multihost.on_process_0(lambda: _to_do(config, wd, name, ran))
+    if todo == "done":
+      print(f"[{name}] done already ({os.path.relpath(marker, wd.root)} exists): skipped")
+      continue
+    if todo:
+      print(f"[{name}] done before, but {todo}: running it again (finished parts are kept)")
     ran.append(name)
     print(f"[{name}] {stage.doc}")
     t0 = time.time()
@@ -138,6 +138,13 @@ def _run_stages(config, names: list[str], ctx: Context) -> dict:
       atomic.write_json(wd.stages, summary, default=str)
   multihost.barrier("dcsft-done")
   return summary
+
+
+def _to_do(config, wd: workdir_lib.Workdir, name: str, ran: list[str]) -> str:
+  """'' (run the stage), 'done' (skip it), or what a finished stage lacks (run it again)."""
+  if not os.path.exists(wd.done_marker(name)):
+    return ""
+  return _missing(config, wd, name, ran) or "done"
 
 
 def _missing(config, wd: workdir_lib.Workdir, name: str, ran: list[str]) -> str:
