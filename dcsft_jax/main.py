@@ -159,10 +159,9 @@ def _missing(config, wd: workdir_lib.Workdir, name: str, ran: list[str]) -> str:
     return f"runs {', '.join(new)} are new" if new else ""
   if name == "evaluate":
     from dcsft_jax.data import sources
-    from dcsft_jax.stages import common
     acc = json.load(open(wd.accuracy_json))["accuracy"]
     sets = list(sources.parse_sets(config.data.eval))
-    new = [label for label, _ in common.evaluated_models(config)
+    new = [label for label, _ in run_config.evaluated_models(config)
            if label not in acc or any(s not in acc[label] for s in sets)]
     return f"models {', '.join(new)} are new" if new else ""
   if name == "report" and ran:

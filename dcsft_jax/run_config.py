@@ -256,11 +256,34 @@ def _validate_data(config, stages, check_files: bool = True) -> None:
          f"need 0 <= window_lo ({c.window_lo}) <= window_hi ({c.window_hi}) <= 1")
   _check(bool([m for m in config.evaluate.models.split(",") if m.strip()]), "evaluate.models",
          "name at least one model (NAME=DIR)")
-  from dcsft_jax.stages import common
   try:
-    common.evaluated_models(config)
+    evaluated_models(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+
+
+def evaluated_models(config) -> list[tuple[str, str]]:
+  """evaluate.models as (label, model ref) pairs. With config.seeds = N > 1, an entry naming a run this
+  config trains per seed (models/RECIPE of finetune.recipes, models/grpo) stands for all N of them:
+  LABEL, LABEL.seed1, ... (workdir.run_name); the cold start and outside paths stay one model."""
+  from dcsft_jax.workdir import run_name
+  root = os.path.abspath(config.workdir)
+  seeded = {os.path.join("models", r.strip()) for r in config.finetune.recipes.split(",") if r.strip()}
+  seeded.add(os.path.join("models", "grpo"))
+  out = []
+  for item in [m.strip() for m in config.evaluate.models.split(",") if m.strip()]:
+    label, _, ref = item.rpartition("=") if "=" in item else (item, "", item)
+    label, ref = label.strip().rstrip("/"), os.path.normpath(ref.strip())
+    # The workdir's own runs however spelled (models/sft, ./models/sft/, WORKDIR/models/sft).
+    inside = os.path.relpath(ref, root) if os.path.isabs(ref) else ref
+    n = config.seeds if inside in seeded else 1
+    out += [(run_name(label, i), run_name(inside if n > 1 else ref, i)) for i in range(n)]
+  labels = [label for label, _ in out]
+  twice = sorted({x for x in labels if labels.count(x) > 1})
+  if twice:
+    raise ValueError(f"config.evaluate.models: the label(s) {', '.join(twice)} name two models (with "
+                     f"seeds = {config.seeds}, LABEL stands for LABEL.seed1 ... too); give each model its own label")
+  return out
 
 
 def model_options(config) -> model_lib.ModelOptions:

@@ -123,3 +123,67 @@ def test_no_absolute_path_of_a_development_machine():
   # (Spelled in pieces, or this file would hold what it forbids.)
   assert MACHINE_PATH.search("see /%s/main/tests" % "work") and MACHINE_PATH.search('open("/%s/me/x")' % "home")
   assert not MACHINE_PATH.search("data_dir=/%s/cluster/paper_data" % "mnt") and not MACHINE_PATH.search("a/%s/b" % "work")
+
+
+def test_no_import_cycle_in_the_package():
+  """No module of dcsft_jax imports, directly or through others, a module that imports it back:
+  counting imports inside functions too (a deferred import hides a cycle from Python, not from the
+  design). Fails naming the cycle's modules."""
+  pkg = os.path.join(REPO, "dcsft_jax")
+  modules = {}
+  for root, _, files in os.walk(pkg):
+    for f in files:
+      if f.endswith(".py"):
+        rel = os.path.relpath(os.path.join(root, f), REPO)[:-3].replace(os.sep, ".")
+        modules[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = os.path.join(root, f)
+
+  def imports(path: str) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+      names = []
+      if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        # `from pkg import sub` is an edge to the submodule; to the package only for a name its
+        # __init__ defines (a package's __init__ importing its own submodules is no cycle)
+        names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                 for a in node.names]
+      for n in names:
+        # the most specific module the name is (from pkg import module) or is in
+        while n and n not in modules:
+          n = n.rpartition(".")[0]
+        if n and n != "dcsft_jax":
+          out.add(n)
+    return out
+
+  graph = {m: imports(p) - {m} for m, p in modules.items()}
+  # Tarjan's strongly connected components: any of more than one module is a cycle.
+  index, low, stack, on, cycles, counter = {}, {}, [], set(), [], [0]
+
+  def visit(v):
+    index[v] = low[v] = counter[0]
+    counter[0] += 1
+    stack.append(v)
+    on.add(v)
+    for w in sorted(graph[v]):
+      if w not in index:
+        visit(w)
+        low[v] = min(low[v], low[w])
+      elif w in on:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      comp = []
+      while True:
+        w = stack.pop()
+        on.discard(w)
+        comp.append(w)
+        if w == v:
+          break
+      if len(comp) > 1:
+        cycles.append(sorted(comp))
+
+  for v in sorted(graph):
+    if v not in index:
+      visit(v)
+  assert len(graph) > 40 and graph["dcsft_jax.main"], graph.get("dcsft_jax.main")
+  assert not cycles, cycles

@@ -112,9 +112,9 @@ def test_every_seed_trains_on_the_same_files_with_its_own_seed(tmp_path, monkeyp
   trained.clear()
   assert training.grpo(c, ctx) == {"grpo/steps": 2, "grpo.seed1/steps": 2, "grpo.seed2/steps": 2}
   assert [t[0] for t in trained] == ["grpo.seed2"]
-  labels = [label for label, _ in common.evaluated_models(c)]
+  labels = [label for label, _ in run_config.evaluated_models(c)]
   assert labels[:4] == ["cold_start", "sft", "sft.seed1", "sft.seed2"] and "grpo.seed2" in labels
-  assert dict(common.evaluated_models(c))["sft_em.seed1"] == "models/sft_em.seed1"
+  assert dict(run_config.evaluated_models(c))["sft_em.seed1"] == "models/sft_em.seed1"
 
 
 def _write_eval(wd: Workdir, label: str, sets: dict[str, list[int]]):
@@ -215,7 +215,7 @@ def test_evaluated_models_normalise_paths_and_refuse_clashing_labels(tmp_path):
   c = _config(workdir=str(tmp_path), seeds=2)
   c.finetune.recipes = "sft"
   c.evaluate.models = f"a=./models/sft/,b={tmp_path}/models/sft,models/grpo/,c=cold_start_model"
-  assert common.evaluated_models(c) == [("a", "models/sft"), ("a.seed1", "models/sft.seed1"), ("b", "models/sft"),
+  assert run_config.evaluated_models(c) == [("a", "models/sft"), ("a.seed1", "models/sft.seed1"), ("b", "models/sft"),
                                         ("b.seed1", "models/sft.seed1"), ("models/grpo", "models/grpo"),
                                         ("models/grpo.seed1", "models/grpo.seed1"), ("c", "cold_start_model")]
   c.evaluate.models = "sft=models/sft,sft.seed1=cold_start_model"

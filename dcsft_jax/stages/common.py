@@ -44,29 +44,6 @@ class LoadedModel:
   processor: Processor
 
 
-def evaluated_models(config) -> list[tuple[str, str]]:
-  """evaluate.models as (label, model ref) pairs. With config.seeds = N > 1, an entry naming a run this
-  config trains per seed (models/RECIPE of finetune.recipes, models/grpo) stands for all N of them:
-  LABEL, LABEL.seed1, ... (workdir.run_name); the cold start and outside paths stay one model."""
-  root = os.path.abspath(config.workdir)
-  seeded = {os.path.join("models", r.strip()) for r in config.finetune.recipes.split(",") if r.strip()}
-  seeded.add(os.path.join("models", "grpo"))
-  out = []
-  for item in [m.strip() for m in config.evaluate.models.split(",") if m.strip()]:
-    label, _, ref = item.rpartition("=") if "=" in item else (item, "", item)
-    label, ref = label.strip().rstrip("/"), os.path.normpath(ref.strip())
-    # The workdir's own runs however spelled (models/sft, ./models/sft/, WORKDIR/models/sft).
-    inside = os.path.relpath(ref, root) if os.path.isabs(ref) else ref
-    n = config.seeds if inside in seeded else 1
-    out += [(workdir_lib.run_name(label, i), workdir_lib.run_name(inside if n > 1 else ref, i)) for i in range(n)]
-  labels = [label for label, _ in out]
-  twice = sorted({x for x in labels if labels.count(x) > 1})
-  if twice:
-    raise ValueError(f"config.evaluate.models: the label(s) {', '.join(twice)} name two models (with "
-                     f"seeds = {config.seeds}, LABEL stands for LABEL.seed1 ... too); give each model its own label")
-  return out
-
-
 def load_model(config, ctx, ref: str, *, max_pixels: int = 0, sampling_only: bool = False) -> LoadedModel:
   """The model at `ref` with its processor; `max_pixels` (a stage's own cap) over data.max_pixels.
   `sampling_only` (scoring, evaluation): stored as run_config.sampling_options says."""

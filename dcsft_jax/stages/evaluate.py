@@ -11,7 +11,7 @@ import json
 import os
 import time
 
-from dcsft_jax import sampling, verify
+from dcsft_jax import run_config, sampling, verify
 from dcsft_jax.data import sources
 from dcsft_jax.stages import common
 from dcsft_jax.train import trainer
@@ -89,7 +89,7 @@ def table(acc: dict[str, dict[str, float | None]], sets: list[str], ood: list[st
 
 def _evaluate_all(config, ctx, e, sets, acc: dict, figures: dict, stop) -> None:
   """Every (model, set) not evaluated yet, into `acc` and `figures`; finished sets are read back."""
-  for label, ref in common.evaluated_models(config):
+  for label, ref in run_config.evaluated_models(config):
     model = None
     acc[label] = {}
     for name, spec in sets.items():
