@@ -176,10 +176,8 @@ def init_program(name: str, stage: str, cfg, opts, mesh, keep=None, note: str = 
   """A parameter-init program the stages run (models' init_program): the init stage's random weights,
   or a LoRA run's fresh adapters (keep=is_adapter), written straight into their shardings on the
   target's mesh. It takes only an RNG key, so a sharding the mesh cannot take fails here."""
-  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-
   def build(rows: int):
-    return model_lib.init_program(cfg, opts, mesh, keep), (key,)
+    return model_lib.init_program(cfg, opts, mesh, keep), (model_lib.abstract_key(),)
   return Program(name, stage, 0, None, build, note)
 
 

@@ -45,8 +45,8 @@ def on_process_0(fn: Callable[[], Any]) -> Any:
       out = fn()
     except Exception as e:  # noqa: BLE001 - re-raised below, after the others have heard of it
       error = e
-  said = json.loads(broadcast_text(json.dumps(
-      {"error": f"{e}", "type": type(e).__name__} if (e := error) is not None else {"result": out}, default=str)))
+  told = {"result": out} if error is None else {"error": str(error), "type": type(error).__name__}
+  said = json.loads(broadcast_text(json.dumps(told, default=str)))
   if error is not None:
     raise error
   if "error" in said:

@@ -20,6 +20,7 @@ Inputs of `Qwen25VL.__call__`:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -338,26 +339,28 @@ def init_params(cfg: Qwen25VLConfig, opts: ModelOptions = ModelOptions(), rng=No
   (unboxed). `keep` (a path predicate, e.g. `is_adapter`) returns only those leaves."""
   fn = _init_fn(cfg, opts, keep)
   if abstract:
-    return jax.eval_shape(fn, _abstract_key() if rng is None else rng)
+    return jax.eval_shape(fn, abstract_key() if rng is None else rng)
   rng = jax.random.PRNGKey(0) if rng is None else rng
   if mesh is None:
     return fn(rng)
   return init_program(cfg, opts, mesh, keep)(rng)
 
 
-def _abstract_key():
+def abstract_key():
   """The shape of jax.random.PRNGKey's key, without running it (nothing runs on a compile-only mesh)."""
   return jax.eval_shape(lambda: jax.random.PRNGKey(0))
 
 
+@functools.lru_cache(maxsize=32)
 def init_program(cfg: Qwen25VLConfig, opts: ModelOptions, mesh, keep=None):
   """The jitted rng -> unboxed parameters program: one program that writes every leaf (or every kept
   leaf; the others are never computed) straight into the sharding the logical rules give it on
   `mesh`, the same on every process of a multi-host run, so no leaf is ever whole on one device.
-  What the stages run (init, LoRA adapters), and what dcsft_jax.aot compiles for a target."""
+  What the stages run (init, LoRA adapters), and what dcsft_jax.aot compiles for a target. One per
+  (model, options, mesh, leaves) in a process: the pipeline's LoRA runs share one compiled program."""
   from dcsft_jax import mesh as mesh_lib
   fn = _init_fn(cfg, opts, keep)
-  abstract = jax.eval_shape(fn, _abstract_key())
+  abstract = jax.eval_shape(fn, abstract_key())
   return jax.jit(lambda r: unbox(fn(r)), out_shardings=mesh_lib.param_shardings(abstract, mesh))
 
 
