@@ -64,8 +64,8 @@ import numpy as np  # noqa: E402
 
 from dcsft_jax import hf, sampling  # noqa: E402
 from dcsft_jax.models import qwen2_5_vl as M  # noqa: E402
-from dcsft_jax.models import rope  # noqa: E402
-from dcsft_jax.models.config import Qwen25VLConfig, TextConfig, VisionConfig, tiny_config  # noqa: E402
+from dcsft_jax.models.qwen2_5_vl import rope  # noqa: E402
+from dcsft_jax.models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, VisionConfig, tiny_config  # noqa: E402
 from dcsft_jax.train import optim, sft  # noqa: E402
 
 K_SAMPLES, TEMPERATURE, TOP_K, TOP_P = 8, 0.9, 50, 1.0

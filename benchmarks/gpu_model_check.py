@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dcsft_jax.models import qwen2_5_vl as M
-from dcsft_jax.models import rope
-from dcsft_jax.models.config import Qwen25VLConfig, TextConfig, VisionConfig, tiny_config
+from dcsft_jax.models.qwen2_5_vl import rope
+from dcsft_jax.models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, VisionConfig, tiny_config
 
 
 def mixed_batch(cfg, rows, seed=0):

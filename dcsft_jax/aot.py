@@ -49,7 +49,8 @@ import numpy as np  # noqa: E402
 from dcsft_jax import mesh as mesh_lib  # noqa: E402
 from dcsft_jax import run_config, sampling  # noqa: E402
 from dcsft_jax.data import batching, sources  # noqa: E402
-from dcsft_jax.models import qwen2_5_vl as model_lib  # noqa: E402
+from dcsft_jax.models import params as params_lib  # noqa: E402
+from dcsft_jax.models import registry  # noqa: E402
 
 GiB = 1 << 30
 
@@ -65,18 +66,17 @@ class Shape:
 def model_and_processor(config):
   """The config's model shapes, and a processor to measure its data with (None without a tokenizer)."""
   from dcsft_jax.data.processor import Processor
-  from dcsft_jax.models.config import Qwen25VLConfig, preset, tiny_config, with_tiny_tokenizer
   m, d = config.model, config.data
   kw = dict(min_pixels=d.min_pixels or None, max_pixels=d.max_pixels or None)
   if m.hf_path and os.path.isfile(os.path.join(m.hf_path, "config.json")):
-    cfg = Qwen25VLConfig.from_pretrained(m.hf_path)
+    cfg = registry.from_pretrained(m.hf_path)
     return cfg, Processor.from_pretrained(m.hf_path, cfg=cfg, **kw)
   if m.hf_path:
-    if not m.preset or m.preset == "tiny":
+    if not m.preset or registry.is_tiny(m.preset):
       raise ValueError(f"config.model.hf_path={m.hf_path!r} is not on this machine: set config.model.preset "
-                       f"(3b | 7b) so the shapes are known")
-    return preset(m.preset), None
-  cfg = with_tiny_tokenizer(preset(m.preset)) if m.preset and m.preset != "tiny" else tiny_config()
+                       f"(one of {', '.join(registry.preset_names())}) so the shapes are known")
+    return registry.preset(m.preset), None
+  cfg = registry.run_config(m.preset)
   return cfg, Processor.tiny(cfg=cfg, **kw)
 
 
@@ -108,17 +108,17 @@ def plan_shape(config, specs: list[str], processor, cfg, *, with_answers: bool, 
   max_pixels = max_pixels or d.max_pixels or (processor.image_settings.max_pixels if processor is not None else 0)
   if not max_pixels:
     raise ValueError("no data to plan shapes from and no data.max_pixels: give --patches and --tokens")
-  merged = max_pixels // (28 * 28)
+  merged = max_pixels // registry.of(cfg).pixels_per_token(cfg)
   text = 64 if not with_answers else 96
   return Shape(batching.Bucket(merged * mu, -(-(merged + text) // 8) * 8), 32 if with_answers else 1,
                f"max_pixels {max_pixels} + {text} text tokens")
 
 
-def _empty_batch(bucket: batching.Bucket, rows: int, vcfg) -> dict[str, jax.ShapeDtypeStruct]:
-  """The shapes and dtypes of batching.empty_arrays(bucket, rows), without allocating them: the
+def _empty_batch(bucket: batching.Bucket, rows: int, cfg) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes and dtypes of batching.empty_arrays(bucket, rows, cfg), without allocating them: the
   largest-batch search probes thousands of rows per device, and their pixel arrays alone (rows x
-  patches x 1176 fp32) would exhaust the compiling host's memory."""
-  one = batching.empty_arrays(bucket, 1, vcfg)
+  patches x 1176 or 1536 fp32) would exhaust the compiling host's memory."""
+  one = batching.empty_arrays(bucket, 1, cfg)
   return {k: jax.ShapeDtypeStruct((v.shape[0], rows) + v.shape[2:] if k == "positions" else (rows,) + v.shape[1:],
                                   v.dtype) for k, v in one.items()}
 
@@ -177,7 +177,7 @@ def init_program(name: str, stage: str, cfg, opts, mesh, keep=None, note: str = 
   or a LoRA run's fresh adapters (keep=is_adapter), written straight into their shardings on the
   target's mesh. It takes only an RNG key, so a sharding the mesh cannot take fails here."""
   def build(rows: int):
-    return model_lib.init_program(cfg, opts, mesh, keep), (model_lib.abstract_key(),)
+    return registry.of(cfg).init_program(cfg, opts, mesh, keep), (params_lib.abstract_key(),)
   return Program(name, stage, 0, None, build, note)
 
 
@@ -189,7 +189,7 @@ def adapter_init_program(name: str, section, cfg, opts, mesh) -> list[Program]:
   if lora is None:
     return []
   return [init_program(f"{name} adapters init", name, cfg, trainer.adapter_options(opts, lora), mesh,
-                       keep=model_lib.is_adapter, note=f"LoRA r{lora.rank} adapters, into their shardings")]
+                       keep=params_lib.is_adapter, note=f"LoRA r{lora.rank} adapters, into their shardings")]
 
 
 def sft_program(config, name: str, section, cfg, opts, mesh, shape: Shape) -> Program:
@@ -200,7 +200,7 @@ def sft_program(config, name: str, section, cfg, opts, mesh, shape: Shape) -> Pr
   spec = trainer.step_spec(cfg, opts, tc, mesh)
 
   def build(rows: int):
-    host = _stack(_empty_batch(shape.bucket, rows, cfg.vision), s.accum)
+    host = _stack(_empty_batch(shape.bucket, rows, cfg), s.accum)
     # The loss positions' shape depends on the answers' length: computed from a real (small) mask.
     loss_mask = np.zeros(host["loss_mask"].shape, np.int32)
     loss_mask[..., :min(shape.answer_tokens, shape.bucket.length)] = 1
@@ -237,7 +237,7 @@ def grpo_programs(config, cfg, opts, mesh, shape: Shape, attached: bool = False)
                 "rewards": jax.ShapeDtypeStruct((rows, G), np.float32)}
     if g.num_iterations > 1:
       rollouts["old_logprobs"] = jax.ShapeDtypeStruct((rows, G, T + 1), np.float32)
-    host = _stack({**_empty_batch(shape.bucket, rows, cfg.vision), **rollouts}, g.accum)
+    host = _stack({**_empty_batch(shape.bucket, rows, cfg), **rollouts}, g.accum)
     args = (spec.layout, _abstract_batch(host, mesh, micro_axis=True)) + ((ref,) if ref is not None else ())
     return spec.step_fn, args
 
@@ -253,8 +253,8 @@ def sampler_programs(name: str, stage: str, cfg, opts, params, shape: Shape, sp:
   compiled_prefill: dict[int, Any] = {}
 
   def prefill_args(r: int):
-    a = _abstract_batch(_empty_batch(shape.bucket, r, cfg.vision), mesh, micro_axis=False)
-    images = {k: a[k] for k in ("pixel_values", "pos_hw", "frame_seg", "window_seg")}
+    a = _abstract_batch(_empty_batch(shape.bucket, r, cfg), mesh, micro_axis=False)
+    images = registry.of(cfg).images(a)
     return a, (params, a["input_ids"], a["positions"], a["attention_mask"], a["lengths"], images)
 
   def build_prefill(r: int):
@@ -314,9 +314,9 @@ def programs(config, mesh, *, records: int = 0, patches: int = 0, tokens: int = 
                       max_pixels=max_pixels)
   d = config.data
   train = [d.train]
-  base_params = mesh_lib.abstract_params(model_lib.init_params(cfg, opts, abstract=True), mesh)
+  base_params = mesh_lib.abstract_params(registry.of(cfg).init_params(cfg, opts, abstract=True), mesh)
   sopts = run_config.sampling_options(config, opts)      # what scoring and evaluation load
-  sparams = mesh_lib.abstract_params(model_lib.init_params(cfg, sopts, abstract=True), mesh)
+  sparams = mesh_lib.abstract_params(registry.of(cfg).init_params(cfg, sopts, abstract=True), mesh)
   out: list[Program] = []
   want = lambda stage: stage in names and (not only or stage in only)
   if want("init") and not config.model.hf_path:
@@ -342,14 +342,14 @@ def programs(config, mesh, *, records: int = 0, patches: int = 0, tokens: int = 
     e = config.evaluate
     lora = training.lora_spec(config.finetune) if "finetune" in names else None
     eopts = dc.replace(sopts, lora=lora)
-    eparams = mesh_lib.abstract_params(model_lib.init_params(cfg, eopts, abstract=True), mesh)
+    eparams = mesh_lib.abstract_params(registry.of(cfg).init_params(cfg, eopts, abstract=True), mesh)
     sp = sampling.SamplingParams(max_new_tokens=e.max_new_tokens, num_samples=1, temperature=0.0,
                                  eos_ids=(cfg.eos_token_id or 0,),
                                  repetition_penalty=_penalty(config, e.repetition_penalty))
     specs = [str(v) for v in sources.parse_sets(d.eval).values()]
     out += sampler_programs("evaluate", "evaluate", cfg, eopts, eparams, shape_of(specs, False, e.max_pixels), sp,
                             mesh, e.batch_size, attached)
-  info = {"model": {"parameters": model_lib.count_params(base_params), "dtype": config.model.dtype,
+  info = {"model": {"parameters": params_lib.count_params(base_params), "dtype": config.model.dtype,
                     "param_dtype": config.model.param_dtype,
                     "frozen_in_compute_dtype": bool(config.model.frozen_in_compute_dtype),
                     "remat": bool(config.model.remat)},

@@ -12,8 +12,9 @@ import orbax.checkpoint as ocp
 
 from dcsft_jax import atomic, hf
 from dcsft_jax import mesh as mesh_lib
-from dcsft_jax.models import qwen2_5_vl as model_lib
-from dcsft_jax.models.config import Qwen25VLConfig
+from dcsft_jax.models import registry
+from dcsft_jax.models.layers import LoraSpec, ModelOptions
+from dcsft_jax.models.params import unbox
 
 PARAMS = "params"
 LORA = "lora.json"
@@ -46,8 +47,8 @@ def _merge_trees(base, extra):
   return out
 
 
-def save_model(directory: str, params, cfg: Qwen25VLConfig, *, source_dir: str | None = None,
-               lora: model_lib.LoraSpec | None = None, base_dir: str | None = None) -> str:
+def save_model(directory: str, params, cfg, *, source_dir: str | None = None,
+               lora: LoraSpec | None = None, base_dir: str | None = None) -> str:
   """Writes params (LoRA adapters included, unmerged) and what it takes to read them back.
 
   With `lora` and `base_dir` (a model directory holding the same frozen base weights) only the
@@ -57,7 +58,7 @@ def save_model(directory: str, params, cfg: Qwen25VLConfig, *, source_dir: str |
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   target = os.path.join(directory, PARAMS)
-  tree = model_lib.unbox(params)
+  tree = unbox(params)
   if lora is not None and base_dir is not None:
     tree = _lora_tree(tree)
   ckptr = ocp.StandardCheckpointer()
@@ -86,15 +87,15 @@ def base_of(directory: str) -> str | None:
     return os.path.normpath(os.path.join(directory, json.load(fh)["base"]))
 
 
-def read_lora(directory: str) -> model_lib.LoraSpec | None:
+def read_lora(directory: str) -> LoraSpec | None:
   f = os.path.join(directory, LORA)
   if not os.path.exists(f):
     return None
   with open(f) as fh:
-    return model_lib.LoraSpec(**json.load(fh))
+    return LoraSpec(**json.load(fh))
 
 
-def load_model(directory: str, *, mesh=None, opts: model_lib.ModelOptions = model_lib.ModelOptions()):
+def load_model(directory: str, *, mesh=None, opts: ModelOptions = ModelOptions()):
   """-> (cfg, params, lora) restored straight into the shardings the logical rules give on `mesh`.
 
   `lora` is the LoraSpec of adapters stored with the params (None when there are none)."""
@@ -102,9 +103,9 @@ def load_model(directory: str, *, mesh=None, opts: model_lib.ModelOptions = mode
   if not is_model_dir(directory):
     raise FileNotFoundError(f"{directory} is not a dcsft_jax model directory (it needs config.json and params/). "
                             f"Create one with `python -m dcsft_jax.convert --from_hf=DIR --to_orbax={directory}`.")
-  cfg = Qwen25VLConfig.from_pretrained(directory)
+  cfg = registry.from_pretrained(directory)
   lora = read_lora(directory)
-  abstract = model_lib.init_params(cfg, dataclasses.replace(opts, lora=lora), abstract=True)
+  abstract = registry.of(cfg).init_params(cfg, dataclasses.replace(opts, lora=lora), abstract=True)
   if mesh is None:
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   target = mesh_lib.abstract_params(abstract, mesh)
@@ -141,7 +142,7 @@ def _check_matches(stored, target, directory):
       raise ValueError(f"{directory}/params: parameter {k} has shape {shape}, but config.json implies {tuple(t.shape)}")
 
 
-def load_any(directory: str, *, mesh=None, opts: model_lib.ModelOptions = model_lib.ModelOptions()):
+def load_any(directory: str, *, mesh=None, opts: ModelOptions = ModelOptions()):
   """A dcsft_jax model directory or a Hugging Face one -> (cfg, params, lora)."""
   if is_model_dir(directory):
     return load_model(directory, mesh=mesh, opts=opts)

@@ -65,8 +65,9 @@ def base() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
   c.model = ml_collections.ConfigDict()
-  c.model.hf_path = ""               # a local Qwen2.5-VL directory; empty = the embedded tiny model
-  c.model.preset = ""                # tiny | 3b | 7b: the shapes hf_path must have (checked; dry runs use it)
+  c.model.hf_path = ""               # a local Qwen2.5-VL or Qwen3-VL directory; empty = the embedded tiny model
+  c.model.preset = ""                # a preset of models.registry (tiny | 3b | 7b | <family>_tiny | <family>_<size>):
+                                     # the model without hf_path; with it, the shapes hf_path must have (checked)
   c.model.dtype = "float32"          # compute dtype: float32 | bfloat16
   c.model.param_dtype = "float32"    # master weights and optimizer state
   c.model.attention = "auto"         # auto | xla | cudnn

@@ -17,7 +17,8 @@ from absl import app, flags, logging
 import jax.numpy as jnp
 
 from dcsft_jax import atomic, checkpoint, hf
-from dcsft_jax.models import qwen2_5_vl as model_lib
+from dcsft_jax.models.layers import ModelOptions
+from dcsft_jax.models.params import count_params
 
 FLAGS = flags.FLAGS
 
@@ -25,7 +26,7 @@ FLAGS = flags.FLAGS
 def _define_flags() -> None:
   # Defined only when run as a program: importing this module (convert(), check_output()) next to
   # another CLI module must not define a second --dtype.
-  flags.DEFINE_string("from_hf", None, "A local Hugging Face Qwen2.5-VL directory to read.")
+  flags.DEFINE_string("from_hf", None, "A local Hugging Face model directory to read (Qwen2.5-VL or Qwen3-VL).")
   flags.DEFINE_string("to_orbax", None, "Where to write the dcsft_jax model directory.")
   flags.DEFINE_string("from_orbax", None, "A dcsft_jax model directory to read.")
   flags.DEFINE_string("to_hf", None, "Where to write the Hugging Face directory.")
@@ -83,10 +84,10 @@ def convert(*, from_hf=None, to_orbax=None, from_orbax=None, to_hf=None, dtype=N
     if not to_orbax:
       raise ConvertError("--from_hf needs --to_orbax=DIR")
     check_output(to_orbax, [from_hf], "orbax", overwrite)
-    cfg, params = hf.load_hf(from_hf, opts=model_lib.ModelOptions(param_dtype=jnp.float32))
+    cfg, params = hf.load_hf(from_hf, opts=ModelOptions(param_dtype=jnp.float32))
     with atomic.directory(to_orbax) as tmp:
       checkpoint.save_model(tmp, params, cfg, source_dir=from_hf)
-    return f"wrote {to_orbax} ({model_lib.count_params(params):,} parameters)"
+    return f"wrote {to_orbax} ({count_params(params):,} parameters)"
   if not to_hf:
     raise ConvertError("--from_orbax needs --to_hf=DIR")
   base = checkpoint.base_of(from_orbax) if os.path.isdir(from_orbax) else None

@@ -3,7 +3,7 @@
   python -m dcsft_jax.generate --model=DIR --image=PATH --prompt=TEXT --max_new_tokens=N \
       [--num_samples=K --temperature=T --top_k=K --top_p=P --repetition_penalty=R --seed=S]
 
-DIR is a Hugging Face Qwen2.5-VL directory (with its tokenizer and processor files) or a model
+DIR is a Hugging Face Qwen2.5-VL or Qwen3-VL directory (with its tokenizer and processor files) or a model
 directory this project wrote. Prints one JSON object: {"texts": [...], "token_ids": [[...], ...]}.
 Without --temperature (or with 0) decoding is greedy. Without --repetition_penalty the model's
 generation_config.json sets it (Qwen2.5-VL-Instruct: 1.05), as transformers' generate does.
@@ -41,15 +41,15 @@ def generate(model_dir: str, image: str | None, prompt: str, *, max_new_tokens: 
   from dcsft_jax.data import batching
   from dcsft_jax.data.processor import Processor
   from dcsft_jax.data.records import Record
-  from dcsft_jax.models import qwen2_5_vl as model_lib
+  from dcsft_jax.models.layers import ModelOptions
 
   dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-  opts = model_lib.ModelOptions(dtype=dt, param_dtype=dt)
+  opts = ModelOptions(dtype=dt, param_dtype=dt)
   mesh = mesh or mesh_lib.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
   with mesh_lib.use(mesh):
     cfg, params, lora = checkpoint.load_any(model_dir, mesh=mesh, opts=opts)
     if lora is not None:
-      opts = model_lib.ModelOptions(dtype=dt, param_dtype=dt, lora=lora)
+      opts = ModelOptions(dtype=dt, param_dtype=dt, lora=lora)
     processor = Processor.from_pretrained(model_dir, cfg=cfg, max_pixels=max_pixels)
     sp = sampling.settings(model_dir, processor, repetition_penalty=repetition_penalty, pad_id=cfg.pad_token_id or 0,
                            max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,

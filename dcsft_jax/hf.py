@@ -3,8 +3,9 @@
 In: a local directory (`config.json`, `*.safetensors` with or without an index) is streamed tensor
 by tensor, and each parameter is placed on the mesh shard by shard with
 `jax.make_array_from_callback`, so no host ever holds a second copy of the model.
-Out: a directory that `transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained` loads,
-with LoRA adapters merged, written atomically.
+Out: a directory that transformers' class of the model's family (`Family.architecture`) loads
+with `from_pretrained`, with LoRA adapters merged, written atomically. The names, and which
+spellings of them a checkpoint may use, are the family's (`Family.name_table`, `canonical_name`).
 """
 from __future__ import annotations
 
@@ -25,14 +26,16 @@ import safetensors.numpy
 
 from dcsft_jax import atomic
 from dcsft_jax import mesh as mesh_lib
-from dcsft_jax.models import qwen2_5_vl as model_lib
-from dcsft_jax.models.config import Qwen25VLConfig
+from dcsft_jax.models import registry
+from dcsft_jax.models.family import Entry
+from dcsft_jax.models.layers import LoraSpec, ModelOptions
+from dcsft_jax.models.params import unbox
 
 log = logging.getLogger(__name__)
 
 # Files of a processor/tokenizer that travel with the weights, unchanged, from the source checkpoint
 # through every model directory to the HF export. generation_config.json among them: it holds the end
-# tokens (Qwen2.5-VL-Instruct has two) and the repetition penalty that HF generate applies.
+# tokens (the Qwen-VL Instruct models have two) and the repetition penalty that HF generate applies.
 PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
     "added_tokens.json", "preprocessor_config.json", "video_preprocessor_config.json",
@@ -40,53 +43,14 @@ PROCESSOR_FILES = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
-  path: tuple[str, ...]   # leaf path in our param tree
-  hf: str                 # on-disk HF name; '{i}' marks the layer index of a stacked leaf
-  kind: str               # 'linear' (transpose), 'conv' (Conv3d -> matmul kernel) or 'copy'
-  layers: int = 0         # > 0: the leaf is stacked over this many layers
+def name_table(cfg) -> list[Entry]:
+  """Every parameter of `cfg`'s model with its on-disk HF name (the family's table)."""
+  return registry.of(cfg).name_table(cfg)
 
 
-def name_table(cfg: Qwen25VLConfig) -> list[Entry]:
-  """Every parameter of the model, with its HF name (the on-disk spelling of Hub checkpoints)."""
-  v, t = cfg.vision.depth, cfg.text.num_hidden_layers
-  E = []
-  E.append(Entry(("visual", "patch_embed", "kernel"), "visual.patch_embed.proj.weight", "conv"))
-  for ours, theirs, bias in (("norm1", "norm1", None), ("norm2", "norm2", None), ("qkv", "attn.qkv", True),
-                             ("proj", "attn.proj", True), ("gate_proj", "mlp.gate_proj", True),
-                             ("up_proj", "mlp.up_proj", True), ("down_proj", "mlp.down_proj", True)):
-    if bias is None:
-      E.append(Entry(("visual", "blocks", ours, "scale"), f"visual.blocks.{{i}}.{theirs}.weight", "copy", v))
-    else:
-      E.append(Entry(("visual", "blocks", ours, "kernel"), f"visual.blocks.{{i}}.{theirs}.weight", "linear", v))
-      E.append(Entry(("visual", "blocks", ours, "bias"), f"visual.blocks.{{i}}.{theirs}.bias", "copy", v))
-  E.append(Entry(("visual", "ln_q", "scale"), "visual.merger.ln_q.weight", "copy"))
-  for ours, theirs in (("mlp_0", "mlp.0"), ("mlp_2", "mlp.2")):
-    E.append(Entry(("visual", ours, "kernel"), f"visual.merger.{theirs}.weight", "linear"))
-    E.append(Entry(("visual", ours, "bias"), f"visual.merger.{theirs}.bias", "copy"))
-  E.append(Entry(("embed_tokens", "embedding"), "model.embed_tokens.weight", "copy"))
-  for ours in ("input_layernorm", "post_attention_layernorm"):
-    E.append(Entry(("layers", ours, "scale"), f"model.layers.{{i}}.{ours}.weight", "copy", t))
-  for ours in ("q_proj", "k_proj", "v_proj", "o_proj"):
-    E.append(Entry(("layers", ours, "kernel"), f"model.layers.{{i}}.self_attn.{ours}.weight", "linear", t))
-    if ours != "o_proj":
-      E.append(Entry(("layers", ours, "bias"), f"model.layers.{{i}}.self_attn.{ours}.bias", "copy", t))
-  for ours in ("gate_proj", "up_proj", "down_proj"):
-    E.append(Entry(("layers", ours, "kernel"), f"model.layers.{{i}}.mlp.{ours}.weight", "linear", t))
-  E.append(Entry(("norm", "scale"), "model.norm.weight", "copy"))
-  if not cfg.tie_word_embeddings:
-    E.append(Entry(("lm_head", "kernel"), "lm_head.weight", "linear"))
-  return E
-
-
-def canonical_name(name: str) -> str:
-  """transformers 5.x in-memory names (model.visual.*, model.language_model.*) -> on-disk names."""
-  if name.startswith("model.visual."):
-    return name[len("model."):]
-  if name.startswith("model.language_model."):
-    return "model." + name[len("model.language_model."):]
-  return name
+def canonical_name(name: str, family=None) -> str:
+  """A checkpoint's spelling of a tensor name -> the family's name table's (the default family's)."""
+  return (family or registry.DEFAULT).canonical_name(name)
 
 
 def _to_ours(kind: str, w: np.ndarray) -> np.ndarray:
@@ -105,7 +69,7 @@ def _to_hf(kind: str, x: np.ndarray, hf_shape: tuple[int, ...] | None = None) ->
   return x
 
 
-def _hf_shape(e: Entry, cfg: Qwen25VLConfig, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
+def _hf_shape(e: Entry, cfg, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
   s = leaf_shape[1:] if e.layers else leaf_shape
   if e.kind == "linear":
     return tuple(reversed(s))
@@ -118,8 +82,9 @@ def _hf_shape(e: Entry, cfg: Qwen25VLConfig, leaf_shape: tuple[int, ...]) -> tup
 class CheckpointIndex:
   """Name -> file over the safetensors files of a directory (sharded or not)."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, family=None):
     self.path = path
+    canonical = (family or registry.DEFAULT).canonical_name
     index = os.path.join(path, "model.safetensors.index.json")
     files: list[str]
     if os.path.exists(index):
@@ -138,7 +103,7 @@ class CheckpointIndex:
     self.where: dict[str, tuple[str, str]] = {}   # canonical name -> (file, name in file)
     for fn, st in self.files.items():
       for name in st.keys():
-        canon = canonical_name(name)
+        canon = canonical(name)
         if canon in self.where:
           raise ValueError(f"tensor {canon!r} appears twice in {path} ({self.where[canon][0]} and {fn})")
         self.where[canon] = (fn, name)
@@ -182,23 +147,23 @@ def _get(tree: dict, path: tuple[str, ...]):
   return tree
 
 
-def load_hf(path: str, *, mesh=None, opts: model_lib.ModelOptions = model_lib.ModelOptions(),
-            cfg: Qwen25VLConfig | None = None):
-  """Loads a local HF Qwen2.5-VL directory -> (cfg, params placed on `mesh` by the logical rules).
+def load_hf(path: str, *, mesh=None, opts: ModelOptions = ModelOptions(), cfg=None):
+  """Loads a local HF directory of any family -> (cfg, params placed on `mesh` by the logical rules).
 
   Parameters are created in `opts.param_dtype`. A tensor that is missing, unexpected or of the
   wrong shape fails with its name before any weight is read.
   """
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path} is not a directory; expected a Hugging Face model directory.")
-  cfg = cfg or Qwen25VLConfig.from_pretrained(path)
-  index = CheckpointIndex(path)
+  cfg = cfg or registry.from_pretrained(path)
+  family = registry.of(cfg)
+  index = CheckpointIndex(path, family)
   base_opts = dataclasses.replace(opts, lora=None)
-  abstract = model_lib.init_params(cfg, base_opts, abstract=True)
+  abstract = family.init_params(cfg, base_opts, abstract=True)
   if mesh is None:
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   shardings = mesh_lib.param_shardings(abstract, mesh)
-  abstract = model_lib.unbox(abstract)
+  abstract = unbox(abstract)
   table = name_table(cfg)
 
   # Check names and shapes first, so a mismatched checkpoint fails fast and by name.
@@ -219,8 +184,8 @@ def load_hf(path: str, *, mesh=None, opts: model_lib.ModelOptions = model_lib.Mo
                          f"{tuple(want)}. Do config.json and the weights belong together?")
   unexpected = sorted(set(index.where) - expected - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
   if unexpected:
-    raise ValueError(f"checkpoint {path} has {len(unexpected)} tensor(s) this Qwen2.5-VL config does not use, "
-                     f"e.g. {unexpected[:3]}. Is it a Qwen2.5-VL checkpoint, and does config.json match it?")
+    raise ValueError(f"checkpoint {path} has {len(unexpected)} tensor(s) this {family.title} config does not use, "
+                     f"e.g. {unexpected[:3]}. Is it a {family.title} checkpoint, and does config.json match it?")
 
   params: dict = {}
   for e in table:
@@ -241,9 +206,9 @@ def load_hf(path: str, *, mesh=None, opts: model_lib.ModelOptions = model_lib.Mo
 
 
 # ------------------------------------------------------------------------------------------ export
-def merge_lora(params: dict, lora: model_lib.LoraSpec | None) -> dict:
+def merge_lora(params: dict, lora: LoraSpec | None) -> dict:
   """Folds every {kernel, lora_a, lora_b} into kernel + a @ b * alpha/r (in fp32)."""
-  params = model_lib.unbox(params)
+  params = unbox(params)
 
   def walk(node):
     if not isinstance(node, dict):
@@ -278,7 +243,7 @@ def _np_dtype(name: str) -> np.dtype:
   return np.dtype(table[name])
 
 
-def hf_tensors(params: dict, cfg: Qwen25VLConfig, dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
+def hf_tensors(params: dict, cfg, dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (HF name, array) one parameter at a time, in transformers' order."""
   for e in name_table(cfg):
     x = _host(_get(params, e.path))
@@ -335,7 +300,7 @@ def _write_hf(tmp: str | None, params, cfg, np_dtype, dtype_name: str, source_di
   conf = cfg.to_hf_dict()
   conf["torch_dtype"] = dtype_name
   conf.pop("dtype", None)
-  conf.setdefault("architectures", ["Qwen2_5_VLForConditionalGeneration"])
+  conf.setdefault("architectures", [registry.of(cfg).architecture])
   with open(os.path.join(tmp, "config.json"), "w") as f:
     json.dump(conf, f, indent=2)
   if "generation_config.json" not in copy_processor_files(source_dir, tmp):
@@ -347,8 +312,8 @@ def _write_hf(tmp: str | None, params, cfg, np_dtype, dtype_name: str, source_di
   return nshards, total
 
 
-def save_hf(params: dict, cfg: Qwen25VLConfig, out_dir: str, *, source_dir: str | None = None,
-            dtype: str | None = None, lora: model_lib.LoraSpec | None = None,
+def save_hf(params: dict, cfg, out_dir: str, *, source_dir: str | None = None,
+            dtype: str | None = None, lora: LoraSpec | None = None,
             max_shard_bytes: int = 4 * 2 ** 30) -> str:
   """Writes an HF directory: config.json, safetensors shards (+ index), generation_config.json,
   and the tokenizer/processor files of `source_dir` when it has them. LoRA is merged first."""

@@ -9,8 +9,9 @@ import ml_collections
 
 from dcsft_jax import mesh as mesh_lib
 from dcsft_jax.models import attention
-from dcsft_jax.models import qwen2_5_vl as model_lib
-from dcsft_jax.models.config import PRESETS
+from dcsft_jax.models import params as params_lib
+from dcsft_jax.models import registry
+from dcsft_jax.models.layers import ModelOptions
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -62,7 +63,8 @@ def validate(config: ml_collections.ConfigDict, known_stages, *, check_files: bo
   _check(m.param_dtype in DTYPES, "model.param_dtype", f"{m.param_dtype!r} is not one of {sorted(DTYPES)}")
   _check(m.attention in attention.IMPLEMENTATIONS, "model.attention",
          f"{m.attention!r} is not one of {attention.IMPLEMENTATIONS}")
-  _check(m.preset in ("",) + PRESETS, "model.preset", f"{m.preset!r} is not '' or one of {PRESETS}")
+  presets = registry.preset_names()
+  _check(m.preset in ("",) + presets, "model.preset", f"{m.preset!r} is not '' or one of {', '.join(presets)}")
   if m.hf_path and check_files:
     _check(os.path.isfile(os.path.join(m.hf_path, "config.json")), "model.hf_path",
            f"{m.hf_path!r} has no config.json; point it at a local Hugging Face Qwen2.5-VL directory")
@@ -77,8 +79,10 @@ def validate(config: ml_collections.ConfigDict, known_stages, *, check_files: bo
 
 
 def _preset_mismatch(hf_path: str, preset: str) -> str | None:
-  from dcsft_jax.models.config import Qwen25VLConfig, preset as get_preset
-  have, want = Qwen25VLConfig.from_pretrained(hf_path), get_preset(preset)
+  have, want = registry.from_pretrained(hf_path), registry.preset(preset)
+  if registry.of(have) is not registry.of(want):
+    return (f"{hf_path}/config.json is a {registry.of(have).title} model, but preset {preset!r} is "
+            f"{registry.of(want).title}; fix one of them")
   for part in ("text", "vision"):
     for f in ("hidden_size", "intermediate_size"):
       a, b = getattr(getattr(have, part), f), getattr(getattr(want, part), f)
@@ -178,17 +182,11 @@ def validate_mesh(config, stages: list[str], mesh) -> None:
 def dry_run(config, known_stages) -> dict:
   """Validates `config` without touching its files, builds the model's shapes with jax.eval_shape,
   and says which data sources resolve on this machine: {spec: None (readable) or the problem}."""
-  import jax
   from dcsft_jax.data import sources
-  from dcsft_jax.models.config import Qwen25VLConfig, preset
   validate(config, known_stages, check_files=False)
   m = config.model
-  if m.hf_path and os.path.isfile(os.path.join(m.hf_path, "config.json")):
-    cfg = Qwen25VLConfig.from_pretrained(m.hf_path)
-  else:
-    cfg = preset(m.preset or "tiny")
-  shapes = model_lib.init_params(cfg, model_options(config), abstract=True)
-  n = sum(int(jnp.prod(jnp.array(x.shape))) for x in jax.tree.leaves(model_lib.unbox(shapes)))
+  cfg = registry.model_config(m.hf_path, m.preset)
+  n = params_lib.count_params(registry.of(cfg).init_params(cfg, model_options(config), abstract=True))
   d = config.data
   specs = {"data.train": d.train, "cold_start.data": config.cold_start.data,
            **{f"data.eval[{k}]": str(v) for k, v in sources.parse_sets(d.eval).items()}}
@@ -286,13 +284,13 @@ def evaluated_models(config) -> list[tuple[str, str]]:
   return out
 
 
-def model_options(config) -> model_lib.ModelOptions:
+def model_options(config) -> ModelOptions:
   m = config.model
-  return model_lib.ModelOptions(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
+  return ModelOptions(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
                                 attention=m.attention, remat=bool(m.remat))
 
 
-def sampling_options(config, opts: model_lib.ModelOptions) -> model_lib.ModelOptions:
+def sampling_options(config, opts: ModelOptions) -> ModelOptions:
   """The options a model is loaded with for sampling only (scoring, evaluation). Nothing there is
   trained, so under model.frozen_in_compute_dtype every weight is stored in the compute dtype, as a
   LoRA run's frozen base is: every layer casts its weights to the compute dtype before use, so the

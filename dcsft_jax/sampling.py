@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcsft_jax.models import qwen2_5_vl as model_lib
+from dcsft_jax.models import registry
+from dcsft_jax.models.layers import ModelOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,49 +151,42 @@ def sample_keys(seed: int, ids: Sequence[str | None], num_samples: int) -> np.nd
 
 
 # ------------------------------------------------------------------------------ the programs
-def _cache_constraint(tree):
-  names = ("layers", "cache_batch", "cache_sequence", "cache_kv_heads", "cache_head_dim")
-  return jax.tree.map(lambda x: model_lib.nn.with_logical_constraint(x, names), tree)
-
-
 class Sampler:
-  """Jitted prefill + decode for one model. `generate(params, arrays, keys)` runs both.
+  """Jitted prefill + decode for one model (of any family). `generate(params, arrays, keys)` runs both.
 
-  arrays: a batch from data.batching (input_ids, attention_mask, positions, rope_deltas, lengths,
-  pixel_values, pos_hw, frame_seg, window_seg), host NumPy or global device arrays.
+  arrays: a batch from data.batching (input_ids, attention_mask, positions, rope_deltas, lengths and
+  the family's image arrays), host NumPy or global device arrays.
   """
 
-  def __init__(self, cfg, opts: model_lib.ModelOptions = model_lib.ModelOptions(), *, cache_dtype=None):
+  def __init__(self, cfg, opts: ModelOptions = ModelOptions(), *, cache_dtype=None):
     self.cfg = cfg
+    self.family = registry.of(cfg)
     self.opts = dataclasses.replace(opts, deterministic=True)
-    self.model = model_lib.Qwen25VL(cfg, self.opts)
+    self.model = self.family.model(cfg, self.opts)
     self.cache_dtype = jnp.dtype(cache_dtype or self.opts.dtype)
     self.prefill = jax.jit(self._prefill)
     self.decode = jax.jit(self._decode, static_argnames=("params_",))
 
   # -- prefill
   def _prefill(self, params, input_ids, positions, attention_mask, lengths, images):
-    t = self.cfg.text
     B, L = input_ids.shape
-    cache = {n: jnp.zeros((t.num_hidden_layers, B, L, t.num_key_value_heads, t.head_dim), self.cache_dtype)
-             for n in ("k", "v")}
-    cache = _cache_constraint(cache)
+    cache = self.family.init_cache(self.cfg, B, L, self.cache_dtype)
     valid = attention_mask.astype(bool)
     mask = jnp.tril(jnp.ones((L, L), bool))[None, None] & valid[:, None, None, :]
 
     def run(m):
-      h = m.embed(input_ids, images)
-      h, new_cache = m.decode(h, positions, mask=mask, cache=cache, cache_index=0)
+      h, visual = m.embed_inputs(input_ids, images)
+      h, new_cache = m.decode(h, positions, mask=mask, cache=cache, cache_index=0, visual=visual)
       last = jnp.take_along_axis(h, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)   # [B, 1, D]
       return m.logits(last)[:, 0].astype(jnp.float32), new_cache
 
     logits, prefix = self.model.apply({"params": params}, method=run)
-    return logits, _cache_constraint(prefix), valid
+    return logits, self.family.constrain_cache(prefix), valid
 
   # -- decode
   def _decode(self, params, prefix, prefix_mask, first_logits, start_positions, keys, prompt_ids=None, *,
               params_: SamplingParams):
-    t, sp = self.cfg.text, params_
+    sp = params_
     B, K, T = first_logits.shape[0], sp.num_samples, sp.max_new_tokens
     R, V = B * K, first_logits.shape[-1]
     keys = keys.reshape(R, 2)
@@ -211,9 +205,7 @@ class Sampler:
       seen = seen.at[rows, tok].set(True)
     tokens = jnp.full((R, T), sp.pad_id, jnp.int32).at[:, 0].set(tok)
     done = jnp.isin(tok, eos)
-    cache = {n: jnp.zeros((t.num_hidden_layers, R, T, t.num_key_value_heads, t.head_dim), self.cache_dtype)
-             for n in ("k", "v")}
-    cache = _cache_constraint(cache)
+    cache = self.family.init_cache(self.cfg, R, T, self.cache_dtype)
     start = jnp.repeat(start_positions, K)                             # [R]
     slots = jnp.arange(T)
 
@@ -223,11 +215,11 @@ class Sampler:
 
     def body(state):
       step, tok, tokens, cache, done, seen = state
-      pos = jnp.broadcast_to((start + step)[None, :, None], (3, R, 1))
+      pos = self.family.decode_positions(start + step, jnp.zeros((1,), jnp.int32))
       own_mask = (slots <= step)[None, None, :]
 
       def run(m):
-        h = m.embed(tok[:, None])
+        h, _ = m.embed_inputs(tok[:, None])
         h, new_cache = m.decode(h, pos, mask=(prefix_mask, own_mask), cache=cache, cache_index=step,
                                 prefix=prefix)
         return m.logits(h)[:, 0].astype(jnp.float32), new_cache
@@ -238,7 +230,7 @@ class Sampler:
       if sp.repetition_penalty != 1.0:
         seen = seen.at[rows, nxt].set(True)
       tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step + 1))
-      return step + 1, nxt, tokens, _cache_constraint(cache), done | jnp.isin(nxt, eos), seen
+      return step + 1, nxt, tokens, self.family.constrain_cache(cache), done | jnp.isin(nxt, eos), seen
 
     steps, _, tokens, _, done, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), tok, tokens, cache, done, seen))
     # Completion length: up to and including the first end-of-sequence token.
@@ -250,7 +242,7 @@ class Sampler:
   # -- both
   def generate(self, params, arrays: dict, keys, sampling: SamplingParams):
     """-> (tokens int32 [B, K, T], lengths int32 [B, K], decode steps run)."""
-    images = {k: arrays[k] for k in ("pixel_values", "pos_hw", "frame_seg", "window_seg")}
+    images = self.family.images(arrays)
     logits, prefix, prefix_mask = self.prefill(params, arrays["input_ids"], arrays["positions"],
                                                arrays["attention_mask"], arrays["lengths"], images)
     start = jnp.asarray(arrays["lengths"]) + jnp.asarray(arrays["rope_deltas"])
@@ -261,7 +253,7 @@ class Sampler:
 _SHARED: dict = {}
 
 
-def shared_sampler(cfg, opts: model_lib.ModelOptions) -> Sampler:
+def shared_sampler(cfg, opts: ModelOptions) -> Sampler:
   """One Sampler per (architecture, options) in a process: models of the same shape (a pipeline's
   LoRA runs, a resumed trainer) share its compiled programs instead of compiling their own."""
   key = (cfg, dataclasses.replace(opts, deterministic=True))
@@ -308,8 +300,8 @@ def generation_config(directory: str | None) -> dict:
 
 
 def stop_ids(directory: str | None, processor) -> tuple[int, ...]:
-  """End-of-sequence ids: generation_config.json's eos_token_id (Qwen2.5-VL: <|im_end|> and
-  <|endoftext|>) plus the chat template's <|im_end|>, which ends every assistant turn."""
+  """End-of-sequence ids: generation_config.json's eos_token_id (the Qwen-VL Instruct models: <|im_end|>
+  and <|endoftext|>) plus the chat template's <|im_end|>, which ends every assistant turn."""
   ids = {int(processor.im_end_id)}
   eos = generation_config(directory).get("eos_token_id")
   ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)

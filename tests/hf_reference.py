@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import transformers
 
-from dcsft_jax.models import rope
-from dcsft_jax.models.config import Qwen25VLConfig, tiny_config
+from dcsft_jax.models.qwen2_5_vl import rope
+from dcsft_jax.models.qwen2_5_vl.config import Qwen25VLConfig, tiny_config
 
 # A second tiny config: tied embeddings, deeper ViT with a larger window, MHA-free GQA (KV=1).
 def tiny_config_b() -> Qwen25VLConfig:

@@ -93,7 +93,7 @@ def test_every_program_compiles_for_a_sharded_tpu_v5e(v5e):
 
   from dcsft_jax import mesh as mesh_lib
   from dcsft_jax.models import qwen2_5_vl as M
-  from dcsft_jax.models.config import tiny_config
+  from dcsft_jax.models.qwen2_5_vl.config import tiny_config
   cpu = mesh_lib.make_mesh(v5e["mesh"], devices=jax.devices()[:4])
   shapes = M.init_params(tiny_config(), abstract=True)
   shard_bytes = lambda x, s: int(np.prod(s.shard_shape(x.value.shape))) * x.value.dtype.itemsize
@@ -221,7 +221,7 @@ def test_programs_at_thousands_of_rows_per_device_build_from_shapes_not_host_arr
   cfg, _ = aot.model_and_processor(config)
   # The shapes and dtypes of the real host batch at the same rows.
   pre = small["score prefill"]
-  real = batching.empty_arrays(next(p for p in progs if p.name == "score prefill").shape.bucket, 2 * step, cfg.vision)
+  real = batching.empty_arrays(next(p for p in progs if p.name == "score prefill").shape.bucket, 2 * step, cfg)
   assert (pre[1].shape, pre[1].dtype) == (real["input_ids"].shape, real["input_ids"].dtype)
   assert (pre[2].shape, pre[2].dtype) == (real["positions"].shape, real["positions"].dtype)
   for k, v in pre[5].items():

@@ -10,7 +10,7 @@ from PIL import Image
 from dcsft_jax.data import batching
 from dcsft_jax.data.processor import Processor
 from dcsft_jax.models import qwen2_5_vl as M
-from dcsft_jax.models.config import tiny_config
+from dcsft_jax.models.qwen2_5_vl.config import tiny_config
 
 Rec = collections.namedtuple("Rec", "id image prompt answer task")
 PROMPT = "Please provide the object name in the image. Output the answer using one word."
@@ -80,7 +80,7 @@ def test_batches_have_static_shapes_and_padding_changes_nothing(tmp_path, proces
       assert (b.arrays["input_ids"][r, :n] == ex["input_ids"]).all()
       assert (b.arrays["loss_mask"][r, :n] == ex["loss_mask"]).all() and b.arrays["loss_mask"][r, n:].sum() == 0
       grid = tuple(ex["image_grid_thw"][0])
-      from dcsft_jax.models import rope
+      from dcsft_jax.models.qwen2_5_vl import rope
       alone = fwd(params, ex["input_ids"][None], ex["positions"][:, None],
                   {"pixel_values": ex["pixel_values"][None], **rope.vision_layout([grid], cfg.vision)},
                   np.ones((1, n), np.int32))

@@ -29,8 +29,8 @@ import pytest
 import hf_reference as R
 from dcsft_jax import sampling
 from dcsft_jax.models import qwen2_5_vl as model_lib
-from dcsft_jax.models import rope
-from dcsft_jax.models.config import tiny_config
+from dcsft_jax.models.qwen2_5_vl import rope
+from dcsft_jax.models.qwen2_5_vl.config import tiny_config
 
 B = 2            # prompts
 K = 8            # samples per prompt

@@ -43,7 +43,7 @@ def test_lora_a_initialisation_has_peft_bound():
   """PEFT: kaiming_uniform_(A, a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Ours draws the same
   distribution (bound, and the uniform's std bound/sqrt(3)); B starts at zero."""
   from dcsft_jax.models import qwen2_5_vl as M
-  from dcsft_jax.models.config import tiny_config
+  from dcsft_jax.models.qwen2_5_vl.config import tiny_config
   from dcsft_jax.train import trainer
   cfg = tiny_config()
   base = M.unbox(M.init_params(cfg, rng=jax.random.PRNGKey(0)))
@@ -70,7 +70,7 @@ def test_weight_decay_follows_transformers_trainer_names():
   """transformers' Trainer (ms-swift 3.6's <4.53): no decay for biases and for names containing
   'layernorm'/'rmsnorm'; every other weight decays, the final norm, ViT norm1/norm2 and ln_q included."""
   from dcsft_jax.models import qwen2_5_vl as M
-  from dcsft_jax.models.config import tiny_config
+  from dcsft_jax.models.qwen2_5_vl.config import tiny_config
   params = M.unbox(M.init_params(tiny_config(), abstract=True))
   got = {"/".join(getattr(k, "key", "") for k in path): bool(v)
          for path, v in jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]}

@@ -69,7 +69,7 @@ def test_completion_logprobs_equal_a_full_forward_of_each_sequence(temperature):
   from dcsft_jax.data import batching, builtin
   from dcsft_jax.data.processor import Processor
   from dcsft_jax.models import qwen2_5_vl as M
-  from dcsft_jax.models.config import tiny_config
+  from dcsft_jax.models.qwen2_5_vl.config import tiny_config
   cfg = tiny_config()
   params = jax.tree.map(lambda x: x * 3.0 if x.ndim >= 2 else x, M.unbox(M.init_params(cfg, rng=jax.random.PRNGKey(4))))
   proc = Processor.tiny(cfg=cfg)
@@ -107,7 +107,7 @@ def test_completion_logprobs_equal_a_full_forward_of_each_sequence(temperature):
 def _generation_batch(n=4, seed=0):
   from dcsft_jax.data import batching, builtin
   from dcsft_jax.data.processor import Processor
-  from dcsft_jax.models.config import tiny_config
+  from dcsft_jax.models.qwen2_5_vl.config import tiny_config
   cfg = tiny_config()
   proc = Processor.tiny(cfg=cfg)
   recs = builtin.load_builtin("train", limit=n, seed=seed)

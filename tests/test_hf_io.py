@@ -17,7 +17,7 @@ import transformers
 import hf_reference as R
 from dcsft_jax import checkpoint, hf
 from dcsft_jax.models import qwen2_5_vl as M
-from dcsft_jax.models.config import Qwen25VLConfig, tiny_config
+from dcsft_jax.models.qwen2_5_vl.config import Qwen25VLConfig, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,8 +7,8 @@ import hf_reference as R
 import jax
 from dcsft_jax import hf
 from dcsft_jax.models import qwen2_5_vl as M
-from dcsft_jax.models import rope
-from dcsft_jax.models.config import tiny_config
+from dcsft_jax.models.qwen2_5_vl import rope
+from dcsft_jax.models.qwen2_5_vl.config import tiny_config
 
 CONFIGS = {"untied_window56": tiny_config, "tied_window112": R.tiny_config_b}
 

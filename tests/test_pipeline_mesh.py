@@ -159,7 +159,7 @@ def test_tensor_parallelism_splits_heads_mlp_and_vocabulary():
   import jax
   from dcsft_jax import mesh as mesh_lib
   from dcsft_jax.models import qwen2_5_vl as M
-  from dcsft_jax.models.config import tiny_config
+  from dcsft_jax.models.qwen2_5_vl.config import tiny_config
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, devices=jax.devices()[:4])
   shapes = M.init_params(tiny_config(), abstract=True)
   sh = mesh_lib.param_shardings(shapes, mesh)

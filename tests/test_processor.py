@@ -6,9 +6,10 @@ import transformers
 from PIL import Image
 from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_image
 
+from dcsft_jax.models.qwen2_5_vl.processing import QWEN2_VL_CHAT_TEMPLATE, preprocessor_config  # noqa: F401
 from dcsft_jax.data import processor as P
 from dcsft_jax.data import tokenizer as T
-from dcsft_jax.models.config import Qwen25VLConfig, tiny_config
+from dcsft_jax.models.qwen2_5_vl.config import Qwen25VLConfig, tiny_config
 
 MAX_PIXELS = 802816  # the paper's budget
 QUESTION = "Please provide the object name in the image. Output the answer using one word."
@@ -138,7 +139,7 @@ def test_text_only_and_drop_system(ours):
   with pytest.raises(ValueError, match="always inserts a system turn"):
     ours.encode(None, "hi", drop_system=True)
   # ... but a template without a default one can.
-  no_default = T.QWEN2_VL_CHAT_TEMPLATE.replace(
+  no_default = QWEN2_VL_CHAT_TEMPLATE.replace(
       "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", "")
   plain = P.Processor(ours.tokenizer, no_default, ours.image_settings, tiny_config())
   text = ours.tokenizer.decode(plain.encode(random_image(56, 56), "hi", "one", drop_system=True)["input_ids"])
@@ -172,7 +173,7 @@ def test_processor_in_memory_equals_loaded(ours):
 
 
 def test_preprocessor_config_forms_and_overrides(tmp_path, tiny_dir):
-  base = T.preprocessor_config()
+  base = preprocessor_config()
   del base["min_pixels"], base["max_pixels"]
   newer = dict(base, size={"shortest_edge": 8 * 784, "longest_edge": 500 * 784})
   s = P.ImageSettings.from_dict(newer)

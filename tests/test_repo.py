@@ -187,3 +187,49 @@ def test_no_import_cycle_in_the_package():
       visit(v)
   assert len(graph) > 40 and graph["dcsft_jax.main"], graph.get("dcsft_jax.main")
   assert not cycles, cycles
+
+
+# The family seam (issue 26): a module outside dcsft_jax/models/ that named a family would make a
+# second family cost an edit there. Family packages are listed by the registry alone.
+FAMILY_NAMES = re.compile(r"qwen2_5_vl|qwen3_vl|Qwen25VL|Qwen3VL|Qwen2_5_VL")
+
+
+def _family_packages() -> list[str]:
+  models = os.path.join(REPO, "dcsft_jax", "models")
+  return sorted(d for d in os.listdir(models) if os.path.isfile(os.path.join(models, d, "__init__.py")))
+
+
+def test_nothing_outside_models_names_a_family():
+  offenders = []
+  for dirpath, _, files in os.walk(os.path.join(REPO, "dcsft_jax")):
+    if os.path.relpath(dirpath, REPO).split(os.sep)[:2] == ["dcsft_jax", "models"]:
+      continue
+    for f in files:
+      if f.endswith(".py"):
+        path = os.path.join(dirpath, f)
+        for n, line in enumerate(open(path, encoding="utf-8"), 1):
+          if FAMILY_NAMES.search(line):
+            offenders.append(f"{os.path.relpath(path, REPO)}:{n}: {line.strip()}")
+  assert not offenders, "modules outside dcsft_jax/models/ name a model family:\n" + "\n".join(offenders)
+  # ...and the pattern covers every family package there is (a new family must be added to it).
+  assert all(FAMILY_NAMES.search(p) for p in _family_packages()), _family_packages()
+
+
+def test_only_the_registry_imports_family_packages():
+  """Within models/, the generic modules (layers, params, rope, attention, family) import no family:
+  only registry.py and the family packages themselves do."""
+  models = os.path.join(REPO, "dcsft_jax", "models")
+  families = _family_packages()
+  for f in os.listdir(models):
+    if not f.endswith(".py") or f == "registry.py":
+      continue
+    tree = ast.parse(open(os.path.join(models, f), encoding="utf-8").read())
+    for node in ast.walk(tree):
+      names = []
+      if isinstance(node, ast.ImportFrom) and node.module:
+        names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+      elif isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      for name in names:
+        assert not any(f"dcsft_jax.models.{fam}" == name or name.startswith(f"dcsft_jax.models.{fam}.")
+                       for fam in families), f"dcsft_jax/models/{f} imports the family module {name}"

@@ -24,8 +24,8 @@ from dcsft_jax.data.processor import Processor
 from dcsft_jax.data.records import Record
 from dcsft_jax.data.tokenizer import save_tiny_processor
 from dcsft_jax.models import qwen2_5_vl as model_lib
-from dcsft_jax.models import rope
-from dcsft_jax.models.config import tiny_config
+from dcsft_jax.models.qwen2_5_vl import rope
+from dcsft_jax.models.qwen2_5_vl.config import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = [(28, 28), (56, 84), (84, 56), (112, 112), (56, 56), (28, 112), (140, 56), (84, 84)]

@@ -16,7 +16,7 @@ from dcsft_jax import mesh as mesh_lib
 from dcsft_jax.data import batching, builtin
 from dcsft_jax.data.processor import Processor
 from dcsft_jax.models import qwen2_5_vl as M
-from dcsft_jax.models.config import tiny_config
+from dcsft_jax.models.qwen2_5_vl.config import tiny_config
 from dcsft_jax.train import optim, sft, trainer
 
 

@@ -8,7 +8,7 @@ import hf_reference as R
 from dcsft_jax import hf
 from dcsft_jax import mesh as mesh_lib
 from dcsft_jax.models import qwen2_5_vl as M
-from dcsft_jax.models.config import tiny_config
+from dcsft_jax.models.qwen2_5_vl.config import tiny_config
 
 
 def test_mesh_from_config_fills_minus_one():

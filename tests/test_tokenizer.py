@@ -7,8 +7,9 @@ import sys
 import pytest
 import transformers
 
+from dcsft_jax.models.qwen2_5_vl.processing import QWEN2_VL_CHAT_TEMPLATE, preprocessor_config  # noqa: F401
 from dcsft_jax.data import tokenizer as T
-from dcsft_jax.models.config import TINY_SPECIAL_OFFSET, tiny_config
+from dcsft_jax.models.qwen2_5_vl.config import TINY_SPECIAL_OFFSET, tiny_config
 
 QWEN_SPECIAL_IDS = {  # the real Qwen2.5 ids (QWEN25VL.md §5)
     "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|object_ref_start|>": 151646,
@@ -97,7 +98,7 @@ def test_saved_directory_loads_with_transformers(saved_dir):
   for text in [PROMPT, " ".join(DIGITS), "<|im_start|>assistant\nnine<|im_end|>\n"]:
     assert tok(text).input_ids == ref.encode(text).ids  # no BOS/EOS added, same segmentation
   assert tok.convert_tokens_to_ids("<|image_pad|>") == 412
-  assert tok.chat_template == T.QWEN2_VL_CHAT_TEMPLATE
+  assert tok.chat_template == QWEN2_VL_CHAT_TEMPLATE
 
   ip = transformers.Qwen2VLImageProcessorPil.from_pretrained(saved_dir)
   assert (ip.size["shortest_edge"], ip.size["longest_edge"]) == (4 * 784, 802816)

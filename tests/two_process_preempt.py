@@ -25,7 +25,7 @@ from dcsft_jax import mesh as mesh_lib  # noqa: E402
 from dcsft_jax.data import batching, builtin  # noqa: E402
 from dcsft_jax.data.processor import Processor  # noqa: E402
 from dcsft_jax.models import qwen2_5_vl as M  # noqa: E402
-from dcsft_jax.models.config import tiny_config  # noqa: E402
+from dcsft_jax.models.qwen2_5_vl.config import tiny_config  # noqa: E402
 from dcsft_jax.train import optim, trainer  # noqa: E402
 
 cfg = tiny_config()

@@ -21,7 +21,6 @@ import jax
 import numpy as np
 
 from dcsft_jax.data.records import BadRecord  # re-exported: one error type for bad input
-from dcsft_jax.models import rope
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +204,8 @@ class BatchIterator:
     return ex
 
   def _assemble(self, bucket: Bucket, rows: np.ndarray, results: list) -> dict[str, np.ndarray]:
-    vcfg = self.processor.cfg.vision
-    a = empty_arrays(bucket, len(rows), vcfg, self.processor.tokenizer.pad_token_id or 0)
+    cfg, family = self.processor.cfg, self.processor.family
+    a = empty_arrays(bucket, len(rows), cfg, self.processor.tokenizer.pad_token_id or 0)
     for r, (i, ex) in enumerate(zip(rows, results)):
       if i < 0:
         continue
@@ -221,9 +220,9 @@ class BatchIterator:
       if len(ex["image_grid_thw"]):
         npatch = len(ex["pixel_values"])
         a["pixel_values"][r, :npatch] = ex["pixel_values"]
-        lay = rope.vision_layout([tuple(ex["image_grid_thw"][0])], vcfg, a["pos_hw"].shape[1])
-        for k in ("pos_hw", "frame_seg", "window_seg"):
-          a[k][r] = lay[k][0]
+        lay = family.vision_layout([tuple(ex["image_grid_thw"][0])], cfg.vision, a["pixel_values"].shape[1])
+        for k, v in lay.items():
+          a[k][r] = v[0]
     return a
 
   def _local_rows(self, rows: np.ndarray) -> np.ndarray:
@@ -264,9 +263,15 @@ class BatchIterator:
     self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def empty_arrays(bucket: Bucket, rows: int, vcfg, pad_id: int = 0) -> dict[str, np.ndarray]:
-  """A batch of `rows` padding rows in `bucket`'s shapes: every array a batch carries, with its
-  dtype. The batcher fills it; dcsft_jax.aot compiles against its shapes."""
+TEXT_KEYS = ("input_ids", "attention_mask", "loss_mask", "positions", "rope_deltas", "valid", "lengths")
+
+
+def empty_arrays(bucket: Bucket, rows: int, cfg, pad_id: int = 0) -> dict[str, np.ndarray]:
+  """A batch of `rows` padding rows in `bucket`'s shapes for a model of `cfg`: every array a batch
+  carries, with its dtype (the image arrays are the model family's). The batcher fills it;
+  dcsft_jax.aot compiles against its shapes."""
+  from dcsft_jax.models import registry
+  vcfg = cfg.vision
   B, L, P = rows, bucket.length, max(bucket.patches, vcfg.merge_unit)
   return {
       "input_ids": np.full((B, L), pad_id, np.int32), "attention_mask": np.zeros((B, L), np.int32),
@@ -274,15 +279,14 @@ def empty_arrays(bucket: Bucket, rows: int, vcfg, pad_id: int = 0) -> dict[str, 
       "rope_deltas": np.zeros((B,), np.int32), "valid": np.zeros((B,), bool),
       "lengths": np.zeros((B,), np.int32),
       "pixel_values": np.zeros((B, P, vcfg.patch_dim), np.float32),
-      "pos_hw": np.zeros((B, P, 2), np.int32),
-      "frame_seg": np.full((B, P), -1, np.int32),
-      "window_seg": np.full((B, P), -1, np.int32),
+      **registry.of(cfg).vision_layout([None] * B, vcfg, P),
   }
 
 
 def model_inputs(arrays: dict[str, np.ndarray]) -> tuple:
-  """(input_ids, positions, images, attention_mask) in the order Qwen25VL.__call__ takes them."""
-  images = {k: arrays[k] for k in ("pixel_values", "pos_hw", "frame_seg", "window_seg")}
+  """(input_ids, positions, images, attention_mask) in the order the models' __call__ takes them; the
+  image arrays are the batch's others (the family's image keys)."""
+  images = {k: v for k, v in arrays.items() if k not in TEXT_KEYS}
   return arrays["input_ids"], arrays["positions"], images, arrays["attention_mask"]
 
 

@@ -1,12 +1,14 @@
-"""Qwen2.5-VL input processing, identical to transformers' `Qwen2_5_VLProcessor` (PIL backend).
+"""Qwen-VL input processing, identical to transformers' processor of each family (PIL backend), for
+any family of the seam (the family supplies the position ids).
 
 One example = one user turn (an image and a question) and, for training, the assistant's answer:
 
-  <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n
+  [<|im_start|>system\\n{system}<|im_end|>\\n]<|im_start|>user\\n
   <|vision_start|><|image_pad|>...<|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>\\n
 
-with `<|image_pad|>` repeated t*gh*gw/4 times (QWEN25VL.md §2 and §5). The text comes from the
-directory's own chat template, so a real checkpoint and the tiny tokenizer go through the same code.
+with `<|image_pad|>` repeated t*gh*gw/4 times (QWEN25VL.md §2 and §5, QWEN3VL.md §2 and §5). The text
+comes from the directory's own chat template (Qwen2.5-VL's inserts a default system turn, Qwen3-VL's
+does not), so a real checkpoint and the tiny tokenizer go through the same code.
 The image side follows `Qwen2VLImageProcessorPil` step for step (PIL bicubic on uint8, float64
 rescale, float32 normalisation), which makes `pixel_values` bit-identical to it. The torchvision
 backend (`Qwen2VLImageProcessor`) resizes with its own antialiased bicubic and differs slightly.
@@ -23,8 +25,6 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from dcsft_jax.models import rope
-from dcsft_jax.models.config import Qwen25VLConfig, VisionConfig
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -76,7 +76,7 @@ class ImageSettings:
                 min_pixels: int | None = None, max_pixels: int | None = None) -> "ImageSettings":
     for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
       if d.get(flag, True) is False:
-        raise ValueError(f"{source}: {flag}=false is not supported (Qwen2.5-VL always uses it)")
+        raise ValueError(f"{source}: {flag}=false is not supported (Qwen-VL processors always use it)")
     if d.get("resample", 3) != 3:
       raise ValueError(f"{source}: resample={d['resample']} is not supported, only 3 (bicubic)")
     # Precedence as in Qwen2VLImageProcessorPil.__init__: `size`, then the legacy top-level
@@ -202,14 +202,16 @@ def _read_chat_template(directory: str, tokenizer) -> str:
 
 
 class Processor:
-  """Turns (image, question[, answer]) into model inputs for dcsft_jax's Qwen2.5-VL.
+  """Turns (image, question[, answer]) into model inputs for a model of `cfg`'s family.
 
-  Build it with `Processor.from_pretrained(dir)` (a Hub Qwen2.5-VL directory, or one written by
-  `dcsft_jax.data.tokenizer.save_tiny_processor`) or `Processor.tiny()`.
+  Build it with `Processor.from_pretrained(dir)` (a Hub model directory, or one written by
+  `dcsft_jax.data.tokenizer.save_tiny_processor`) or `Processor.tiny()`. Without `cfg`, `family`
+  (default: the registry's default) reads the positions, with the processor's own sizes.
   """
 
   def __init__(self, tokenizer, chat_template: str, image_settings: ImageSettings = ImageSettings(),
-               cfg: Qwen25VLConfig | None = None):
+               cfg=None, family=None):
+    from dcsft_jax.models import registry
     self.tokenizer = tokenizer
     self.chat_template = chat_template
     self.image_settings = image_settings
@@ -219,14 +221,16 @@ class Processor:
                          ("im_end_id", IM_END)):
       i = tokenizer.convert_tokens_to_ids(token)
       if i is None or i == tokenizer.unk_token_id:
-        raise ValueError(f"the tokenizer has no {token} token: not a Qwen2.5-VL tokenizer")
+        raise ValueError(f"the tokenizer has no {token} token: not a Qwen-VL tokenizer")
       ids[field] = int(i)
     self.im_end_id = ids.pop("im_end_id")
     s = image_settings
     if cfg is None:
       # Only the fields get_rope_index and mm_token_types read; everything else is irrelevant here.
-      cfg = dataclasses.replace(Qwen25VLConfig(), vision=VisionConfig(
-          patch_size=s.patch_size, temporal_patch_size=s.temporal_patch_size, spatial_merge_size=s.merge_size), **ids)
+      default = (family or registry.DEFAULT).config_class()
+      cfg = dataclasses.replace(default, vision=dataclasses.replace(
+          default.vision, patch_size=s.patch_size, temporal_patch_size=s.temporal_patch_size,
+          spatial_merge_size=s.merge_size), **ids)
     else:
       wrong = [f"{k}: config {getattr(cfg, k)} vs tokenizer {v}" for k, v in ids.items() if getattr(cfg, k) != v]
       v = cfg.vision
@@ -237,10 +241,11 @@ class Processor:
       if wrong:
         raise ValueError("model config and processor disagree: " + "; ".join(wrong))
     self.cfg = cfg
+    self.family = registry.of(cfg)
 
   @classmethod
-  def from_pretrained(cls, directory: str, *, cfg: Qwen25VLConfig | None = None, min_pixels: int | None = None,
-                      max_pixels: int | None = None) -> "Processor":
+  def from_pretrained(cls, directory: str, *, cfg=None, min_pixels: int | None = None,
+                      max_pixels: int | None = None, family=None) -> "Processor":
     """Reads tokenizer.json/tokenizer_config.json, the chat template and preprocessor_config.json."""
     from transformers import AutoTokenizer
     if not os.path.isdir(directory):
@@ -251,15 +256,18 @@ class Processor:
       raise ValueError(f"cannot load a tokenizer from {directory}: {e}") from e
     settings = ImageSettings.from_file(os.path.join(directory, "preprocessor_config.json"),
                                        min_pixels=min_pixels, max_pixels=max_pixels)
-    return cls(tokenizer, _read_chat_template(directory, tokenizer), settings, cfg)
+    return cls(tokenizer, _read_chat_template(directory, tokenizer), settings, cfg, family)
 
   @classmethod
-  def tiny(cls, *, cfg: Qwen25VLConfig | None = None, min_pixels: int | None = None,
-           max_pixels: int | None = None) -> "Processor":
-    """The tiny model's processor, built in memory (same as loading a `save_tiny_processor` directory)."""
+  def tiny(cls, *, cfg=None, min_pixels: int | None = None, max_pixels: int | None = None,
+           family=None) -> "Processor":
+    """The tiny model's processor of `cfg`'s family (or `family`), built in memory (same as loading a
+    `save_tiny_processor` directory)."""
     from dcsft_jax.data import tokenizer as tiny
-    settings = ImageSettings.from_dict(tiny.preprocessor_config(), min_pixels=min_pixels, max_pixels=max_pixels)
-    return cls(tiny.build_tiny_hf_tokenizer(), tiny.QWEN2_VL_CHAT_TEMPLATE, settings, cfg)
+    from dcsft_jax.models import registry
+    family = registry.of(cfg) if cfg is not None else (family or registry.DEFAULT)
+    settings = ImageSettings.from_dict(family.tiny_preprocessor(), min_pixels=min_pixels, max_pixels=max_pixels)
+    return cls(tiny.build_tiny_hf_tokenizer(family), family.tiny_chat_template, settings, cfg, family)
 
   # -------------------------------------------------------------------------- pieces
   def preprocess_image(self, image: ImageInput, *,
@@ -306,7 +314,7 @@ class Processor:
 
     input_ids, attention_mask, loss_mask, mm_token_type_ids: int32 [L];
     positions: int32 [3, L] (M-RoPE); rope_delta: int32 scalar;
-    pixel_values: float32 [gh*gw, 1176]; image_grid_thw: int32 [n_images, 3] (n_images 0 or 1).
+    pixel_values: float32 [gh*gw, C*T*p*p]; image_grid_thw: int32 [n_images, 3] (n_images 0 or 1).
 
     loss_mask marks the tokens to be predicted: the answer and its <|im_end|>, not the "\\n" the
     template writes after it. Without an answer the sequence ends in "<|im_start|>assistant\\n"
@@ -346,9 +354,9 @@ class Processor:
       reps[pads[0]] = int(np.prod(grid)) // self.image_settings.merge_size ** 2
       ids, loss = np.repeat(ids, reps), np.repeat(loss, reps)
     grid_thw = np.asarray([grid] if grid is not None else np.zeros((0, 3)), np.int32)
-    types = rope.mm_token_types(ids, self.cfg)
-    positions, delta = rope.get_rope_index(ids[None], self.cfg, image_grid_thw=grid_thw,
-                                           mm_token_type_ids=types[None])
+    types = self.family.mm_token_types(ids, self.cfg)
+    positions, delta = self.family.rope_index(ids[None], self.cfg, image_grid_thw=grid_thw,
+                                              mm_token_type_ids=types[None])
     return {
         "input_ids": ids.astype(np.int32),
         "attention_mask": np.ones(len(ids), np.int32),

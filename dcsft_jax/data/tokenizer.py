@@ -1,4 +1,4 @@
-"""The tiny tokenizer of the tiny default model, written out as a Qwen2.5-VL processor directory.
+"""The tiny tokenizer of the tiny default models, written out as a processor directory of a family.
 
 A byte-level BPE with exactly 400 ordinary tokens (ids 0..399), trained on a fixed built-in corpus,
 followed by Qwen's 14 special tokens at ids 400..413: Qwen's real ids minus `TINY_SPECIAL_OFFSET`,
@@ -35,28 +35,6 @@ PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\
 
 # Roles as in Qwen2.5-VL's tokenizer_config.json: no BOS, eos <|im_end|>, pad <|endoftext|>.
 _ROLE_TOKENS = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None, "bos_token": None}
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-
-# The official Qwen2-VL / Qwen2.5-VL chat template (Hub chat_template.json), video branch included.
-QWEN2_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 # Training text. Changing a single character changes the merges, hence every tiny checkpoint's
 # meaning of its token ids: treat this string as frozen.
@@ -115,61 +93,59 @@ def build_tiny_tokenizer() -> Tokenizer:
   return Tokenizer.from_str(_tiny_tokenizer_json())
 
 
-def build_tiny_hf_tokenizer() -> "transformers.PreTrainedTokenizerFast":
-  """The tiny tokenizer wrapped as transformers' fast tokenizer, with Qwen's roles and chat template."""
+def _family(family):
+  from dcsft_jax.models import registry
+  return registry.DEFAULT if family is None else family
+
+
+def build_tiny_hf_tokenizer(family=None) -> "transformers.PreTrainedTokenizerFast":
+  """The tiny tokenizer wrapped as transformers' fast tokenizer, with Qwen's roles and the family's chat
+  template (the default family's when None)."""
   from transformers import PreTrainedTokenizerFast
-  return PreTrainedTokenizerFast(tokenizer_object=build_tiny_tokenizer(), chat_template=QWEN2_VL_CHAT_TEMPLATE,
-                                 **_ROLE_TOKENS)
+  return PreTrainedTokenizerFast(tokenizer_object=build_tiny_tokenizer(),
+                                 chat_template=_family(family).tiny_chat_template, **_ROLE_TOKENS)
 
 
-def _tokenizer_config() -> dict:
+def _tokenizer_config(chat_template: str) -> dict:
   added = {str(NUM_ORDINARY + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                    "single_word": False, "special": True}
            for i, t in enumerate(SPECIAL_TOKENS)}
   return {
       "add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
       "additional_special_tokens": list(SPECIAL_TOKENS[1:]),
-      "bos_token": None, "chat_template": QWEN2_VL_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+      "bos_token": None, "chat_template": chat_template, "clean_up_tokenization_spaces": False,
       "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 131072, "pad_token": "<|endoftext|>",
       "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
   }
 
 
-def preprocessor_config(min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280) -> dict:
-  """Qwen2.5-VL's Hub preprocessor_config.json with the given pixel budget."""
-  return {
-      "min_pixels": int(min_pixels), "max_pixels": int(max_pixels),
-      "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-      "image_mean": [0.48145466, 0.4578275, 0.40821073],
-      "image_std": [0.26862954, 0.26130258, 0.27577711],
-      "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
-  }
-
-
-def generation_config() -> dict:
-  """Qwen2.5-VL-Instruct's Hub generation_config.json, at the tiny tokenizer's ids: both end tokens,
-  repetition penalty 1.05, and its near-greedy sampling defaults (which the stages' explicit
-  settings replace, as the authors' generate calls replace them)."""
+def generation_config(family=None) -> dict:
+  """The family's Instruct generation_config.json, at the tiny tokenizer's ids: both end tokens (<|im_end|>,
+  <|endoftext|>) and its sampling defaults (Qwen2.5-VL: repetition penalty 1.05, near-greedy), which the
+  stages' explicit settings replace, as the authors' generate calls replace them."""
   ids = {t: NUM_ORDINARY + i for i, t in enumerate(SPECIAL_TOKENS)}
-  return {"bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"], "do_sample": True,
-          "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "repetition_penalty": 1.05,
-          "temperature": 0.1, "top_p": 0.001, "top_k": 1}
+  return {"bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"],
+          "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], **_family(family).generation_defaults}
 
 
-def save_tiny_processor(directory: str, *, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280) -> str:
-  """Writes the files of a Qwen2.5-VL processor directory for the tiny tokenizer; returns `directory`.
+def save_tiny_processor(directory: str, *, family=None, min_pixels: int | None = None,
+                        max_pixels: int | None = None) -> str:
+  """Writes the files of a processor directory of `family` (the default family's when None) for the tiny
+  tokenizer; returns `directory`. min/max_pixels: the family's preprocessor defaults when None.
 
   tokenizer.json, tokenizer_config.json (chat template inside, as on the Hub), chat_template.json
   (what processors read), preprocessor_config.json, generation_config.json. Loadable with `AutoTokenizer.from_pretrained`
   and `Qwen2VLImageProcessorPil.from_pretrained`.
   """
+  family = _family(family)
+  pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
   os.makedirs(directory, exist_ok=True)
   files = {
       "tokenizer.json": _tiny_tokenizer_json(),
-      "tokenizer_config.json": json.dumps(_tokenizer_config(), indent=2, ensure_ascii=False),
-      "chat_template.json": json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}, indent=2, ensure_ascii=False),
-      "preprocessor_config.json": json.dumps(preprocessor_config(min_pixels, max_pixels), indent=2),
-      "generation_config.json": json.dumps(generation_config(), indent=2),
+      "tokenizer_config.json": json.dumps(_tokenizer_config(family.tiny_chat_template), indent=2, ensure_ascii=False),
+      "chat_template.json": json.dumps({"chat_template": family.tiny_chat_template}, indent=2, ensure_ascii=False),
+      "preprocessor_config.json": json.dumps(family.tiny_preprocessor(**pixels), indent=2),
+      "generation_config.json": json.dumps(generation_config(family), indent=2),
   }
   for name, text in files.items():
     atomic.write_text(os.path.join(directory, name), text + ("" if text.endswith("\n") else "\n"))

@@ -17,7 +17,7 @@ from dcsft_jax import fingerprint as fingerprint_lib
 from dcsft_jax import workdir as workdir_lib
 from dcsft_jax.data import batching, sources
 from dcsft_jax.data.processor import Processor
-from dcsft_jax.models import qwen2_5_vl as model_lib
+from dcsft_jax.models.layers import ModelOptions
 
 
 def model_path(ctx, ref: str) -> str:
@@ -40,7 +40,7 @@ class LoadedModel:
   directory: str
   cfg: object
   params: dict
-  opts: model_lib.ModelOptions
+  opts: ModelOptions
   processor: Processor
 
 

@@ -5,9 +5,9 @@ import jax
 
 from dcsft_jax import checkpoint, hf
 from dcsft_jax.data import tokenizer
-from dcsft_jax.models import qwen2_5_vl as model_lib
-from dcsft_jax.models.config import preset as get_preset
-from dcsft_jax.models.config import tiny_config, with_tiny_tokenizer
+from dcsft_jax.models import registry
+from dcsft_jax.models.params import count_params
+
 
 def init(config, ctx) -> dict:
   opts = ctx.model_options
@@ -15,18 +15,18 @@ def init(config, ctx) -> dict:
     cfg, params = hf.load_hf(config.model.hf_path, mesh=ctx.mesh, opts=opts)
     source = config.model.hf_path
   else:
-    # The embedded default: the tiny Qwen2.5-VL architecture with random weights; or, with
-    # model.preset=3b|7b, the real shapes with random weights and the tiny tokenizer (speed runs).
-    preset = config.model.preset
-    cfg = with_tiny_tokenizer(get_preset(preset)) if preset and preset != "tiny" else tiny_config()
-    params = model_lib.init_params(cfg, opts, jax.random.PRNGKey(config.seed), mesh=ctx.mesh)
+    # The embedded default: a family's tiny architecture with random weights (model.preset: tiny, the
+    # default, or <family>_tiny); or a released size's shapes with random weights and the tiny
+    # tokenizer (model.preset=3b, <family>_<size>, ...: speed runs).
+    cfg = registry.run_config(config.model.preset)
+    params = registry.of(cfg).init_params(cfg, opts, jax.random.PRNGKey(config.seed), mesh=ctx.mesh)
     source = None
   out = ctx.wd.base_model
   if source is None and jax.process_index() == 0:
     # The tiny model's tokenizer and processor travel with it, so its HF export loads in transformers.
-    tokenizer.save_tiny_processor(out)
+    tokenizer.save_tiny_processor(out, family=registry.of(cfg))
   checkpoint.save_model(out, params, cfg, source_dir=source)
-  return {"parameters": model_lib.count_params(params),
+  return {"parameters": count_params(params),
           "source": source or f"random weights, {config.model.preset or 'tiny'} shapes",
           "written": out}
 

@@ -20,15 +20,16 @@ import os
 from dcsft_jax import checkpoint, sampling
 from dcsft_jax import fingerprint as fingerprint_lib
 from dcsft_jax.data import batching, sources
-from dcsft_jax.models import qwen2_5_vl as model_lib
+from dcsft_jax.models.layers import LoraSpec
+from dcsft_jax.models.params import count_params
 from dcsft_jax.stages import common, evaluate
 from dcsft_jax.train import grpo_trainer, optim, trainer
 from dcsft_jax.workdir import Workdir, run_name
 
-def lora_spec(s) -> model_lib.LoraSpec | None:
+def lora_spec(s) -> LoraSpec | None:
   if not s.lora:
     return None
-  return model_lib.LoraSpec(rank=s.lora_rank, alpha=float(s.lora_alpha), dropout=float(s.lora_dropout),
+  return LoraSpec(rank=s.lora_rank, alpha=float(s.lora_alpha), dropout=float(s.lora_dropout),
                             language=True, vision=bool(s.lora_vision), merger=bool(s.lora_vision))
 
 
@@ -135,7 +136,7 @@ def _fit(config, ctx, name: str, t: trainer.SFTTrainer, it, s, model: common.Loa
                    int(t.state.step), what=f"the model directory {directory}")
   h = out["history"]
   figures = {"steps": out["steps"], "final_loss": round(h[-1]["loss"], 4) if h else None,
-             "parameters_trained": model_lib.count_params(t.state.train), "written": directory}
+             "parameters_trained": count_params(t.state.train), "written": directory}
   if h:
     figures["tokens_per_s"] = round(sum(x["tokens_per_s"] for x in h[1:] or h) / len(h[1:] or h), 1)
   return figures

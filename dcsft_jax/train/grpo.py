@@ -109,7 +109,7 @@ def make_loss(*, beta: float = 0.04, clip_eps: float = 0.2, temperature: float =
 
   import jax
 
-  from dcsft_jax.models import qwen2_5_vl as model_lib
+  from dcsft_jax.models import registry
 
   def loss(model, params, mb, rng, ref_params=None):
     prompt = {k: v for k, v in mb.items() if k not in ROLLOUT_KEYS}
@@ -120,7 +120,7 @@ def make_loss(*, beta: float = 0.04, clip_eps: float = 0.2, temperature: float =
       if model.opts.lora is None:
         raise ValueError("GRPO with full fine-tuning needs the reference params (a frozen copy)")
       ref_params = params           # read without the adapters below
-    ref_model = model_lib.Qwen25VL(model.cfg, dataclasses.replace(model.opts, lora=None, deterministic=True))
+    ref_model = registry.of(model.cfg).model(model.cfg, dataclasses.replace(model.opts, lora=None, deterministic=True))
     ref_logp = jax.lax.stop_gradient(completion_logprobs(ref_model, jax.lax.stop_gradient(ref_params), prompt,
                                                          comp, temperature=temperature))
     adv = group_advantages(rewards).reshape(b * G)
@@ -152,29 +152,31 @@ def completion_logprobs(model, params, prompt: dict, completions, *, rngs=None, 
   one prompt forward + G completion forwards, not G prompt forwards.
   """
   import jax
-  t = model.cfg.text
+
+  from dcsft_jax.models import registry
+  family = registry.of(model.cfg)
   B, L = prompt["input_ids"].shape
   _, G, T = completions.shape
   dtype = model.opts.dtype
   valid = prompt["attention_mask"].astype(bool)
   lengths = prompt["lengths"]
-  images = {k: prompt[k] for k in ("pixel_values", "pos_hw", "frame_seg", "window_seg")}
+  images = family.images(prompt)
   comp = completions.reshape(B * G, T)
 
   def run(m):
-    h = m.embed(prompt["input_ids"], images)
-    zeros = lambda rows, n: {k: jnp.zeros((t.num_hidden_layers, rows, n, t.num_key_value_heads, t.head_dim), dtype)
-                             for k in ("k", "v")}
+    h, visual = m.embed_inputs(prompt["input_ids"], images)
+    zeros = lambda rows, n: family.init_cache(model.cfg, rows, n, dtype)
     mask = jnp.tril(jnp.ones((L, L), bool))[None, None] & valid[:, None, None, :]
-    hp, prefix = m.decode(h, prompt["positions"], mask=mask, cache=zeros(B, L), cache_index=0)
+    hp, prefix = m.decode(h, prompt["positions"], mask=mask, cache=zeros(B, L), cache_index=0, visual=visual)
     last = jnp.take_along_axis(hp, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)     # [B, 1, D]
     temp = jnp.float32(temperature)
     first = jax.nn.log_softmax(m.logits(last)[:, 0].astype(jnp.float32) / temp, axis=-1)    # [B, V]
     first = jnp.take_along_axis(jnp.repeat(first, G, axis=0), comp[:, :1], axis=1)           # [B*G, 1]
     start = jnp.repeat(lengths + prompt["rope_deltas"], G)
-    pos = jnp.broadcast_to((start[:, None] + jnp.arange(T)[None])[None], (3, B * G, T))
+    pos = family.decode_positions(start, jnp.arange(T))
     own = jnp.tril(jnp.ones((T, T), bool))[None]
-    hc, _ = m.decode(m.embed(comp), pos, mask=(valid, own), cache=zeros(B * G, T), cache_index=0, prefix=prefix)
+    hc, _ = m.decode(m.embed_inputs(comp)[0], pos, mask=(valid, own), cache=zeros(B * G, T), cache_index=0,
+                     prefix=prefix)
     rest = jax.nn.log_softmax(m.logits(hc[:, :-1]).astype(jnp.float32) / temp, axis=-1)
     rest = jnp.take_along_axis(rest, comp[:, 1:, None], axis=-1)[..., 0]
     return jnp.concatenate([first, rest], axis=1)

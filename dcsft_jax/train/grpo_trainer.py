@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 from dcsft_jax import atomic, sampling, verify
-from dcsft_jax.models import qwen2_5_vl as model_lib
+from dcsft_jax.models import registry
+from dcsft_jax.models.layers import ModelOptions
 from dcsft_jax.train import grpo, trainer
 
 
@@ -37,7 +38,7 @@ class GRPOTrainer(trainer.SFTTrainer):
   copy made here.
   """
 
-  def __init__(self, cfg, opts: model_lib.ModelOptions, params, tc: trainer.TrainConfig, mesh, workdir: str, *,
+  def __init__(self, cfg, opts: ModelOptions, params, tc: trainer.TrainConfig, mesh, workdir: str, *,
                sampling_params: sampling.SamplingParams, records, processor, beta: float = 0.04,
                clip_eps: float = 0.2, num_iterations: int = 1,
                reward_fn: Callable[[object, str], float] = _reward, fingerprint: dict | None = None):
@@ -98,7 +99,7 @@ class GRPOTrainer(trainer.SFTTrainer):
     """The rollout policy's log-probs of each micro-batch's loss tokens, [A, b, G, T + 1] (no dropout)."""
     from dcsft_jax.data import batching
     if self._old_logprobs is None:
-      model = model_lib.Qwen25VL(self.cfg, dataclasses.replace(self.opts, deterministic=True))
+      model = registry.of(self.cfg).model(self.cfg, dataclasses.replace(self.opts, deterministic=True))
       temp = float(self.sp.temperature or 1.0)
       self._old_logprobs = jax.jit(lambda p, mb: grpo.completion_logprobs(
           model, p, {k: v for k, v in mb.items() if k not in grpo.ROLLOUT_KEYS}, mb["completions"],
@@ -149,7 +150,7 @@ class GRPOTrainer(trainer.SFTTrainer):
         rewards[i] = [self.reward_fn(rec, self.processor.decode(t)) for t in toks[i]]
       micro.append({**arrays, "completions": comps, "completion_mask": mask, "rewards": rewards})
       prompt_tokens += float(arrays["attention_mask"].sum())
-    host = trainer.stack_micro(micro)
+    host = trainer.stack_micro(micro, self.cfg)
     info = {"_tokens_in": prompt_tokens + float(host["completion_mask"].sum()),
             "rollout_seconds": time.time() - t0}
     return host, info

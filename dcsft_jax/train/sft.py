@@ -17,10 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dcsft_jax.models import qwen2_5_vl as model_lib
+from dcsft_jax.models import registry
+from dcsft_jax.models.layers import ModelOptions
 from dcsft_jax.train import optim
-
-IMAGE_KEYS = ("pixel_values", "pos_hw", "frame_seg", "window_seg")
 
 
 @flax.struct.dataclass
@@ -100,7 +99,7 @@ def loss_positions(loss_mask, valid, *, min_size: int = 8):
 
 
 def sft_loss(model, params, batch, rng):
-  images = {k: batch[k] for k in IMAGE_KEYS}
+  images = registry.of(model.cfg).images(batch)
   if "loss_index" not in batch:
     logits = model.apply({"params": params}, batch["input_ids"], batch["positions"], images,
                          batch["attention_mask"], rngs={"dropout": rng})
@@ -127,7 +126,7 @@ def _split_aux(aux):
   return aux, {}
 
 
-def make_train_step(cfg, opts: model_lib.ModelOptions, tx: optax.GradientTransformation, schedule,
+def make_train_step(cfg, opts: ModelOptions, tx: optax.GradientTransformation, schedule,
                     loss=sft_loss, count_name: str = "tokens", state_sharding=None):
   """step(state, batch, extra=None) -> (state, metrics); batch arrays are [A, b, ...]
   (positions [A, 3, b, L]).
@@ -137,7 +136,7 @@ def make_train_step(cfg, opts: model_lib.ModelOptions, tx: optax.GradientTransfo
   (e.g. a frozen reference model's params) is passed through undonated. `state_sharding` pins the
   new state to the old one's layout, so the second step does not compile again for a new layout.
   """
-  model = model_lib.Qwen25VL(cfg, opts)
+  model = registry.of(cfg).model(cfg, opts)
 
   def step(state: TrainState, batch, extra=None):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)

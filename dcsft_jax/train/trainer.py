@@ -24,7 +24,9 @@ from jax.experimental import multihost_utils
 
 from dcsft_jax import fingerprint as fingerprint_lib
 from dcsft_jax.data import batching
-from dcsft_jax.models import qwen2_5_vl as model_lib
+from dcsft_jax.models import params as params_lib
+from dcsft_jax.models import registry
+from dcsft_jax.models.layers import LoraSpec, ModelOptions
 from dcsft_jax.train import metrics as metrics_lib
 from dcsft_jax.train import optim, sft
 
@@ -49,7 +51,7 @@ class TrainConfig:
   batch_size: int                  # examples per optimizer step (global)
   accum: int = 1                   # micro-batches per step
   optim: optim.OptimConfig = optim.OptimConfig()
-  lora: model_lib.LoraSpec | None = None
+  lora: LoraSpec | None = None
   freeze_vit: bool = False
   freeze_aligner: bool = False
   save_every: int = 100
@@ -70,26 +72,29 @@ class TrainConfig:
       raise ValueError(f"batch_size {self.batch_size} is not divisible by accum {self.accum}")
 
 
-def _pad_to(arrays: dict[str, np.ndarray], L: int, P: int) -> dict[str, np.ndarray]:
-  """Right-pads one micro-batch to L tokens and P patches, so micro-batches of a step stack."""
+def _pad_to(arrays: dict[str, np.ndarray], L: int, P: int, cfg) -> dict[str, np.ndarray]:
+  """Right-pads one micro-batch to L tokens and P patches, so micro-batches of a step stack. The image
+  arrays are padded with what the family's layout writes on padding (batching.empty_arrays)."""
+  from dcsft_jax.data import batching
+  rows = arrays["input_ids"].shape[0]
+  padding = batching.empty_arrays(batching.Bucket(P, 1), rows, cfg)    # padding rows of every image array
   out = {}
   for k, v in arrays.items():
     if k in ("input_ids", "attention_mask", "loss_mask"):
       v = np.pad(v, ((0, 0), (0, L - v.shape[1])))
     elif k == "positions":
       v = np.pad(v, ((0, 0), (0, 0), (0, L - v.shape[2])))
-    elif k in ("pixel_values", "pos_hw"):
-      v = np.pad(v, ((0, 0), (0, P - v.shape[1])) + ((0, 0),) * (v.ndim - 2))
-    elif k in ("frame_seg", "window_seg"):
-      v = np.pad(v, ((0, 0), (0, P - v.shape[1])), constant_values=-1)
+    elif k in padding and k not in batching.TEXT_KEYS:
+      v = np.concatenate([v, padding[k][:, :P - v.shape[1]].astype(v.dtype)], axis=1)
     out[k] = v
   return out
 
 
-def stack_micro(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def stack_micro(batches: Sequence[dict[str, np.ndarray]], cfg) -> dict[str, np.ndarray]:
+  """Micro-batches of a model of `cfg` -> one [A, ...] stack, padded to the longest."""
   L = max(b["input_ids"].shape[1] for b in batches)
   P = max(b["pixel_values"].shape[1] for b in batches)
-  padded = [_pad_to(b, L, P) for b in batches]
+  padded = [_pad_to(b, L, P, cfg) for b in batches]
   return {k: np.stack([b[k] for b in padded]) for k in padded[0]}
 
 
@@ -188,7 +193,7 @@ def orbax_noise_to(trace: str) -> None:
 class SFTTrainer:
   """Trains `params` (a full model or a LoRA-augmented one) on records; resumes from `ckpt_dir`."""
 
-  def __init__(self, cfg, opts: model_lib.ModelOptions, params, tc: TrainConfig, mesh, workdir: str,
+  def __init__(self, cfg, opts: ModelOptions, params, tc: TrainConfig, mesh, workdir: str,
                loss=sft.sft_loss, count_name: str = "tokens", fingerprint: dict | None = None):
     """`fingerprint`: what else decides the run (its data, its start model), kept with every checkpoint
     beside the TrainConfig; resuming under a different one stops with the difference."""
@@ -199,7 +204,7 @@ class SFTTrainer:
     spec = step_spec(cfg, opts, tc, mesh, loss, count_name)
     self.opts, self.tx, self.mask, self.step_fn = spec.opts, spec.tx, spec.mask, spec.step_fn
     self.schedule = optim.schedule(tc.optim)
-    self.n_params = model_lib.count_params(params)
+    self.n_params = params_lib.count_params(params)
     # Every leaf on the mesh by the logical rules, so restored checkpoints land in the same places,
     # and the state in the layout every step keeps (sft.state_layout).
     params = jax.device_put(params, sft.shardings(spec.params))
@@ -215,7 +220,7 @@ class SFTTrainer:
   # ------------------------------------------------------------------------- one step
   def _host_batch(self, batches) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """The next step's host arrays [A, b, ...] and figures ("_tokens_in": tokens the step reads)."""
-    host = stack_micro([next(batches).arrays for _ in range(self.tc.accum)])
+    host = stack_micro([next(batches).arrays for _ in range(self.tc.accum)], self.cfg)
     if self.loss is sft.sft_loss and self.tc.loss_positions_only:
       host["loss_index"], host["loss_select"] = sft.loss_positions(host["loss_mask"], host["valid"])
     return host, {"_tokens_in": float(host["attention_mask"].sum())}
@@ -431,7 +436,7 @@ class StepSpec:
   optimizer and trainable mask, the parameters' and the state's layout (ShapeDtypeStructs with
   shardings) and the jitted step itself. The trainer runs it; dcsft_jax.aot compiles it for devices
   this host does not have."""
-  opts: model_lib.ModelOptions
+  opts: ModelOptions
   tx: Any
   mask: Any
   params: Any          # ShapeDtypeStructs of the (LoRA-augmented) parameters, sharded by the logical rules
@@ -439,11 +444,11 @@ class StepSpec:
   step_fn: Any
 
 
-def step_spec(cfg, opts: model_lib.ModelOptions, tc: TrainConfig, mesh, loss=sft.sft_loss,
+def step_spec(cfg, opts: ModelOptions, tc: TrainConfig, mesh, loss=sft.sft_loss,
               count_name: str = "tokens") -> StepSpec:
   from dcsft_jax import mesh as mesh_lib
   opts = dataclasses.replace(opts, lora=tc.lora, deterministic=tc.lora is None or tc.lora.dropout == 0.0)
-  params = mesh_lib.abstract_params(model_lib.init_params(cfg, opts, abstract=True), mesh)
+  params = mesh_lib.abstract_params(registry.of(cfg).init_params(cfg, opts, abstract=True), mesh)
   tx = optim.optimizer(tc.optim)
   mask = optim.trainable_mask(params, lora=tc.lora is not None, freeze_vit=tc.freeze_vit,
                               freeze_aligner=tc.freeze_aligner)
@@ -498,19 +503,19 @@ def _batch_sharding(mesh, key: str, ndim: int):
   return mesh_lib.batch_sharding(mesh, ndim, 2 if key == "positions" else 1)
 
 
-def adapter_options(opts: model_lib.ModelOptions | None, lora: model_lib.LoraSpec) -> model_lib.ModelOptions:
+def adapter_options(opts: ModelOptions | None, lora: LoraSpec) -> ModelOptions:
   """The model options fresh adapters are made with: the run's (their param_dtype), with `lora`."""
-  return dataclasses.replace(opts or model_lib.ModelOptions(), lora=lora)
+  return dataclasses.replace(opts or ModelOptions(), lora=lora)
 
 
-def init_lora(params, cfg, lora: model_lib.LoraSpec, seed: int, mesh=None, opts: model_lib.ModelOptions | None = None):
+def init_lora(params, cfg, lora: LoraSpec, seed: int, mesh=None, opts: ModelOptions | None = None):
   """Adds freshly initialised adapters (B = 0, so the model is unchanged) to base params.
 
-  Only the adapters are made, by one program (model_lib.init_program) whose outputs lie in their
+  Only the adapters are made, by one program (Family.init_program) whose outputs lie in their
   shardings on `mesh`; the base is never built again. Without a mesh, on the default device. The
   values are the same either way: the adapters of init_params(cfg, adapter options, PRNGKey(seed))."""
-  fresh = model_lib.unbox(model_lib.init_params(cfg, adapter_options(opts, lora), jax.random.PRNGKey(seed),
-                                                mesh=mesh, keep=model_lib.is_adapter))
+  fresh = params_lib.unbox(registry.of(cfg).init_params(cfg, adapter_options(opts, lora), jax.random.PRNGKey(seed),
+                                                mesh=mesh, keep=params_lib.is_adapter))
 
   def merge(base, new):
     if isinstance(new, dict):

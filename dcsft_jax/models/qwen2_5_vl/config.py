@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 # Fields of the text model that Hub configs keep at the top level.
 _TEXT_KEYS = (
@@ -75,6 +75,7 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Qwen25VLConfig:
+  family: ClassVar[str] = "qwen2_5_vl"   # the package under dcsft_jax/models/ (models.registry)
   text: TextConfig = TextConfig()
   vision: VisionConfig = VisionConfig()
   image_token_id: int = 151655

@@ -19,10 +19,6 @@ Inputs of `Qwen25VL.__call__`:
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,100 +26,12 @@ import numpy as np
 
 from dcsft_jax.models import attention as attn_lib
 from dcsft_jax.models import rope
-from dcsft_jax.models.config import Qwen25VLConfig, TextConfig, VisionConfig
-
-Dtype = Any
+from dcsft_jax.models.layers import Linear, ModelOptions, RMSNorm, constrain as _constrain, normal_init as _init
+from dcsft_jax.models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, VisionConfig
 
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VISION_LORA_TARGETS = ("qkv", "proj", "gate_proj", "up_proj", "down_proj")
 MERGER_LORA_TARGETS = ("mlp_0", "mlp_2")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSpec:
-  """Low-rank adapters on the linear layers (ms-swift's all-linear with r32/alpha64 by default)."""
-  rank: int = 32
-  alpha: float = 64.0
-  dropout: float = 0.05
-  language: bool = True   # the decoder's attention and MLP projections
-  vision: bool = False    # the ViT blocks' qkv/proj/MLP
-  merger: bool = False    # the aligner (patch merger MLP)
-
-  @property
-  def scale(self) -> float:
-    return self.alpha / self.rank
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelOptions:
-  dtype: Dtype = jnp.float32          # compute dtype
-  param_dtype: Dtype = jnp.float32    # master weights
-  attention: str = "auto"             # auto | xla | cudnn (models/attention.py)
-  remat: bool = False                 # recompute each layer in the backward pass
-  lora: LoraSpec | None = None
-  deterministic: bool = True          # False enables LoRA dropout (needs a 'dropout' rng)
-  platform: str = ""                  # the devices' platform the program is compiled for ('' = default backend)
-
-
-def _init(scale=0.02):
-  return nn.initializers.normal(stddev=scale)
-
-
-# PEFT initialises LoRA's A as torch's nn.Linear does, kaiming_uniform_(a=sqrt(5)): gain sqrt(1/3),
-# bound gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in). variance_scaling(1/3, fan_in, uniform) has the
-# same bound, sqrt(3 * (1/3) / fan_in).
-LORA_A_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-class RMSNorm(nn.Module):
-  """w * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(in_dtype): the cast comes before the scale."""
-  eps: float = 1e-6
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                       (x.shape[-1],), self.param_dtype)
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return scale.astype(self.dtype) * y.astype(x.dtype)
-
-
-class Linear(nn.Module):
-  """y = x @ W (+ b) (+ dropout(x) @ A @ B * alpha/r). Kernels are [in, out] (HF weight transposed)."""
-  features: int
-  axes: tuple[str, str]
-  use_bias: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  lora: LoraSpec | None = None
-  deterministic: bool = True
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", nn.with_logical_partitioning(_init(), self.axes),
-                        (x.shape[-1], self.features), self.param_dtype)
-    x = x.astype(self.dtype)
-    y = jnp.dot(x, kernel.astype(self.dtype))
-    if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
-                        (self.features,), self.param_dtype)
-      y = y + bias.astype(self.dtype)
-    if self.lora is not None:
-      r = self.lora.rank
-      # PEFT's init of A: kaiming_uniform(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)); B = 0.
-      a = self.param("lora_a", nn.with_logical_partitioning(LORA_A_INIT, (self.axes[0], "lora_rank")),
-          (x.shape[-1], r), self.param_dtype)
-      b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", self.axes[1])),
-                     (r, self.features), self.param_dtype)
-      h = nn.Dropout(self.lora.dropout, deterministic=self.deterministic)(x)
-      y = y + jnp.dot(jnp.dot(h, a.astype(self.dtype)), b.astype(self.dtype)) * jnp.asarray(self.lora.scale, self.dtype)
-    return y
-
-
-def _constrain(x, names):
-  return nn.with_logical_constraint(x, names)
 
 
 # ------------------------------------------------------------------------------------- vision
@@ -267,10 +175,15 @@ class Qwen25VL(nn.Module):
     h = jnp.where(is_img[:, None], feats[order[k]], h.reshape(-1, D)).reshape(B, L, D)
     return h
 
-  def decode(self, h, positions, *, mask=None, cache=None, cache_index=0, prefix=None):
+  def embed_inputs(self, input_ids, images=None):
+    """(embeddings, visual): the family seam's form of `embed`; Qwen2.5-VL adds nothing later (None)."""
+    return self.embed(input_ids, images), None
+
+  def decode(self, h, positions, *, mask=None, cache=None, cache_index=0, prefix=None, visual=None):
     """Runs the decoder stack on embeddings h [B, L, D] -> (final hidden [B, L, D], new cache).
 
-    cache/prefix: per-layer stacked {'k','v'} [layers, ...] (see DecoderLayer)."""
+    cache/prefix: per-layer stacked {'k','v'} [layers, ...] (see DecoderLayer). visual: unused (the
+    seam's argument for families that add image features inside the decoder)."""
     t = self.cfg.text
     h = _constrain(h, ("activation_batch", "activation_length", "activation_embed"))
     cos, sin = rope.mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section, self.opts.dtype)
@@ -291,84 +204,3 @@ class Qwen25VL(nn.Module):
     return h if return_hidden else self.logits(h)
 
 
-# ------------------------------------------------------------------------------------- helpers
-def _init_fn(cfg: Qwen25VLConfig, opts: ModelOptions, keep=None):
-  """rng -> the boxed parameter tree (only the leaves `keep` accepts, if given), traced from a batch-1
-  dummy forward. The logical-axis rules are cleared while it traces: the dummy's activation
-  constraints would otherwise ask the ambient mesh to split its batch of 1 over the batch axes (an
-  IndivisibleError on any mesh of more than one device). Only the parameters' shapes and initial
-  values come from it; their placement comes from the rules applied to the result."""
-  model = Qwen25VL(cfg, opts)
-  vc = cfg.vision
-  P = vc.merge_unit * max(1, vc.window_merged) ** 2
-
-  def fn(rng):
-    # The dummies are made while tracing: an eager array would run on the ambient mesh's devices,
-    # which dcsft_jax.aot's compile-only accelerators cannot.
-    ids = jnp.zeros((1, 8), jnp.int32)
-    pos = jnp.zeros((3, 1, 8), jnp.int32)
-    images = {"pixel_values": jnp.zeros((1, P, vc.patch_dim), opts.dtype),
-              "pos_hw": jnp.zeros((1, P, 2), jnp.int32),
-              "frame_seg": jnp.zeros((1, P), jnp.int32), "window_seg": jnp.zeros((1, P), jnp.int32)}
-    with nn.logical_axis_rules(()):
-      params = model.init({"params": rng}, ids, pos, images)["params"]
-    return params if keep is None else select(params, keep)
-  return fn
-
-
-def select(tree, keep):
-  """The leaves of a nested dict whose path (a tuple of keys) `keep` accepts, empty branches dropped."""
-  def walk(node, path):
-    if not isinstance(node, dict):
-      return node if keep(path) else None
-    out = {k: walk(v, path + (k,)) for k, v in node.items()}
-    return {k: v for k, v in out.items() if v is not None and v != {}}
-  return walk(tree, ())
-
-
-def is_adapter(path) -> bool:
-  """Whether a parameter path names a LoRA adapter leaf."""
-  return path[-1] in ("lora_a", "lora_b")
-
-
-def init_params(cfg: Qwen25VLConfig, opts: ModelOptions = ModelOptions(), rng=None, *, abstract: bool = False,
-                mesh=None, keep=None):
-  """Random (or, with abstract=True, shape-only) parameters; leaves are nn.LogicallyPartitioned.
-
-  With a mesh, the random parameters are made by `init_program` straight into their shardings
-  (unboxed). `keep` (a path predicate, e.g. `is_adapter`) returns only those leaves."""
-  fn = _init_fn(cfg, opts, keep)
-  if abstract:
-    return jax.eval_shape(fn, abstract_key() if rng is None else rng)
-  rng = jax.random.PRNGKey(0) if rng is None else rng
-  if mesh is None:
-    return fn(rng)
-  return init_program(cfg, opts, mesh, keep)(rng)
-
-
-def abstract_key():
-  """The shape of jax.random.PRNGKey's key, without running it (nothing runs on a compile-only mesh)."""
-  return jax.eval_shape(lambda: jax.random.PRNGKey(0))
-
-
-@functools.lru_cache(maxsize=32)
-def init_program(cfg: Qwen25VLConfig, opts: ModelOptions, mesh, keep=None):
-  """The jitted rng -> unboxed parameters program: one program that writes every leaf (or every kept
-  leaf; the others are never computed) straight into the sharding the logical rules give it on
-  `mesh`, the same on every process of a multi-host run, so no leaf is ever whole on one device.
-  What the stages run (init, LoRA adapters), and what dcsft_jax.aot compiles for a target. One per
-  (model, options, mesh, leaves) in a process: the pipeline's LoRA runs share one compiled program."""
-  from dcsft_jax import mesh as mesh_lib
-  fn = _init_fn(cfg, opts, keep)
-  abstract = jax.eval_shape(fn, abstract_key())
-  return jax.jit(lambda r: unbox(fn(r)), out_shardings=mesh_lib.param_shardings(abstract, mesh))
-
-
-def unbox(tree):
-  """Drops the logical-partitioning boxes, leaving plain arrays (no sharding constraint applied)."""
-  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-  return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
-
-
-def count_params(params) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(unbox(params))))

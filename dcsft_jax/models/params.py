@@ -1,0 +1,36 @@
+"""Parameter trees, whatever the family: unboxing, counting, selecting leaves by path."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+
+def unbox(tree):
+  """Drops the logical-partitioning boxes, leaving plain arrays (no sharding constraint applied)."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(unbox(params))))
+
+
+def select(tree, keep):
+  """The leaves of a nested dict whose path (a tuple of keys) `keep` accepts, empty branches dropped."""
+  def walk(node, path):
+    if not isinstance(node, dict):
+      return node if keep(path) else None
+    out = {k: walk(v, path + (k,)) for k, v in node.items()}
+    return {k: v for k, v in out.items() if v is not None and v != {}}
+  return walk(tree, ())
+
+
+def is_adapter(path) -> bool:
+  """Whether a parameter path names a LoRA adapter leaf."""
+  return path[-1] in ("lora_a", "lora_b")
+
+
+def abstract_key():
+  """The shape of jax.random.PRNGKey's key, without running it (nothing runs on a compile-only mesh)."""
+  return jax.eval_shape(lambda: jax.random.PRNGKey(0))
