@@ -22,7 +22,7 @@ def select(tree, keep):
     if not isinstance(node, dict):
       return node if keep(path) else None
     out = {k: walk(v, path + (k,)) for k, v in node.items()}
-    return {k: v for k, v in out.items() if v is not None and v != {}}
+    return {k: v for k, v in out.items() if v is not None and not (isinstance(v, dict) and not v)}
   return walk(tree, ())
 
 
