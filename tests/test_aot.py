@@ -107,6 +107,24 @@ def test_every_program_compiles_for_a_sharded_tpu_v5e(v5e):
   assert v5e["budget_bytes"] == targets.TARGETS["v5e-4"].tpu_hbm_bytes
 
 
+@pytest.mark.parametrize("target", ["h100x1", "v5e-4"])
+def test_every_qwen3_vl_program_compiles_for_an_h100_and_a_sharded_tpu_v5e(target):
+  """Issue 26: the other family's programs (DeepStack in the scanned decoder, the vision scan's level
+  buffer, interleaved M-RoPE) compile for both kinds of target, on a mesh that splits its heads."""
+  _needs_plugins("gpu" if target.startswith("h100") else "tpu")
+  mesh = {} if target.startswith("h100") else {"mesh.fsdp": 2, "mesh.tensor": 2}
+  r = aot.run(_default_config(**{"model.preset": "qwen3_vl_tiny"}, **mesh), target, log=lambda *_: None)
+  progs = {p["name"]: p for p in r["programs"]}
+  assert set(progs) == EVERY_PROGRAM
+  for name, p in progs.items():
+    assert p["compiled"] and p["fits"], (name, p["error"])
+  if target.startswith("h100"):
+    for name in ("cold_start step", "finetune step", "grpo step", "score prefill", "evaluate prefill"):
+      assert progs[name]["attention"].startswith(CUDNN), (name, progs[name]["attention"])
+  else:
+    assert all(p["rows_per_device"] * 2 == p["rows"] for p in progs.values())
+
+
 def test_cli_exit_status_names_the_program_that_does_not_fit(tmp_path):
   """A budget no program meets: exit 1, the message names each program, the JSON has every field."""
   _needs_plugins("gpu")

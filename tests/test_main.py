@@ -110,3 +110,4 @@ def test_bad_config_fails_before_work_naming_the_key(tmp_path):
   r = _main(f"--config.workdir={wd}", "--config.mesh.pipeline=2")
   assert r.returncode != 0 and "pipeline" in r.stderr
   assert not wd.exists()
+

@@ -22,6 +22,8 @@ What must agree with the reference, and why:
   exported weight (absolute 2e-3; measured up to 1.5e-4). A mesh that split a reduction wrongly
   (a missing psum, a mis-sharded head) is off by O(1) there.
 
+The tiny Qwen3-VL (the other model family) runs alone and on fsdp x tensor = 2 x 2, compared the same way.
+
 On main before issue 25 the 4-device runs died in finetune (the LoRA init traced a batch-1 forward
 under the mesh's batch axes), and the two processes never got past curation.
 """
@@ -227,3 +229,28 @@ def test_process_0_work_reaches_every_process_and_so_does_its_failure():
     assert (f"process {i}: raised FileNotFoundError: scores.jsonl not found: run the 'score' stage first"
             in lines), out
     assert lines[-1] == f"process {i}: done"
+
+
+def test_the_default_pipeline_on_the_tiny_qwen3_vl_alone_and_on_a_mesh(tmp_path):
+  """Issue 26: `--config.model.preset=qwen3_vl_tiny` runs the default pipeline on the other family,
+  every stage, to a report and an HF export that transformers' Qwen3-VL class loads with the family's
+  own processor files; and the same run on fsdp x tensor = 2 x 2 (the tiny Qwen3-VL's 4 heads, 2 KV
+  heads, MLP 128, vocabulary 414 and 2 vision heads all split) equals it as the Qwen2.5-VL runs above do."""
+  import transformers
+
+  from dcsft_jax.data import tokenizer
+  from dcsft_jax.models import registry
+  one, mesh = str(tmp_path / "one"), str(tmp_path / "mesh")
+  _run(one, 1, "--config.model.preset=qwen3_vl_tiny")
+  out = _run(mesh, 4, "--config.model.preset=qwen3_vl_tiny", *MESHES["fsdp2_tensor2"])
+  assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 2}" in out
+  assert_same_results(one, mesh)
+  summary = json.load(open(os.path.join(one, "stages.json")))
+  assert json.load(open(os.path.join(one, "base_model", "config.json")))["model_type"] == "qwen3_vl"
+  model = transformers.Qwen3VLForConditionalGeneration.from_pretrained(os.path.join(one, "hf_export"))
+  assert sum(p.numel() for p in model.parameters()) == summary["init"]["parameters"]
+  assert json.load(open(os.path.join(one, "hf_export", "generation_config.json"))) == \
+      tokenizer.generation_config(registry.by_name("qwen3_vl"))
+  tok = transformers.AutoTokenizer.from_pretrained(os.path.join(one, "hf_export"))
+  text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+  assert text == "<|im_start|>user\nhi<|im_end|>\n"         # Qwen3-VL's template: no default system turn
