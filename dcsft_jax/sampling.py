@@ -215,7 +215,7 @@ class Sampler:
 
     def body(state):
       step, tok, tokens, cache, done, seen = state
-      pos = self.family.decode_positions(start + step, jnp.zeros((1,), jnp.int32))
+      pos = self.family.decode_positions(start, jnp.reshape(step, (1,)))
       own_mask = (slots <= step)[None, None, :]
 
       def run(m):

@@ -26,7 +26,7 @@ LAUNCH_SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh")) +
                         glob.glob(os.path.join(REPO, "launch", "*.sbatch")))
 
 # Parameter counts of the released shapes (dry runs build `model.preset`, or the tiny default).
-SIZE_CLASS = {"3b": (3.70e9, 3.80e9), "7b": (8.20e9, 8.40e9), "tiny": (1, 1e6), "": (1, 1e6)}
+SIZE_CLASS = {"3b": (3.70e9, 3.80e9), "7b": (8.20e9, 8.40e9), "qwen3_vl_8b": (8.70e9, 8.80e9), "tiny": (1, 1e6), "": (1, 1e6)}
 # What sources.check says, per kind, besides naming the spec: the fix (or, for files, that the path is wrong).
 HINTS = {"json": ("file not found",), "hf": ("no such dataset",), "tfds": ("data.tfds_dir", "tfds build")}
 

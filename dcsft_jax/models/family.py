@@ -132,11 +132,9 @@ class Family:
 
   @staticmethod
   def decode_positions(start, steps):
-    """M-RoPE positions [3, R, T] of generated tokens: start[r] + t on all three axes (transformers'
-    decoding positions: unpadded length + rope delta + step)."""
-    start = jnp.asarray(start)
-    steps = jnp.asarray(steps)
-    pos = start[:, None] + (steps[None, :] if steps.ndim else steps[None, None])
+    """M-RoPE positions [3, R, T] of generated tokens: start [R] (a row's unpadded prompt length plus its
+    rope delta) + steps [T], on all three axes (transformers' decoding positions)."""
+    pos = jnp.asarray(start)[:, None] + jnp.asarray(steps)[None, :]
     return jnp.broadcast_to(pos[None], (3,) + pos.shape)
 
   def pixels_per_token(self, cfg) -> int:
