@@ -1,0 +1,6 @@
+
+import os as _os
+
+# transformers prints an advisory at import when PyTorch is absent (the core install has no torch): not
+# this project's business, and it would be every run's first line.
+_os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -564,11 +564,10 @@ def main(argv):
     sys.exit(f"give --target=NAME, one of {', '.join(targets_lib.TARGETS)}")
   attached = {"yes": True, "no": False}.get(F.attached)
   only = {x.strip() for x in F.programs.split(",") if x.strip()} or None
-  try:
-    out = run(F.config, F.target, max_batch=F.max_batch, max_batch_limit=F.max_batch_limit, only=only,
-              records=F.records, patches=F.patches, tokens=F.tokens, attached=attached)
-  except (run_config.ConfigError, ValueError, RuntimeError) as e:
-    sys.exit(f"aot: {e}")
+  from dcsft_jax import errors
+  out = errors.cli("aot", lambda: run(F.config, F.target, max_batch=F.max_batch, max_batch_limit=F.max_batch_limit,
+                                      only=only, records=F.records, patches=F.patches, tokens=F.tokens,
+                                      attached=attached))
   print(out["table"])
   if F.json:
     from dcsft_jax.stages import common

@@ -10,7 +10,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from dcsft_jax import atomic, hf
+from dcsft_jax import atomic, errors, hf
 from dcsft_jax import mesh as mesh_lib
 from dcsft_jax.models import registry
 from dcsft_jax.models.layers import LoraSpec, ModelOptions
@@ -95,10 +95,26 @@ def read_lora(directory: str) -> LoraSpec | None:
     return LoraSpec(**json.load(fh))
 
 
-def load_model(directory: str, *, mesh=None, opts: ModelOptions = ModelOptions()):
+class DamagedModel(errors.UserError):
+  """A model directory whose params/ cannot be read (a truncated copy, a full disk during a write)."""
+
+
+def _read(what, directory: str, fix: str):
+  """Orbax's read of `directory`'s params, its failure said in one line (TensorStore's are hundreds)."""
+  try:
+    return what()
+  except Exception as e:  # pylint: disable=broad-except  (TensorStore, OSError, ValueError: all mean damage)
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise DamagedModel(f"{directory}/{PARAMS} cannot be read ({type(e).__name__}: {first}); the model directory "
+                       f"is damaged: {fix}") from e
+
+
+def load_model(directory: str, *, mesh=None, opts: ModelOptions = ModelOptions(),
+               fix: str = "re-create it (convert it again, or rerun the stage that wrote it)"):
   """-> (cfg, params, lora) restored straight into the shardings the logical rules give on `mesh`.
 
-  `lora` is the LoraSpec of adapters stored with the params (None when there are none)."""
+  `lora` is the LoraSpec of adapters stored with the params (None when there are none). `fix`: what a
+  damaged directory's error tells the user to do."""
   directory = os.path.abspath(directory)
   if not is_model_dir(directory):
     raise FileNotFoundError(f"{directory} is not a dcsft_jax model directory (it needs config.json and params/). "
@@ -111,12 +127,12 @@ def load_model(directory: str, *, mesh=None, opts: ModelOptions = ModelOptions()
   target = mesh_lib.abstract_params(abstract, mesh)
   ckptr = ocp.StandardCheckpointer()
   path = os.path.join(directory, PARAMS)
-  stored = ckptr.metadata(path)
+  stored = _read(lambda: ckptr.metadata(path), directory, fix)
   stored = getattr(stored, "item_metadata", stored)
   base = base_of(directory)
   if base is None:
     _check_matches(stored, target, directory)
-    return cfg, ckptr.restore(path, target), lora
+    return cfg, _read(lambda: ckptr.restore(path, target), directory, fix), lora
   if not is_model_dir(base):
     raise FileNotFoundError(f"{directory}/{BASE} names the base model {base}, which is not a model directory; "
                             f"restore it there or re-save {directory} with the full params")
@@ -125,7 +141,7 @@ def load_model(directory: str, *, mesh=None, opts: ModelOptions = ModelOptions()
     raise ValueError(f"{directory}: its base {base} is not the plain model its adapters were trained on")
   adapters = _lora_tree(target)
   _check_matches(stored, adapters, directory)
-  return cfg, _merge_trees(base_params, ckptr.restore(path, adapters)), lora
+  return cfg, _merge_trees(base_params, _read(lambda: ckptr.restore(path, adapters), directory, fix)), lora
 
 
 def _check_matches(stored, target, directory):
@@ -142,10 +158,10 @@ def _check_matches(stored, target, directory):
       raise ValueError(f"{directory}/params: parameter {k} has shape {shape}, but config.json implies {tuple(t.shape)}")
 
 
-def load_any(directory: str, *, mesh=None, opts: ModelOptions = ModelOptions()):
+def load_any(directory: str, *, mesh=None, opts: ModelOptions = ModelOptions(), fix: str | None = None):
   """A dcsft_jax model directory or a Hugging Face one -> (cfg, params, lora)."""
   if is_model_dir(directory):
-    return load_model(directory, mesh=mesh, opts=opts)
+    return load_model(directory, mesh=mesh, opts=opts, **({"fix": fix} if fix else {}))
   if os.path.isfile(os.path.join(directory, "config.json")):
     cfg, params = hf.load_hf(directory, mesh=mesh, opts=opts)
     return cfg, params, None

@@ -94,6 +94,8 @@ def base() -> ml_collections.ConfigDict:
   c.data.max_image_pixels = 0
   c.data.min_pixels = 0              # 0 = the processor's own setting
   c.data.max_pixels = 0              # the paper: 802816 (1024 * 28 * 28)
+  c.data.answer_budget = "error"     # error | warn: a classification answer longer than the max_new_tokens of a
+                                     # stage that generates for it (checked before any work; dcsft_jax/answer_budget.py)
   c.data.max_buckets = 4             # image-size classes, i.e. compiled shapes per stage
   c.data.label_noise = 0.0           # builtin train only: wrong labels, the kind of data that lands in 'hard'
   c.data.builtin_image_size = 56
@@ -188,3 +190,28 @@ def load_config_file(path: str, beside: str | None = None) -> types.ModuleType:
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
+
+
+def field_help() -> dict[str, str]:
+  """Each field's comment in this file, by dotted key ("c.score.num_samples = 8   # K answers ...", and
+  train_section's "steps=0,   # ..." for every training section), with the comment lines aligned under
+  it: what `python -m dcsft_jax.main -h` prints beside the defaults."""
+  import re
+  out, last = {}, None
+  sections = [k for k, v in base().items() if hasattr(v, "keys") and "learning_rate" in v]
+  with open(__file__, encoding="utf-8") as f:
+    for line in f:
+      m = re.match(r"\s*c\.([\w.]+)\s*=.*?#\s?(.*)$", line) or re.match(r"\s{6}(\w+)=.*?#\s?(.*)$", line)
+      if m and not line.lstrip().startswith("#"):
+        keys = [m.group(1)] if line.lstrip().startswith("c.") else [f"{sec}.{m.group(1)}" for sec in sections]
+        for k in keys:
+          out[k] = m.group(2).strip()
+        last = keys
+        continue
+      cont = re.match(r"\s{20,}#\s?(.*)$", line)         # a comment aligned under the previous one
+      if cont and last:
+        for k in last:
+          out[k] += " " + cont.group(1).strip()
+      else:
+        last = None
+  return out

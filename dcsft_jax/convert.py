@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 
 from absl import app, flags, logging
 
 import jax.numpy as jnp
 
+from dcsft_jax import errors
 from dcsft_jax import atomic, checkpoint, hf
 from dcsft_jax.models.layers import ModelOptions
 from dcsft_jax.models.params import count_params
@@ -41,7 +41,7 @@ _HF_FILES = re.compile(r"^(config\.json|generation_config\.json|model\.safetenso
 _ORBAX_FILES = {"config.json", checkpoint.PARAMS, checkpoint.LORA, checkpoint.BASE}
 
 
-class ConvertError(Exception):
+class ConvertError(errors.UserError):
   pass
 
 
@@ -99,11 +99,9 @@ def convert(*, from_hf=None, to_orbax=None, from_orbax=None, to_hf=None, dtype=N
 
 def main(argv):
   del argv
-  try:
-    print(convert(from_hf=FLAGS.from_hf, to_orbax=FLAGS.to_orbax, from_orbax=FLAGS.from_orbax, to_hf=FLAGS.to_hf,
-                  dtype=FLAGS.dtype, overwrite=FLAGS.overwrite))
-  except ConvertError as e:
-    sys.exit(f"convert: {e}")
+  errors.cli("convert", lambda: print(convert(from_hf=FLAGS.from_hf, to_orbax=FLAGS.to_orbax,
+                                              from_orbax=FLAGS.from_orbax, to_hf=FLAGS.to_hf, dtype=FLAGS.dtype,
+                                              overwrite=FLAGS.overwrite)))
 
 
 if __name__ == "__main__":

@@ -68,12 +68,11 @@ def main(argv):
     sys.exit(f"unexpected arguments {argv[1:]}")
   if not _MODEL.value or _PROMPT.value is None:
     sys.exit("give --model=DIR and --prompt=TEXT (and usually --image=PATH)")
-  try:
-    result = generate(_MODEL.value, _IMAGE.value, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
-                      num_samples=_NUM.value, temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                      repetition_penalty=_PENALTY.value, seed=_SEED.value, dtype=_DTYPE.value, max_pixels=_MAX_PIXELS.value)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  from dcsft_jax import errors
+  result = errors.cli("generate", lambda: generate(
+      _MODEL.value, _IMAGE.value, _PROMPT.value, max_new_tokens=_MAX_NEW.value, num_samples=_NUM.value,
+      temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value, repetition_penalty=_PENALTY.value,
+      seed=_SEED.value, dtype=_DTYPE.value, max_pixels=_MAX_PIXELS.value))
   print(json.dumps(result))
 
 

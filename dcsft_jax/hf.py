@@ -97,6 +97,9 @@ class CheckpointIndex:
     else:
       files = sorted(os.path.basename(f) for f in glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
+      if os.path.isdir(os.path.join(path, "params")):
+        raise FileNotFoundError(f"{path} is a dcsft_jax model directory (Orbax params/), not a Hugging Face one: "
+                                f"read it with --from_orbax={path}")
       raise FileNotFoundError(f"No *.safetensors in {path}. dcsft_jax reads safetensors checkpoints; convert "
                               f"a .bin one with transformers' save_pretrained(safe_serialization=True).")
     self.files = {fn: _open_safetensors(os.path.join(path, fn)) for fn in files}

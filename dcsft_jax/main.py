@@ -12,7 +12,7 @@ import hashlib
 import dataclasses
 import json
 import os
-import re
+
 import shutil
 import sys
 import time
@@ -23,7 +23,7 @@ from ml_collections import config_flags
 import jax
 import PIL.Image
 
-from dcsft_jax import atomic
+from dcsft_jax import atomic, errors, fingerprint
 from dcsft_jax import mesh as mesh_lib
 from dcsft_jax import multihost
 from dcsft_jax import run_config
@@ -33,6 +33,8 @@ from dcsft_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A Python config file (configs/dcsft.py).",
                                           lock_config=True)
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Print the whole trace of a failure (else it goes to "
+                             "WORKDIR/logs/errors.log and the failure is one line).")
 
 
 @dataclasses.dataclass
@@ -59,7 +61,9 @@ def _restart(config, wd: workdir_lib.Workdir) -> None:
       print(f"[{stage}] restart: done already for these settings (a resumed run keeps its progress; "
             f"delete {marker} to restart it again)")
       continue
-    gone = [p for p in wd.stage_outputs(stage, recipes) if os.path.lexists(p)]
+    # The stage and every stage that read its outputs: their results came from what is deleted.
+    gone = [p for s in stages_lib.downstream(stage) for p in wd.stage_outputs(s, recipes) + [wd.stage_settings(s)]
+            if os.path.lexists(p)]
     if jax.process_index() == 0:
       for p in gone:
         shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
@@ -100,14 +104,52 @@ def run(config) -> dict:
   if config.data.max_image_pixels:
     # PIL refuses images over twice MAX_IMAGE_PIXELS (DecompressionBombError, a bad record).
     PIL.Image.MAX_IMAGE_PIXELS = config.data.max_image_pixels // 2
+  _check_answer_budget(config, names)
   wd = workdir_lib.Workdir(config.workdir, seeds=config.seeds)
   with workdir_lib.locked_by_process_0(wd):
     return _run_stages(config, names, Context(wd, mesh, opts))
 
 
+def _check_settings(config, wd: workdir_lib.Workdir, names: list[str]) -> str:
+  """What settings differ from those a finished stage was made with ('' if none): the stages this run
+  runs or reads (their upstream), each key then and now, and the restart that redoes them."""
+  need = set()
+  for n in names:
+    need.update(s for s in [st.name for st in stages_lib.STAGES] if n in stages_lib.downstream(s))
+  changed = []
+  for s in [st.name for st in stages_lib.STAGES if st.name in need]:
+    path = wd.stage_settings(s)
+    if not (os.path.exists(wd.done_marker(s)) and os.path.exists(path)):
+      continue
+    had, has = json.load(open(path)), fingerprint.of(stages_lib.settings(config, s))
+    diff = sorted(k for k in set(had) | set(has) if had.get(k) != has.get(k))
+    if diff:
+      changed.append((s, "; ".join(f"{k} {had.get(k)!r} then, {has.get(k)!r} now" for k in diff)))
+  if not changed:
+    return ""
+  first = changed[0][0]
+  return (f"settings changed since these stages finished in {wd.root}: "
+          + " | ".join(f"{s}: {d}" for s, d in changed)
+          + f". Rerun with --config.restart_stage={first} (redoes {', '.join(stages_lib.downstream(first))}), "
+            f"or put the settings back.")
+
+
+def _check_answer_budget(config, names: list[str]) -> None:
+  """Answers longer than a generating stage's budget stop the run before any work (or warn)."""
+  from dcsft_jax import answer_budget
+  problems = answer_budget.problems(config, names)
+  if problems and config.data.answer_budget != "warn":
+    raise errors.UserError(" | ".join(problems))
+  for p in problems:
+    print(f"warning: {p}", file=sys.stderr)
+
+
 def _run_stages(config, names: list[str], ctx: Context) -> dict:
   wd, mesh = ctx.wd, ctx.mesh
   _restart(config, wd)
+  problem = multihost.on_process_0(lambda: _check_settings(config, wd, names))
+  if problem:
+    raise errors.UserError(problem)
   if jax.process_index() == 0:
     atomic.write_text(wd.config, config.to_json_best_effort(indent=2))
   summary = json.load(open(wd.stages)) if os.path.exists(wd.stages) else {}
@@ -136,6 +178,7 @@ def _run_stages(config, names: list[str], ctx: Context) -> dict:
     print(f"[{name}] " + ", ".join(f"{k}={v}" for k, v in figures.items()))
     if jax.process_index() == 0:
       atomic.write_json(wd.stages, summary, default=str)
+      atomic.write_json(wd.stage_settings(name), fingerprint.of(stages_lib.settings(config, name)))
   multihost.barrier("dcsft-done")
   return summary
 
@@ -174,10 +217,16 @@ def main(argv):
     sys.exit(f"unexpected arguments {argv[1:]}; settings go through --config.KEY=VALUE")
   if _CONFIG.value is None:
     sys.exit("give --config=configs/dcsft.py (or another config file)")
+  config = _CONFIG.value
+  log = lambda: os.path.join(str(config.workdir), "logs", "errors.log") if os.path.isdir(str(config.workdir)) else None
+  errors.cli("dcsft_jax", lambda: _main(config), log=log, verbose=_VERBOSE.value)
+
+
+def _main(config) -> None:
   try:
-    run(_CONFIG.value)
+    run(config)
   except run_config.ConfigError as e:
-    sys.exit(f"bad config: {e}")
+    raise errors.UserError(f"bad config: {e}") from e
   except trainer.CheckpointSaveFailed as e:
     # Out at once, skipping interpreter shutdown: the writes Orbax abandoned are still finishing, and
     # their callbacks into its closed event loop would print a traceback each during finalization.
@@ -186,26 +235,71 @@ def main(argv):
     print(f"dcsft_jax: {e}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(1)
-  except (workdir_lib.WorkdirBusy, FileNotFoundError) as e:
-    sys.exit(f"dcsft_jax: {e}")     # a missing input or a busy workdir: the message is the cause
+  except workdir_lib.WorkdirBusy as e:
+    sys.exit(f"dcsft_jax: {e}")     # a busy workdir: the message is the cause
   except trainer.Preempted as e:
     logging.warning("%s", e)      # an expected stop, with its checkpoint: one line, no traceback
     sys.exit(e.exit_status)
 
 
 def _parse_flags(argv: list[str]):
-  """absl's flag parsing, except that a --config.KEY override naming no field of the config (which
-  ml_collections reports as a bare KeyError) stops with the override and the config's sections."""
+  """absl's flag parsing, with failures a user can fix said in one line: -h/--help lists the config's
+  fields (exit 0); an override naming no field names that override and its section's keys (or the
+  nearest); a value of the wrong type names the flag."""
+  if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
+    print(_usage())
+    sys.exit(0)
   try:
     return flags.FLAGS(argv)
   except (KeyError, AttributeError) as e:
-    from dcsft_jax import config_base
-    overrides = [a for a in argv[1:] if a.startswith("--config.")]
-    # ml_collections' message may arrive repr'd once more ('\'x\'\\nDid you mean ...'): unwrap it.
-    what = str(e.args[0] if e.args else e)
-    what = re.sub(r"'([^']*)'", r"\1", what.replace("\\n", "\n").replace("\\'", "'")).strip("'\"").replace("\n", " ")
-    sys.exit(f"bad config override ({' '.join(overrides)}): no field {what}. The config's sections are "
-             f"{', '.join(sorted(config_base.base().keys()))}; dcsft_jax/config_base.py lists every key.")
+    sys.exit(f"dcsft_jax: error: bad config override: {_unknown_key(argv, e)}")
+  except flags.Error as e:
+    sys.exit(f"dcsft_jax: error: bad flag: {errors.one_line(e)}; `python -m dcsft_jax.main -h` lists the config's "
+             f"fields")
+
+
+def _unknown_key(argv: list[str], e: Exception) -> str:
+  """The override that names no field, and what the section has (ml_collections says only the key)."""
+  import difflib
+
+  from dcsft_jax import config_base
+  base = config_base.base()
+  for a in argv[1:]:
+    if not a.startswith("--config."):
+      continue
+    path = a[len("--config."):].split("=", 1)[0].split(".")
+    node, good = base, []
+    for part in path:
+      if hasattr(node, "keys") and part in node.keys():
+        node, good = node[part], good + [part]
+        continue
+      keys = sorted(node.keys()) if hasattr(node, "keys") else []
+      where = ".".join(good) or "the config"
+      near = difflib.get_close_matches(part, keys, n=1, cutoff=0.6)
+      hint = f"did you mean {'.'.join(good + near)}?" if near else f"{where} has {', '.join(keys)}"
+      return f"{a.split('=', 1)[0]}: {where} has no field {part!r}; {hint}"
+  return f"{errors.one_line(e)}; dcsft_jax/config_base.py lists every key"
+
+
+def _usage() -> str:
+  """Every config field by section, with its default and the comment config_base.py gives it."""
+  from dcsft_jax import config_base
+  helps = config_base.field_help()
+  lines = ["python -m dcsft_jax.main --config=configs/dcsft.py [--config.SECTION.KEY=VALUE ...] [--verbose]",
+           "", "Runs the DC-SFT pipeline (README.md). The config's fields (defaults of config_base.base()):"]
+  base = config_base.base()
+
+  def walk(node, prefix):
+    for k in node.keys():
+      v = node[k]
+      if hasattr(v, "keys"):
+        lines.extend(["", f"[{prefix}{k}]"])
+        walk(v, f"{prefix}{k}.")
+      else:
+        h = helps.get(f"{prefix}{k}", "")
+        lines.append(f"  --config.{prefix}{k}={v!r}" + (f"    {h}" if h else ""))
+  walk(base, "")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from dcsft_jax import atomic
 
 SIZE = (800, 500)
 PLOT_BOX = (90, 60, 770, 420)  # left, top, right, bottom of the axes area
+LEGEND_GAP = 24                # a line chart's legend starts this far right of the axes area
 BACKGROUND = (255, 255, 255)
 AXIS = (40, 40, 40)
 GRID = (225, 225, 225)
@@ -51,10 +52,11 @@ def _centered(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fon
   draw.text((xy[0] - w / 2, xy[1] - h / 2), text, font=font, fill=fill)
 
 
-def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+def nice_ticks(lo: float, hi: float, n: int = 5, *, integer: bool = False) -> list[float]:
   """Round tick values (steps of 1, 2, 2.5 or 5 times a power of ten) covering [lo, hi].
 
-  A zero-width range is widened first, so a constant series still gets an axis.
+  A zero-width range is widened first, so a constant series still gets an axis. `integer` (steps,
+  counts): whole-number ticks only, so a 2-step run does not get a tick at step 0.25.
   """
   if not (math.isfinite(lo) and math.isfinite(hi)):
     raise ValueError(f"tick range must be finite, got [{lo}, {hi}]")
@@ -64,8 +66,10 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     pad = abs(lo) * 0.1 or 1.0
     lo, hi = lo - pad, hi + pad
   raw = (hi - lo) / max(n - 1, 1)
+  if integer:
+    raw = max(raw, 1.0)
   mag = 10 ** math.floor(math.log10(raw))
-  step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+  step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw and not (integer and m * mag % 1))
   first = math.floor(lo / step + 1e-9) * step
   last = math.ceil(hi / step - 1e-9) * step
   n_steps = max(round((last - first) / step), 1)
@@ -79,12 +83,13 @@ def _fmt(v: float) -> str:
   return f"{v:.6g}"
 
 
-def _frame(title: str, xlabel: str, ylabel: str) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-  """White canvas with the title and both axis labels (the y label rotated)."""
-  img = Image.new("RGB", SIZE, BACKGROUND)
+def _frame(title: str, xlabel: str, ylabel: str, width: int = SIZE[0]) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+  """White canvas (SIZE, or wider to hold a legend right of the plot area) with the title and both axis
+  labels (the y label rotated)."""
+  img = Image.new("RGB", (width, SIZE[1]), BACKGROUND)
   draw = ImageDraw.Draw(img)
   left, top, right, bottom = PLOT_BOX
-  _centered(draw, (SIZE[0] / 2, top / 2), title, _font(20))
+  _centered(draw, (width / 2, top / 2), title, _font(20))
   _centered(draw, ((left + right) / 2, SIZE[1] - 22), xlabel, _font(15))
   font = _font(15)
   w, h = _text_size(draw, ylabel, font)
@@ -202,8 +207,13 @@ def line_png(path: str | os.PathLike, series: dict[str, tuple[Sequence[float], S
     if not all(math.isfinite(float(v)) for v in [*lows, *highs]):
       raise ValueError("a band holds a NaN or infinite value")
     all_y += [float(v) for v in [*lows, *highs]]
-  xticks, yticks = nice_ticks(min(all_x), max(all_x)), nice_ticks(min(all_y), max(all_y))
-  img, draw = _frame(title, xlabel, ylabel)
+  integer_x = all(v == int(v) for v in all_x)
+  xticks, yticks = nice_ticks(min(all_x), max(all_x), integer=integer_x), nice_ticks(min(all_y), max(all_y))
+  # The legend goes right of the plot area, outside the data: it never covers a point.
+  lfont = _font(13)
+  probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  box_w = max(_text_size(probe, n, lfont)[0] for n in clean) + 44
+  img, draw = _frame(title, xlabel, ylabel, width=max(SIZE[0], PLOT_BOX[2] + 24 + box_w + 12))
   left, top, right, bottom = PLOT_BOX
   to_y = _y_axis(draw, yticks)
 
@@ -235,12 +245,9 @@ def line_png(path: str | os.PathLike, series: dict[str, tuple[Sequence[float], S
     for x, y in pts:
       draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colors[name])
 
-  # Legend in the top-right corner of the plot area, on a white box so grid lines do not cross it.
-  lfont = _font(13)
-  widths = [_text_size(draw, n, lfont)[0] for n in clean]
+  # Legend right of the plot area (LEGEND_GAP px), top-aligned with it.
   row_h = 20
-  box_w = max(widths) + 44
-  x0, y0 = right - box_w - 8, top + 8
+  x0, y0 = right + LEGEND_GAP, top
   draw.rectangle([x0, y0, x0 + box_w, y0 + row_h * len(clean) + 8], fill=BACKGROUND, outline=GRID)
   for i, name in enumerate(clean):
     y = y0 + 4 + i * row_h + row_h / 2

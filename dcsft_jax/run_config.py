@@ -240,6 +240,10 @@ def _validate_data(config, stages, check_files: bool = True) -> None:
               "score.max_new_tokens", "evaluate.batch_size", "evaluate.max_new_tokens"):
     _positive(config, key)
   _check(0.0 <= d.label_noise <= 1.0, "data.label_noise", f"{d.label_noise!r} must be in [0, 1]")
+  _check(d.answer_budget in ("error", "warn"), "data.answer_budget", f"{d.answer_budget!r} is not 'error' or 'warn'")
+  for key in ("data.train_limit", "evaluate.limit", "report.curve_limit"):
+    section, name = key.split(".")
+    _check(int(config[section][name]) >= 0, key, f"{config[section][name]!r} must be >= 0 (0 = no limit)")
   s = config.score
   try:
     sampling.SamplingParams(max_new_tokens=s.max_new_tokens, num_samples=s.num_samples, temperature=s.temperature,

@@ -20,6 +20,8 @@ import os
 import re
 import shutil
 
+from dcsft_jax import errors
+
 GiB = 1 << 30
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "accelerators")
 
@@ -151,9 +153,9 @@ def devices(name: str, *, attached: bool | None = None) -> Devices:
       quiet_libtpu()
       topo = topologies.get_topology_desc(topology_name=t.topology, platform="tpu", **dict(t.tpu_kwargs))
   except Exception as e:  # pylint: disable=broad-except
-    raise RuntimeError(f"cannot build compile-only {t.description} devices ({type(e).__name__}: {e}). Install the "
-                       f"compiler: {INSTALL[t.platform]}; JAX must start with JAX_PLATFORMS=cpu "
-                       f"(python -m dcsft_jax.aot sets it)") from None
+    raise errors.UserError(f"cannot build compile-only {t.description} devices ({type(e).__name__}: {e}). Install "
+                           f"the compiler: {INSTALL[t.platform]}; JAX must start with JAX_PLATFORMS=cpu "
+                           f"(python -m dcsft_jax.aot sets it)") from None
   devs = list(topo.devices)
   if len(devs) != t.devices:
     raise RuntimeError(f"{t.topology} gave {len(devs)} devices, expected {t.devices}")

@@ -13,6 +13,8 @@ One object, so the stages, the report, the tests and a user's scripts agree on w
   eval/MODEL/SET.json                 greedy answers per set; eval/accuracy.{json,md}
   report.md, results.json, plots/     the report (plots/logs: its TensorBoard copy)
   hf_export/                          the exported Hugging Face directory
+  settings/STAGE.json                 the settings a finished stage was made with (main checks them)
+  logs/errors.log                     the traces of failures said in one line (dcsft_jax.errors)
 
 A model directory marks itself complete by its config.json, written last (checkpoint.save_model).
 """
@@ -181,6 +183,10 @@ class Workdir:
     }[stage] + [self.train(r) for r in runs]
 
   # ----------------------------------------------------------------------- stage markers
+  def stage_settings(self, stage: str) -> str:
+    """The settings `stage` finished with (stages.settings), written when it finished."""
+    return os.path.join(self.root, "settings", f"{stage}.json")
+
   def done_marker(self, stage: str) -> str:
     """The file whose existence means `stage` finished (main skips it then)."""
     return {

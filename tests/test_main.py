@@ -69,8 +69,8 @@ def test_default_run_fills_the_report_exports_and_resumes(tmp_path):
     assert len(cells) == 4 and all(c and c != "-" for c in cells), rows[label]
   assert "The paper's OOD ordering is SFT < GRPO < SFT-M < SFT-EM; ours (means) is " in report
   assert "## Out of distribution, against SFT and the paper" in report
-  pngs = ("pass_rates.png", "train_loss.png", "ood_rendition_vs_step.png", "ood_adversarial_vs_step.png",
-          "grpo_reward.png")
+  pngs = ("pass_rates.png", "cold_start_loss.png", "train_loss.png", "ood_rendition_vs_step.png",
+          "ood_adversarial_vs_step.png", "grpo_reward.png")
   for png in pngs:
     with open(os.path.join(wd, "plots", png), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", png

@@ -12,7 +12,8 @@ from dcsft_jax import plots
 
 def _pixels(path) -> np.ndarray:
   with Image.open(path) as img:
-    assert img.format == "PNG" and img.size == plots.SIZE
+    # A line chart is wider than SIZE by its legend (right of the axes area); the height is fixed.
+    assert img.format == "PNG" and img.size[1] == plots.SIZE[1] and img.size[0] >= plots.SIZE[0]
     return np.asarray(img.convert("RGB"))
 
 
@@ -105,3 +106,30 @@ def test_nice_ticks_cover_range_with_round_steps(lo, hi):
   mantissa = steps[0] / 10 ** np.floor(np.log10(steps[0]))
   assert any(np.isclose(mantissa, m) for m in (1, 2, 2.5, 5))
   assert len(t) <= 8
+
+
+def test_the_legend_lies_outside_the_data_and_covers_no_point(tmp_path):
+  """Issue 27: the legend box covered the OOD curves' last steps. Series that reach every corner of the
+  data area, the top right included: every marker keeps its colour, and the legend's swatches lie right of
+  the axes area, clear of the largest marker."""
+  series = {"SFT": ([0, 10, 20, 30, 40], [0, 50, 60, 70, 100]), "SFT-EM": ([0, 40], [100, 0]),
+            "a very long run name indeed": ([0, 20, 40], [5, 85, 95])}
+  path = plots.line_png(tmp_path / "l.png", series, title="t", xlabel="step", ylabel="accuracy (%)")
+  px = _pixels(path)
+  left, top, right, bottom = plots.PLOT_BOX
+  assert px.shape[1] > right + plots.LEGEND_GAP          # the canvas grew to hold it
+  for i, (xs, ys) in enumerate(series.values()):
+    color = np.array(plots.PALETTE[i])
+    hit = np.argwhere((px == color).all(-1))
+    swatch = hit[hit[:, 1] > right + 4]                   # what lies right of the markers' reach
+    assert len(swatch) > 0 and swatch[:, 1].min() >= right + plots.LEGEND_GAP, (i, swatch[:, 1].min())
+    x_of = lambda v: left + v / 40 * (right - left)
+    y_of = lambda v: bottom - v / 100 * (bottom - top)
+    for x, y in zip(xs, ys):                              # each marker's centre still has its colour
+      assert (px[int(round(y_of(y))), int(round(x_of(x)))] == color).all(), (i, x, y)
+
+
+def test_step_axes_get_whole_number_ticks():
+  assert plots.nice_ticks(0, 2, integer=True) == [0, 1, 2]
+  assert all(t == int(t) for t in plots.nice_ticks(1, 3, integer=True))
+  assert plots.nice_ticks(0, 2) == [0, 0.5, 1, 1.5, 2]   # values keep their fractional ticks

@@ -358,7 +358,8 @@ def test_restart_stage_deletes_that_stage_and_runs_it_again(base_workdir, tmp_pa
   main.run(c)
   assert all(s.k == 4 for s in curation.read_scores(Workdir(wd).scores).values())
   c.score.num_samples = 2
-  main.run(c)                                        # done already: skipped, still K = 4
+  with pytest.raises(ValueError, match=r"score: score.num_samples 4 then, 2 now.*--config.restart_stage=score"):
+    main.run(c)                                      # finished under other settings: refused, still K = 4
   assert all(s.k == 4 for s in curation.read_scores(Workdir(wd).scores).values())
   c.restart_stage = "score"
   main.run(c)
@@ -433,7 +434,7 @@ def test_unknown_override_key_is_one_line_naming_the_sections():
   r = subprocess.run([sys.executable, "-m", "dcsft_jax.main", "--config=configs/dcsft.py", "--config.trainer.steps=3"],
                      cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
   assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-  assert "bad config override (--config.trainer.steps=3): no field trainer" in r.stderr
+  assert "bad config override: --config.trainer.steps: the config has no field 'trainer'" in r.stderr
   assert "cold_start, curate, data" in r.stderr
 
 

@@ -25,10 +25,7 @@ def model_path(ctx, ref: str) -> str:
   inside = ctx.wd.path(ref)
   if os.path.exists(inside) or os.path.exists(ref):
     return inside if os.path.exists(inside) else os.path.abspath(ref)
-  maker = next((stage for stage in ("init", "cold_start") if os.path.dirname(ctx.wd.done_marker(stage)) == inside),
-               None)
-  if maker is None and os.path.dirname(inside) == ctx.wd.path("models"):
-    maker = "grpo" if workdir_lib.split_run_name(os.path.basename(inside))[0] == "grpo" else "finetune"
+  maker = maker_stage(ctx, inside)
   raise FileNotFoundError(f"model {ref!r} not found: neither {inside} nor {os.path.abspath(ref)} exists. "
                           + (f"The {maker!r} stage makes it: run that stage first (in this command's "
                              f"--config.stages, or before it)." if maker else
@@ -44,12 +41,24 @@ class LoadedModel:
   processor: Processor
 
 
+def maker_stage(ctx, directory: str) -> str | None:
+  """The stage that writes a model directory of the workdir (None for a directory from elsewhere)."""
+  directory = os.path.abspath(directory)
+  maker = next((stage for stage in ("init", "cold_start") if os.path.dirname(ctx.wd.done_marker(stage)) == directory),
+               None)
+  if maker is None and os.path.dirname(directory) == ctx.wd.path("models"):
+    maker = "grpo" if workdir_lib.split_run_name(os.path.basename(directory))[0] == "grpo" else "finetune"
+  return maker
+
+
 def load_model(config, ctx, ref: str, *, max_pixels: int = 0, sampling_only: bool = False) -> LoadedModel:
   """The model at `ref` with its processor; `max_pixels` (a stage's own cap) over data.max_pixels.
   `sampling_only` (scoring, evaluation): stored as run_config.sampling_options says."""
   directory = model_path(ctx, ref)
   opts = run_config.sampling_options(config, ctx.model_options) if sampling_only else ctx.model_options
-  cfg, params, lora = checkpoint.load_any(directory, mesh=ctx.mesh, opts=opts)
+  maker = maker_stage(ctx, directory)
+  fix = f"rerun the stage that wrote it: --config.restart_stage={maker}" if maker else None
+  cfg, params, lora = checkpoint.load_any(directory, mesh=ctx.mesh, opts=opts, fix=fix)
   opts = dataclasses.replace(opts, lora=lora)
   return LoadedModel(directory, cfg, params, opts, processor_for(config, directory, cfg, max_pixels))
 
@@ -62,10 +71,17 @@ def processor_for(config, directory: str, cfg, max_pixels: int = 0) -> Processor
 
 
 def load_records(config, spec, *, limit=None, train: bool = False):
+  """The records of a data spec; none at all is a UserError naming it (an empty file, or all skipped)."""
   d = config.data
-  return sources.load(spec, seed=config.seed, limit=limit or None, image_root=_image_root(d.image_root),
-                      skip_bad_records=d.skip_bad_records, tfds_dir=d.tfds_dir, label_names=d.label_names or None,
-                      label_noise=d.label_noise if train else 0.0, image_size=d.builtin_image_size)
+  records = sources.load(spec, seed=config.seed, limit=limit or None, image_root=_image_root(d.image_root),
+                         skip_bad_records=d.skip_bad_records, tfds_dir=d.tfds_dir, label_names=d.label_names or None,
+                         label_noise=d.label_noise if train else 0.0, image_size=d.builtin_image_size)
+  if not records:
+    from dcsft_jax import errors
+    raise errors.UserError(f"data {spec} holds no records" + (" (every record was skipped as bad)"
+                                                              if d.skip_bad_records else "")
+                           + ": point the config at a file or dataset with records")
+  return records
 
 
 def _image_root(value: str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import glob
 import os
 import shutil
 
@@ -185,6 +186,22 @@ def _skipped(wd: Workdir) -> dict[str, int]:
           for name, fig in stages.items() if isinstance(fig, dict)}
 
 
+def _set_size(wd: Workdir, name: str) -> int | None:
+  """Images of evaluation set `name` that the evaluate stage scored (any model's file says it)."""
+  for path in sorted(glob.glob(os.path.join(wd.path("eval"), "*", f"{name}.json"))):
+    n = (_read(path) or {}).get("n")
+    if n:
+      return int(n)
+  return None
+
+
+def curve_images(curves: dict[str, list[dict]], s: str) -> int | None:
+  """How many images of set `s` the curves' points were measured on (report.curve_limit; None if the
+  points predate the count)."""
+  counts = {p["images"][s] for pts in curves.values() for p in pts if s in p.get("images", {})}
+  return max(counts) if counts else None
+
+
 def _curves(wd: Workdir) -> dict[str, list[dict]]:
   out = {}
   for name in wd.train_runs():
@@ -231,18 +248,25 @@ def _plots(wd: Workdir, ood: list[str], curves: dict[str, list[dict]]) -> list[s
       losses[name] = ([x["step"] for x in h], [x["loss"] for x in h])
   seeded = any(split_run_name(n)[1] for n in wd.train_runs())
   spread = " (mean over seeds; shaded: the seeds' range)" if seeded else ""
-  if losses:
-    series, bands = _grouped_series(losses)
-    made.append(plots.line_png(os.path.join(d, "train_loss.png"), series, bands=bands,
-                               title="training loss" + spread, xlabel="step", ylabel="loss"))
+  # The cold start (full SFT, hundreds of steps) and the LoRA runs (tens) each get their own panel: on one
+  # axis the short runs would be squeezed into a corner, on top of each other.
+  cold = {n: v for n, v in losses.items() if split_run_name(n)[0] == "cold_start"}
+  lora = {n: v for n, v in losses.items() if n not in cold}
+  for png, group, what in (("cold_start_loss.png", cold, "cold start (full SFT)"),
+                           ("train_loss.png", lora, "fine-tuning runs")):
+    if group:
+      series, bands = _grouped_series(group)
+      made.append(plots.line_png(os.path.join(d, png), series, bands=bands,
+                                 title=f"training loss: {what}" + spread, xlabel="step", ylabel="loss"))
   for s in ood:
     per_run = {n: ([p["step"] for p in pts if p.get(s) is not None], [100 * p[s] for p in pts if p.get(s) is not None])
                for n, pts in curves.items() if any(p.get(s) is not None for p in pts)}
     series, bands = _grouped_series(per_run)
     if series:
+      n = curve_images(curves, s)
       made.append(plots.line_png(os.path.join(d, f"ood_{s}_vs_step.png"), series, bands=bands,
-                                 title=f"{s} accuracy during training (Fig. 3)" + spread, xlabel="step",
-                                 ylabel="accuracy (%)"))
+                                 title=f"{s} accuracy during training" + (f", {n} images" if n else "")
+                                 + " (Fig. 3)" + spread, xlabel="step", ylabel="accuracy (%)"))
   h = training.history(wd, "grpo")
   if h and "reward" in h[0]:
     made.append(plots.line_png(os.path.join(d, "grpo_reward.png"),
@@ -406,7 +430,15 @@ def build(workdir: str) -> dict:
   # TensorBoard's copy leaves out the Plots section: its links do not resolve there, the images have a tab.
   _tensorboard(wd, "\n".join(parts), made)
   if made:
-    parts += ["## Plots\n"] + [f"![{os.path.basename(p)}]({os.path.relpath(p, workdir)})\n" for p in made]
+    parts += ["## Plots\n"]
+    sized = {name: curve_images(curves, name) for name in ood}
+    if any(sized.values()):
+      full = {name: _set_size(wd, name) for name in sized}
+      parts += ["The accuracy-vs-step curves are measured on " + ", ".join(
+          f"{n} images of {name}" + (f" (the table above: all {full[name]})" if full[name] else "")
+          for name, n in sized.items() if n) + " (`report.curve_limit`), so their points and the table's "
+          "figures differ by that sampling.\n"]
+    parts += [f"![{os.path.basename(p)}]({os.path.relpath(p, workdir)})\n" for p in made]
   results["plots"] = [os.path.relpath(p, workdir) for p in made]
   text = "\n".join(parts)
   common.write_json(wd.results, results)
@@ -417,6 +449,10 @@ def build(workdir: str) -> dict:
 def run(config, ctx) -> dict:
   """Host work that writes shared files: process 0 builds the report, every process gets its figures."""
   def make() -> dict:
+    if not any(os.path.exists(ctx.wd.done_marker(s)) for s in ("init", "cold_start", "score", "evaluate")):
+      from dcsft_jax import errors
+      raise errors.UserError(f"nothing to report in {ctx.wd.root}: no stage has finished there; run the pipeline "
+                             f"first (--config.stages=init,cold_start,...,evaluate,report, the default)")
     res = build(ctx.workdir)
     print(open(ctx.wd.report).read())
     return {"written": ctx.wd.report, "plots": len(res["plots"])}

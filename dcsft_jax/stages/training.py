@@ -97,7 +97,7 @@ class Curve:
     point = next((p for p in self.points if p["step"] == step), None)
     if point is None:
       model = dataclasses.replace(self.model, params=params)
-      point = {"step": step}
+      point = {"step": step, "images": {n: len(recs) for n, recs in self.sets.items()}}
       for n, recs in self.sets.items():
         results, _ = evaluate.greedy_results(self.config, self.ctx, model, recs, n, desc=f"curve {n}@{step}",
                                              sampler=self.sampler)

@@ -1,0 +1,69 @@
+"""Failures a user can fix, said in one line.
+
+`UserError` is raised where the fix is known: its message names the file, record, key or directory
+and the fix (the `--config.restart_stage`, the install command, a key's valid values). The entry
+points (`main`, `convert`, `generate`, `aot`) run under `cli`, which prints such a failure as one line
+on stderr and exits 1, and writes the whole trace to a log (WORKDIR/logs/errors.log for a run, else
+~/.cache/dcsft_jax/errors.log), or to stderr with `--verbose`. ValueErrors and missing files raised
+anywhere in the project are the same kind of failure (a bad input, said by the code that read it).
+Anything else is unexpected and keeps its traceback.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import traceback
+from typing import Callable
+
+# What an entry point reports in one line: the project's own errors about inputs and settings.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+               PermissionError)
+
+
+class UserError(ValueError):
+  """A failure the user can fix; the message names what is wrong and the fix."""
+
+
+def default_log() -> str:
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "dcsft_jax", "errors.log")
+
+
+def one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split()) or type(e).__name__
+  if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)) \
+      and getattr(e, "filename", None) and str(e.filename) not in text:
+    text = f"{text}: {e.filename}"
+  return text
+
+
+def write_trace(path: str, what: str) -> str | None:
+  """Appends the current exception's trace to `path`; the path written, or None if it cannot be."""
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} {what}\n")
+      f.write(traceback.format_exc())
+    return path
+  except OSError:
+    return None
+
+
+def cli(name: str, fn: Callable[[], object], *, log: Callable[[], str | None] = lambda: None,
+        verbose: bool = False) -> object:
+  """Runs fn(); a user-fixable failure becomes one line on stderr and exit status 1. `log()` gives
+  the trace's file (called after the failure: a run knows its workdir only once its config is read)."""
+  try:
+    return fn()
+  except USER_ERRORS as e:
+    if verbose:
+      traceback.print_exc()
+      where = None
+    else:
+      where = write_trace(log() or default_log(), f"{name} {' '.join(sys.argv[1:])}")
+    msg = f"{name}: error: {one_line(e)}"
+    if where:
+      msg += f" (trace: {where})"
+    print(msg, file=sys.stderr, flush=True)
+    sys.exit(1)

@@ -1,0 +1,171 @@
+"""Failures a user can fix are one line that names what is wrong and the fix (issue 27), and a finished
+stage keeps the settings it was made with.
+
+Each case runs the entry point as a user does (a subprocess) and asserts: exit status 1, at most 3
+lines on stderr (native libraries' own start-up logging aside), and the words that name the key,
+file or directory and the fix. The traces go to a log, not the terminal."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Lines that native libraries (absl C++, XLA, TensorFlow's stubs) print at start-up, before Python runs.
+NATIVE = re.compile(r"^(WARNING: All log messages before absl|[IWE]\d{4} \d\d:\d\d:\d\d|WARNING: Logging before)")
+
+
+def _env(tmp_path):
+  return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="", XDG_CACHE_HOME=str(tmp_path / "cache"))
+
+
+def _run(tmp_path, module: str, *args, timeout=300):
+  r = subprocess.run([sys.executable, "-m", module, *args], cwd=str(tmp_path), env=_env(tmp_path),
+                     capture_output=True, text=True, timeout=timeout)
+  err = [ln for ln in r.stderr.splitlines() if ln.strip() and not NATIVE.match(ln)]
+  return r, err
+
+
+def _main(tmp_path, *args, **kw):
+  return _run(tmp_path, "dcsft_jax.main", f"--config={REPO}/configs/dcsft.py", f"--config.workdir={tmp_path / 'wd'}",
+              *args, **kw)
+
+
+def _shapes(tmp_path) -> str:
+  """A user's own data: shapes whose names the tiny tokenizer spells in 5 and 6 tokens."""
+  rows = []
+  for i, a in enumerate(["circle", "triangle", "square"] * 4):
+    p = tmp_path / f"img{i}.png"
+    Image.fromarray(np.random.default_rng(i).integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(p)
+    rows.append({"messages": [{"role": "user", "content": "<image>Which shape?"},
+                              {"role": "assistant", "content": a}], "images": [str(p)]})
+  path = tmp_path / "shapes.json"
+  path.write_text(json.dumps(rows))
+  return str(path)
+
+
+def _one_line(r, err, *words):
+  assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+  assert 1 <= len(err) <= 3, err
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  for w in words:
+    assert w in err[-1], (w, err[-1])
+
+
+CASES = {
+    "unknown key": (["--config.score.k=3"], ["--config.score.k", "num_samples"]),
+    "wrong value type": (["--config.score.temperature=abc"], ["--config.score.temperature", "abc"]),
+    "negative limit": (["--config.data.train_limit=-5"], ["data.train_limit", ">= 0"]),
+    "bad dtype": (["--config.model.dtype=int8"], ["model.dtype", "int8"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_settings_are_one_line(tmp_path, case):
+  args, words = CASES[case]
+  r, err = _main(tmp_path, *args)
+  _one_line(r, err, *words)
+  assert not os.path.exists(tmp_path / "wd")          # stopped before any work
+
+
+def test_help_lists_the_fields_and_exits_0(tmp_path):
+  for flag in ("-h", "--help"):
+    r, _ = _run(tmp_path, "dcsft_jax.main", flag)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[score]" in r.stdout and "--config.score.num_samples=8" in r.stdout
+    assert "prompts per batch" in r.stdout                           # config_base.py's comment, beside it
+
+
+def test_answers_longer_than_the_budget_stop_before_any_work(tmp_path):
+  data = _shapes(tmp_path)
+  args = [f"--config.data.train=json:{data}", f"--config.cold_start.data=json:{data}",
+          f"--config.data.eval=id=json:{data}", "--config.data.ood=id"]
+  r, err = _main(tmp_path, *args)
+  _one_line(r, err, "'triangle', 6 tokens", "score.max_new_tokens=4", "--config.score.max_new_tokens=6")
+  assert not os.path.exists(tmp_path / "wd" / "base_model")
+  # The trace went to the log the line names.
+  log = re.search(r"trace: (\S+)\)", err[-1]).group(1)
+  assert "UserError" in open(log).read()
+
+
+def test_the_default_budget_fits_its_own_answers():
+  from dcsft_jax import answer_budget, config_base
+  c = config_base.load_config_file(os.path.join(REPO, "configs", "dcsft.py")).get_config()
+  c.data.train_limit = 64
+  c.evaluate.limit = 64
+  assert answer_budget.problems(c, ["score", "grpo", "evaluate"]) == []
+
+
+def test_workdir_that_is_a_file_is_one_line(tmp_path):
+  f = tmp_path / "wd"
+  f.write_text("not a directory")
+  r, err = _main(tmp_path, "--config.stages=init")
+  _one_line(r, err, str(f))
+
+
+def test_convert_and_generate_errors_are_one_line(tmp_path):
+  missing = str(tmp_path / "nowhere")
+  r, err = _run(tmp_path, "dcsft_jax.convert", f"--from_hf={missing}", f"--to_orbax={tmp_path / 'out'}")
+  _one_line(r, err, "nowhere")
+  r, err = _run(tmp_path, "dcsft_jax.generate", f"--model={missing}", "--prompt=hi")
+  _one_line(r, err, "nowhere")
+
+
+def test_a_finished_stage_refuses_other_settings_and_restart_redoes_it_and_what_follows(tmp_path):
+  r, _ = _main(tmp_path, "--config.stages=init")
+  assert r.returncode == 0, r.stderr[-3000:]
+  wd = tmp_path / "wd"
+  assert json.load(open(wd / "settings" / "init.json"))["seed"] == 0
+  r, err = _main(tmp_path, "--config.stages=init", "--config.seed=3")
+  _one_line(r, err, "init: seed 0 then, 3 now", "--config.restart_stage=init")
+  before = os.stat(wd / "base_model" / "config.json").st_mtime_ns
+  r, _ = _main(tmp_path, "--config.stages=init", "--config.seed=3", "--config.restart_stage=init")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "restart: deleted base_model" in r.stdout
+  assert os.stat(wd / "base_model" / "config.json").st_mtime_ns != before
+  assert json.load(open(wd / "settings" / "init.json"))["seed"] == 3
+  # The same settings again: done already, nothing refused.
+  r, _ = _main(tmp_path, "--config.stages=init", "--config.seed=3")
+  assert r.returncode == 0 and "done already" in r.stdout, r.stderr[-3000:]
+
+
+def test_a_damaged_finished_model_is_one_line_naming_it_and_the_restart(tmp_path):
+  r, _ = _main(tmp_path, "--config.stages=init,cold_start", "--config.cold_start.steps=1")
+  assert r.returncode == 0, r.stderr[-3000:]
+  params = tmp_path / "wd" / "cold_start_model" / "params"
+  files = sorted((p for p in params.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  with open(files[-1], "r+b") as f:                   # the largest file cut in half: a truncated copy
+    f.truncate(files[-1].stat().st_size // 2)
+  r, err = _main(tmp_path, "--config.stages=score", "--config.cold_start.steps=1", "--config.data.train_limit=8",
+                 "--config.score.num_samples=2")
+  _one_line(r, err, "cold_start_model/params cannot be read", "--config.restart_stage=cold_start")
+
+
+def test_an_empty_data_file_stops_before_any_work_naming_it(tmp_path):
+  empty = tmp_path / "empty.json"
+  empty.write_text("[]")
+  r, err = _main(tmp_path, f"--config.data.train=json:{empty}")
+  _one_line(r, err, str(empty), "no records")
+  assert not os.path.exists(tmp_path / "wd" / "base_model")
+
+
+def test_a_report_of_an_empty_workdir_names_what_to_run(tmp_path):
+  r, err = _main(tmp_path, "--config.stages=report")
+  _one_line(r, err, "nothing to report", "--config.stages=")
+  assert not os.path.exists(tmp_path / "wd" / "report.md")
+
+
+def test_convert_names_the_kind_of_directory_and_the_dtypes(tmp_path):
+  r, _ = _main(tmp_path, "--config.stages=init")
+  assert r.returncode == 0, r.stderr[-3000:]
+  base = str(tmp_path / "wd" / "base_model")
+  r, err = _run(tmp_path, "dcsft_jax.convert", f"--from_hf={base}", f"--to_orbax={tmp_path / 'o'}")
+  _one_line(r, err, base, f"--from_orbax={base}")
+  r, err = _run(tmp_path, "dcsft_jax.convert", f"--from_orbax={base}", f"--to_hf={tmp_path / 'h'}", "--dtype=int8")
+  _one_line(r, err, "int8", "bfloat16")
