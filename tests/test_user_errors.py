@@ -169,3 +169,16 @@ def test_convert_names_the_kind_of_directory_and_the_dtypes(tmp_path):
   _one_line(r, err, base, f"--from_orbax={base}")
   r, err = _run(tmp_path, "dcsft_jax.convert", f"--from_orbax={base}", f"--to_hf={tmp_path / 'h'}", "--dtype=int8")
   _one_line(r, err, "int8", "bfloat16")
+
+
+def test_stage_settings_cover_what_shapes_outputs_and_not_what_only_adds_work():
+  from dcsft_jax import config_base, stages
+  c = config_base.base()
+  ev, ft = stages.settings(c, "evaluate"), stages.settings(c, "finetune")
+  assert "evaluate.max_new_tokens" in ev and "evaluate.limit" in ev and "model.dtype" in ev
+  # New models, new sets and new recipes add runs to a finished stage (main._missing), not a conflict.
+  assert not {"evaluate.models", "evaluate.batch_size", "data.eval"} & set(ev)
+  assert "finetune.learning_rate" in ft and not {"finetune.recipes", "finetune.keep", "finetune.save_every"} & set(ft)
+  assert stages.downstream("finetune") == ["finetune", "evaluate", "report", "export"]
+  assert stages.downstream("cold_start") == ["cold_start", "score", "curate", "finetune", "grpo", "evaluate",
+                                             "report", "export"]

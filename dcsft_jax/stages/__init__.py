@@ -41,8 +41,8 @@ DEPENDS = {
 # The settings that shape each stage's outputs: a finished stage keeps them (WORKDIR/settings/STAGE.json),
 # and a run asking other ones for it stops before any work. A section name covers all its keys but
 # those in _NOT_OUTPUTS (checkpoint cadence, batch sizes of the samplers, which change no result).
-# Lists that only add work (finetune.recipes, evaluate.models, seeds) are not here: a finished stage
-# does the new part alone (main._missing).
+# Lists that only add work (finetune.recipes, evaluate.models, data.eval's sets, seeds) are not here: a
+# finished stage does the new part alone (main._missing).
 _IMAGES = ("data.min_pixels", "data.max_pixels", "data.image_root", "data.builtin_image_size",
            "data.max_image_pixels", "data.skip_bad_records", "data.tfds_dir")
 _TRAIN_DATA = ("data.train", "data.train_limit", "data.label_noise", "data.label_names")
@@ -54,7 +54,7 @@ SETTINGS = {
     "curate": ("curate", "seed") + _TRAIN_DATA,
     "finetune": ("finetune", "model.dtype", "model.param_dtype", "data.max_buckets", "seed") + _IMAGES,
     "grpo": ("grpo", "model.dtype", "model.param_dtype", "data.max_buckets", "seed") + _TRAIN_DATA + _IMAGES,
-    "evaluate": ("evaluate", "data.eval", "model.dtype", "model.frozen_in_compute_dtype") + _IMAGES,
+    "evaluate": ("evaluate", "model.dtype", "model.frozen_in_compute_dtype") + _IMAGES,
     "report": (), "export": ("export",),
 }
 
