@@ -593,4 +593,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("tokens", 0, "force one bucket: tokens per row (with --patches)")
   flags.DEFINE_string("attached", "auto", "auto | yes | no: use this host's accelerators (auto: when it has them)")
   logging.set_verbosity(logging.WARNING)
+  from dcsft_jax import config_base
+  sys.argv = [f"--config={config_base.resolve_config(a[len('--config='):])}" if a.startswith("--config=") else a
+              for a in sys.argv]
   app.run(main)

@@ -215,3 +215,21 @@ def field_help() -> dict[str, str]:
       else:
         last = None
   return out
+
+
+def resolve_config(value: str) -> str:
+  """--config's value with a bare name resolved: `dcsft`, `paper/imagenet_qwen25vl_3b` or `bench/...`
+  (with or without .py, and any `:args` after it) name the configs shipped with the package, so a
+  console script works from any directory; a path that exists is left as it is."""
+  name, sep, args = value.partition(":")
+  if os.path.exists(name):
+    return value
+  here = os.path.dirname(os.path.abspath(__file__))
+  rel = name if name.endswith(".py") else name + ".py"
+  rel = rel[len("configs/"):] if rel.startswith("configs/") else rel
+  # Installed: dcsft_jax/configs/ (pyproject maps the repository's configs/ there); a source tree: ../configs.
+  for root in (os.path.join(here, "configs"), os.path.join(os.path.dirname(here), "configs")):
+    path = os.path.join(root, rel)
+    if os.path.isfile(path):
+      return path + sep + args
+  return value

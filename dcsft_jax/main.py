@@ -249,6 +249,9 @@ def _parse_flags(argv: list[str]):
   if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
     print(_usage())
     sys.exit(0)
+  from dcsft_jax import config_base
+  argv = [f"--config={config_base.resolve_config(a[len('--config='):])}" if a.startswith("--config=") else a
+          for a in argv]
   try:
     return flags.FLAGS(argv)
   except (KeyError, AttributeError) as e:
@@ -286,6 +289,7 @@ def _usage() -> str:
   from dcsft_jax import config_base
   helps = config_base.field_help()
   lines = ["python -m dcsft_jax.main --config=configs/dcsft.py [--config.SECTION.KEY=VALUE ...] [--verbose]",
+           "  (--config also takes a shipped config's name from any directory: dcsft, paper/imagenet_qwen25vl_3b, ...)",
            "", "Runs the DC-SFT pipeline (README.md). The config's fields (defaults of config_base.base()):"]
   base = config_base.base()
 

@@ -37,6 +37,11 @@ def _project() -> dict:
     return tomllib.load(f)["project"]
 
 
+def _pyproject_tool() -> dict:
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    return tomllib.load(f)["tool"]
+
+
 def _imports(root: str) -> set[str]:
   mods = set()
   for dirpath, _, files in os.walk(root):
@@ -233,3 +238,24 @@ def test_only_the_registry_imports_family_packages():
       for name in names:
         assert not any(f"dcsft_jax.models.{fam}" == name or name.startswith(f"dcsft_jax.models.{fam}.")
                        for fam in families), f"dcsft_jax/models/{f} imports the family module {name}"
+
+
+def test_the_package_list_ships_every_package_and_the_configs():
+  """pyproject lists the packages (package-dir maps configs/ into the package, which find cannot do):
+  a new package left out would be missing from every install, and the configs must go with it."""
+  listed = set(_pyproject_tool()["setuptools"]["packages"])
+  tree = {os.path.relpath(d, REPO).replace(os.sep, ".") for d, _, files in os.walk(os.path.join(REPO, "dcsft_jax"))
+          if "__init__.py" in files}
+  configs = {"dcsft_jax.configs"} | {f"dcsft_jax.configs.{d}" for d in os.listdir(os.path.join(REPO, "configs"))
+                                     if os.path.isdir(os.path.join(REPO, "configs", d)) and not d.startswith("_")}
+  assert listed == tree | configs, sorted(listed ^ (tree | configs))
+
+
+def test_a_config_name_resolves_to_the_shipped_config():
+  from dcsft_jax import config_base
+  here = os.path.join(REPO, "configs")
+  assert config_base.resolve_config("dcsft") == os.path.join(here, "dcsft.py")
+  assert config_base.resolve_config("dcsft:short=true") == os.path.join(here, "dcsft.py") + ":short=true"
+  assert config_base.resolve_config("paper/imagenet_qwen25vl_3b") == os.path.join(here, "paper",
+                                                                                  "imagenet_qwen25vl_3b.py")
+  assert config_base.resolve_config("no_such_config") == "no_such_config"      # absl then names it
