@@ -123,3 +123,26 @@ def shared_prefix_attention(q, prefix_k, prefix_v, k, v, prefix_mask, mask, *, s
   out = out + jnp.einsum("pkgrts,prskh->prtkgh", probs[..., S0:], v.reshape(P, R, S, K, H),
                          preferred_element_type=jnp.float32)
   return out.reshape(B, T, N, H).astype(q.dtype)
+
+
+def decoder_attention(q, k, v, *, mask=None, cache=None, cache_index=0, prefix=None, dtype=None, impl: str = "auto",
+                      platform: str = ""):
+  """A decoder layer's causal self-attention over its KV cache, the same for every family -> (out, new cache).
+
+  q [B, L, N, hd]; k, v [B, L, KV, hd] (rotary applied). Without a cache: causal attention over the L
+  tokens, `mask` a RightPadding or None. With one ({'k','v'} [B, S, KV, hd]): k, v are written at
+  `cache_index`, and the queries attend to the cache, `mask` saying which slots each may see (causality
+  included); with `prefix` (a read-only {'k','v'} [P, S0, KV, hd] shared by groups of B/P rows, the K
+  samples of a prompt) `mask` is (prefix_mask [P, S0], cache_mask [B, L, S]) and the prefix is read in place.
+  """
+  dtype = dtype or q.dtype
+  if cache is None:
+    return dot_product_attention(q, k, v, mask=mask, is_causal=True, impl=impl, platform=platform), None
+  ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+  cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+  if prefix is None:
+    a = dot_product_attention(q, ck.astype(dtype), cv.astype(dtype), mask=mask, impl=impl, platform=platform)
+  else:
+    a = shared_prefix_attention(q, prefix["k"].astype(dtype), prefix["v"].astype(dtype), ck.astype(dtype),
+                                cv.astype(dtype), *mask)
+  return a, {"k": ck, "v": cv}

@@ -168,20 +168,8 @@ class DecoderLayer(nn.Module):
     q = RMSNorm(c.rms_norm_eps, o.dtype, o.param_dtype, name="q_norm")(q)
     k = RMSNorm(c.rms_norm_eps, o.dtype, o.param_dtype, name="k_norm")(k)
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-    new_cache = None
-    if cache is None:
-      a = attn_lib.dot_product_attention(q, k, v, mask=mask, is_causal=True, impl=o.attention, platform=o.platform)
-    else:
-      ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
-      cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
-      new_cache = {"k": ck, "v": cv}
-      if prefix is None:
-        # The caller's mask says which cache slots each query may see (causality included).
-        a = attn_lib.dot_product_attention(q, ck.astype(o.dtype), cv.astype(o.dtype), mask=mask,
-                                           impl=o.attention, platform=o.platform)
-      else:
-        a = attn_lib.shared_prefix_attention(q, prefix["k"].astype(o.dtype), prefix["v"].astype(o.dtype),
-                                             ck.astype(o.dtype), cv.astype(o.dtype), *mask)
+    a, new_cache = attn_lib.decoder_attention(q, k, v, mask=mask, cache=cache, cache_index=cache_index, prefix=prefix,
+                                              dtype=o.dtype, impl=o.attention, platform=o.platform)
     h = h + lin("o_proj", D, ("heads", "embed"))(a.reshape(B, L, N * hd))
     x = RMSNorm(c.rms_norm_eps, o.dtype, o.param_dtype, name="post_attention_layernorm")(h)
     g = lin("gate_proj", c.intermediate_size, ("embed", "mlp"))(x)
