@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 
 import jax
@@ -36,10 +37,10 @@ def _setup(workdir, lora=None):
   return cfg, params, it, tc, mesh
 
 
-def test_killed_run_resumes_bit_identical(tmp_path):
+def test_killed_run_resumes_bit_identical(tmp_path, caplog):
   # LoRA with dropout: adapters, frozen base, optimizer state and the dropout RNG all have to resume.
   lora = M.LoraSpec(rank=4, alpha=8, dropout=0.05)
-  setups = [_setup(tmp_path, lora) for _ in range(5)]   # built outside the mesh: five identical starts
+  setups = [_setup(tmp_path, lora) for _ in range(6)]   # built outside the mesh: six identical starts
 
   class Killed(Exception):
     pass
@@ -81,6 +82,22 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     t = trainer.SFTTrainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path / "c"))
     out_c = t.fit(it, progress=False)
     final_c = jax.tree.map(np.asarray, t.params)
+    # Every step damaged (issue 27): each set aside with its line, then one line saying the run starts
+    # over; it reaches the same end from step 0.
+    shutil.copytree(tmp_path / "a", tmp_path / "d")
+    for step in (4, 6):
+      shutil.rmtree(tmp_path / "d" / "checkpoints" / str(step))
+      (tmp_path / "d" / "checkpoints" / str(step)).mkdir()
+    cfg, params, it, tc, _ = setups[5]
+    t = trainer.SFTTrainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path / "d"))
+    with caplog.at_level(logging.WARNING):
+      out_d = t.fit(it, progress=False)
+    final_d = jax.tree.map(np.asarray, t.params)
+  said = [r.getMessage() for r in caplog.records if str(tmp_path / "d" / "checkpoints") in r.getMessage()]
+  assert sum("cannot be read" in m for m in said) == 2 and sum("starts from step 0" in m for m in said) == 1, said
+  assert [h["step"] for h in out_d["history"]] == list(range(1, 7))
+  for x, y in zip(jax.tree.leaves(final_a), jax.tree.leaves(final_d)):
+    np.testing.assert_array_equal(x, y)
   assert len(list((tmp_path / "c" / "checkpoints").glob("6.unreadable-*"))) == 1
   assert "Traceback" in (tmp_path / "c" / "logs" / "checkpoint_errors.log").read_text()
   assert [h["step"] for h in out_c["history"]] == list(range(1, 7))

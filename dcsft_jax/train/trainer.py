@@ -287,8 +287,10 @@ class SFTTrainer:
 
     A step that cannot be read (a truncated file, an empty folder from a crash mid-save, a full
     disk) is set aside as STEP.unreadable-TIME, with one warning naming it and the cause, and the
-    step before it is tried: the run loses those steps, not the whole run."""
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    step before it is tried: the run loses those steps, not the whole run. When none is left, one line
+    says the stage starts from step 0."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for step in steps:
       try:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
       except Exception as e:  # noqa: BLE001 - Orbax's errors for a damaged step have no common type
@@ -308,6 +310,9 @@ class SFTTrainer:
       self.state = self.state.replace(train=st["train"], opt_state=st["opt_state"], step=st["step"], rng=st["rng"])
       log.warning("resumed from %s at step %d", self.ckpt_dir, step)
       return meta["iterator"], meta["history"]
+    if steps:
+      log.warning("no readable checkpoint left in %s (%d set aside, each named above): this run starts from "
+                  "step 0", self.ckpt_dir, len(steps))
     return None, []
 
   def _set_aside_if_damaged(self, step: int, error: Exception) -> None:
