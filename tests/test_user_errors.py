@@ -182,3 +182,8 @@ def test_stage_settings_cover_what_shapes_outputs_and_not_what_only_adds_work():
   assert stages.downstream("finetune") == ["finetune", "evaluate", "report", "export"]
   assert stages.downstream("cold_start") == ["cold_start", "score", "curate", "finetune", "grpo", "evaluate",
                                              "report", "export"]
+
+
+def test_a_stage_whose_input_stage_has_not_run_names_it(tmp_path):
+  r, err = _main(tmp_path, "--config.stages=finetune")
+  _one_line(r, err, "curation/sft.json not found", "'curate' stage has not run")

@@ -243,7 +243,14 @@ def finetune(config, ctx) -> dict:
         continue
       path = ctx.wd.recipe(recipe)
       if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: add {recipe!r} to config.curate.recipes and run 'curate'")
+        listed = recipe in [r.strip() for r in config.curate.recipes.split(",")]
+        if not os.path.exists(ctx.wd.curation_summary):
+          fix = "the 'curate' stage has not run in this workdir: run it first (and 'score' before it)"
+        elif listed:
+          fix = "the curation ran without it: --config.restart_stage=curate writes it"
+        else:
+          fix = f"add {recipe!r} to config.curate.recipes and run 'curate' again (--config.restart_stage=curate)"
+        raise FileNotFoundError(f"{path} not found: {fix}")
       print(f"[finetune] {name} from {path}" + (f" (seed {i + 1} of {config.seeds})" if config.seeds > 1 else ""))
       res = _sft_run(config, ctx, name, f, f.model, "finetune.model", sources.Spec("json", path),
                      train_noise=False, key="finetune", seed=run_seed(config, recipe, i))
