@@ -187,3 +187,25 @@ def test_stage_settings_cover_what_shapes_outputs_and_not_what_only_adds_work():
 def test_a_stage_whose_input_stage_has_not_run_names_it(tmp_path):
   r, err = _main(tmp_path, "--config.stages=finetune")
   _one_line(r, err, "curation/sft.json not found", "'curate' stage has not run")
+
+
+def test_a_bad_image_names_the_data_file_and_the_record_as_the_file_counts_it(tmp_path):
+  """Record 3 of the file has no readable image; record 1 had no answer and was skipped by the reader
+  first: the message still says record 3, and names the data file (not only the image)."""
+  from dcsft_jax.data import batching
+  from dcsft_jax.data.processor import Processor
+  from dcsft_jax.data.records import BadRecord
+  from dcsft_jax.data.sources import load, parse
+  good = str(tmp_path / "ok.png")
+  Image.fromarray(np.zeros((56, 56, 3), np.uint8)).save(good)
+  pairs = (("one", good), ("", good), ("two", good), ("three", str(tmp_path / "gone.png")))
+  rows = [{"messages": [{"role": "user", "content": "<image>Which?"}, {"role": "assistant", "content": a}],
+           "images": [img]} for a, img in pairs]
+  path = tmp_path / "d.json"
+  path.write_text(json.dumps(rows))
+  records = load(parse(f"json:{path}"), skip_bad_records=True)
+  assert len(records) == 3
+  with pytest.raises(BadRecord, match=rf"{re.escape(str(path))}: record 3 .*gone.png"):
+    it = batching.BatchIterator(records, Processor.tiny(), batch_size=1,
+                                buckets=(batching.Bucket(16, 64),), with_answers=True, shuffle=False)
+    list(it)

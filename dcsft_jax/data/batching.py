@@ -129,12 +129,17 @@ class BatchIterator:
 
   # ----------------------------------------------------------------------------- planning
   def _bad(self, index: int, reason: str):
-    rid = str(getattr(self.records[index], "id", index))
+    rec = self.records[index]
+    rid = str(getattr(rec, "id", index))
+    # Where the record is in its data file (what the reader saw: earlier skips do not shift it), and
+    # which file: the user repairs the file, not this iterator's list.
+    meta = getattr(rec, "meta", None) or {}
+    source, at = meta.get("source", self.source), meta.get("index", index)
     if not self.skip_bad_records:
-      raise BadRecord(self.source, index, reason, "repair or remove the record, or set skip_bad_records to skip "
+      raise BadRecord(source, at, reason, "repair or remove the record, or set skip_bad_records to skip "
                       "(and count) such records", record_id=rid)
     self.skipped.append(Skipped(rid, reason))
-    log.warning("%s: skipping record %d (id %r): %s", self.source, index, rid, reason)
+    log.warning("%s: skipping record %d (id %r): %s", source, at, rid, reason)
 
   def _measure(self, rec):
     if self.with_answers and not str(getattr(rec, "answer", "") or "").strip():
