@@ -209,3 +209,16 @@ def test_a_bad_image_names_the_data_file_and_the_record_as_the_file_counts_it(tm
     it = batching.BatchIterator(records, Processor.tiny(), batch_size=1,
                                 buckets=(batching.Bucket(16, 64),), with_answers=True, shuffle=False)
     list(it)
+
+
+def test_a_checkpoint_of_integer_weights_is_refused_at_load(tmp_path):
+  from dcsft_jax.models import registry
+  from dcsft_jax.models.qwen2_5_vl.config import tiny_config
+  d = tiny_config().to_hf_dict()
+  d["torch_dtype"] = "int8"
+  (tmp_path / "config.json").write_text(json.dumps(d))
+  with pytest.raises(ValueError, match=r"config.json: torch_dtype 'int8' is not one of float32, bfloat16, float16"):
+    registry.from_pretrained(str(tmp_path))
+  d["torch_dtype"] = "bfloat16"
+  (tmp_path / "config.json").write_text(json.dumps(d))
+  assert registry.from_pretrained(str(tmp_path)).torch_dtype == "bfloat16"

@@ -89,7 +89,16 @@ def read_config_json(path: str) -> dict:
     raise ValueError(f"{f} is not valid JSON ({e}).") from e
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def from_hf_dict(d: dict, *, source: str = "config.json"):
+  for key in ("torch_dtype", "dtype"):
+    for where in (d, d.get("text_config") or {}):
+      value = str(where.get(key) or "float32").replace("torch.", "")
+      if value not in DTYPES:
+        raise ValueError(f"{source}: {key} {value!r} is not one of {', '.join(DTYPES)}; dcsft_jax reads and writes "
+                         f"floating-point weights only (a quantised checkpoint needs dequantising first)")
   return for_model_type(d.get("model_type", DEFAULT.model_types[0]), source=source).config_class.from_hf_dict(d)
 
 
