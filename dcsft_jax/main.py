@@ -8,12 +8,13 @@ multi-host run, to any one process: all of them stop at the same step) saves a c
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import dataclasses
 import json
 import os
-
 import shutil
+import signal
 import sys
 import time
 
@@ -104,10 +105,40 @@ def run(config) -> dict:
   if config.data.max_image_pixels:
     # PIL refuses images over twice MAX_IMAGE_PIXELS (DecompressionBombError, a bad record).
     PIL.Image.MAX_IMAGE_PIXELS = config.data.max_image_pixels // 2
-  _check_answer_budget(config, names)
-  wd = workdir_lib.Workdir(config.workdir, seeds=config.seeds)
-  with workdir_lib.locked_by_process_0(wd):
-    return _run_stages(config, names, Context(wd, mesh, opts))
+  with _stop_between_saves():
+    _check_answer_budget(config, names)
+    wd = workdir_lib.Workdir(config.workdir, seeds=config.seeds)
+    with workdir_lib.locked_by_process_0(wd):
+      return _run_stages(config, names, Context(wd, mesh, opts))
+
+
+def _stop_message(signum: int) -> str:
+  what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "stopped by SIGTERM"
+  return (f"dcsft_jax: {what} outside a stage's own saving (loading, compiling, between stages): finished stages "
+          f"and saved checkpoints are kept; run the same command again to go on")
+
+
+@contextlib.contextmanager
+def _stop_between_saves():
+  """SIGTERM/SIGINT while no stage handles them (the stages that save on a signal install their own
+  handlers and restore this one): one line, and out with 128 + the signal, as the default action's
+  status. Out at once rather than by an exception, which a signal can land in the middle of any
+  Python code (a garbage-collection callback swallows it); every write is atomic, so nothing
+  half-written is kept. One process only: several processes leave SIGTERM to JAX's preemption
+  sync, which tells every host."""
+  if jax.process_count() > 1:
+    yield
+    return
+
+  def stop(signum, frame):
+    os.write(2, (_stop_message(signum) + "\n").encode())
+    os._exit(128 + signum)
+  old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
 
 
 def _check_settings(config, wd: workdir_lib.Workdir, names: list[str]) -> str:

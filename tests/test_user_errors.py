@@ -222,3 +222,24 @@ def test_a_checkpoint_of_integer_weights_is_refused_at_load(tmp_path):
   d["torch_dtype"] = "bfloat16"
   (tmp_path / "config.json").write_text(json.dumps(d))
   assert registry.from_pretrained(str(tmp_path)).torch_dtype == "bfloat16"
+
+
+def test_sigterm_before_any_stage_saves_is_one_line_and_143(tmp_path):
+  """Issue 27: SIGTERM while the init stage builds the model (no stage handler yet) exited 143 without a
+  word; now it says what is kept and what to do."""
+  import signal
+  import time
+  env = dict(_env(tmp_path), PYTHONUNBUFFERED="1")
+  p = subprocess.Popen([sys.executable, "-m", "dcsft_jax.main", f"--config={REPO}/configs/dcsft.py",
+                        f"--config.workdir={tmp_path / 'wd'}", "--config.stages=init"], cwd=str(tmp_path), env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  for line in p.stdout:                 # the run has started its stages: handlers are in place
+    if line.startswith("[init]") or time.time() > deadline:
+      break
+  p.send_signal(signal.SIGTERM)
+  _, stderr = p.communicate(timeout=120)
+  err = [ln for ln in stderr.splitlines() if ln.strip() and not NATIVE.match(ln)]
+  assert p.returncode == 143, stderr[-2000:]
+  assert len(err) <= 3 and "stopped by SIGTERM" in err[-1] and "run the same command again" in err[-1], err
+  assert not os.path.exists(tmp_path / "wd" / "base_model" / "config.json")
