@@ -51,10 +51,13 @@ def base() -> ml_collections.ConfigDict:
   c.workdir = "workdir/dcsft"
   # Stages run in this order; each one is skipped when its outputs already exist in the workdir.
   c.stages = "init,cold_start,score,curate,finetune,grpo,evaluate,report,export"
-  # Start one stage over: delete its outputs (journal and checkpoints included) before the run, e.g.
-  # after changing its settings, which a resume refuses to mix with the old ones. Later stages that
-  # already ran keep their outputs: restart them too (a comma list) if they read this one's.
+  # Start one stage over: delete its outputs (journal and checkpoints included) and those of every
+  # later stage that reads them, before the run; e.g. after changing its settings, which a finished
+  # stage and a resume both refuse to mix with the old ones.
   c.restart_stage = ""
+  # A training run none of whose checkpoints can be read (each is set aside, named in one line):
+  # 'restart' starts it from step 0, 'stop' stops the run for a look first.
+  c.damaged_checkpoints = "restart"
   c.seed = 0
   # Training seeds: finetune and GRPO run once per seed (seed s > 0 as NAME.seed{s}, its own LoRA
   # init, data order and dropout) on the same cold start, scores and curated files; evaluation covers

@@ -5,14 +5,16 @@ and the fix (the `--config.restart_stage`, the install command, a key's valid va
 points (`main`, `convert`, `generate`, `aot`) run under `cli`, which prints such a failure as one line
 on stderr and exits 1, and writes the whole trace to a log (WORKDIR/logs/errors.log for a run, else
 ~/.cache/dcsft_jax/errors.log), or to stderr with `--verbose`. ValueErrors and missing files raised
-anywhere in the project are the same kind of failure (a bad input, said by the code that read it).
-Anything else is unexpected and keeps its traceback.
+by the project's own code are the same kind of failure (a bad input, said by the code that read it);
+raised inside a library (JAX, Orbax, transformers), they are unexpected, as is anything else, and
+keep their traceback.
 """
 from __future__ import annotations
 
 import datetime
 import os
 import sys
+import sysconfig
 import traceback
 from typing import Callable
 
@@ -23,6 +25,31 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 
 class UserError(ValueError):
   """A failure the user can fix; the message names what is wrong and the fix."""
+
+
+PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+STDLIB = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
+# Installed libraries, which may live under the standard library's folder (a Python without a venv).
+LIBRARIES = tuple({os.path.abspath(sysconfig.get_paths()[k]) + os.sep for k in ("purelib", "platlib")})
+
+
+def _stdlib(name: str) -> bool:
+  path = os.path.abspath(name)
+  return name.startswith("<frozen ") or (path.startswith(STDLIB) and not path.startswith(LIBRARIES))
+
+
+def is_user_error(e: BaseException) -> bool:
+  """A UserError, or one of USER_ERRORS raised by the project's own code: the innermost frame outside
+  Python's standard library (os.makedirs, json.load: the project's call) is in the package."""
+  if isinstance(e, UserError):
+    return True
+  if not isinstance(e, USER_ERRORS):
+    return False
+  files = [f.filename for f in traceback.extract_tb(e.__traceback__)]
+  for name in reversed(files):
+    if not _stdlib(name):
+      return os.path.abspath(name).startswith(PACKAGE)
+  return True
 
 
 def default_log() -> str:
@@ -57,6 +84,8 @@ def cli(name: str, fn: Callable[[], object], *, log: Callable[[], str | None] = 
   try:
     return fn()
   except USER_ERRORS as e:
+    if not is_user_error(e):
+      raise
     if verbose:
       traceback.print_exc()
       where = None

@@ -40,7 +40,8 @@ def generate(model_dir: str, image: str | None, prompt: str, *, max_new_tokens: 
   from dcsft_jax import mesh as mesh_lib
   from dcsft_jax.data import batching
   from dcsft_jax.data.processor import Processor
-  from dcsft_jax.data.records import Record
+  from dcsft_jax.data.records import BadRecord, Record
+  from dcsft_jax.errors import UserError
   from dcsft_jax.models.layers import ModelOptions
 
   dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
@@ -55,7 +56,10 @@ def generate(model_dir: str, image: str | None, prompt: str, *, max_new_tokens: 
                            max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
                            top_k=top_k, top_p=top_p)
     rec = Record("cli", image, prompt, "-", "classification")
-    buckets = batching.auto_buckets([rec], processor, with_answers=False, max_buckets=1)
+    try:
+      buckets = batching.auto_buckets([rec], processor, with_answers=False, max_buckets=1)
+    except BadRecord as e:       # the pipeline's wording names a data file and its records; here, the flag
+      raise UserError(f"--image={image}: {e.reason}; give an image file that PIL can open") from None
     # One prompt, padded with empty rows to one per batch shard of the mesh.
     gen = sampling.RecordGenerator(sampling.Sampler(cfg, opts), params, processor, mesh, sp,
                                    batch_size=mesh.shape["data"] * mesh.shape["fsdp"], buckets=buckets, seed=seed)

@@ -240,6 +240,8 @@ def _validate_data(config, stages, check_files: bool = True) -> None:
               "score.max_new_tokens", "evaluate.batch_size", "evaluate.max_new_tokens"):
     _positive(config, key)
   _check(0.0 <= d.label_noise <= 1.0, "data.label_noise", f"{d.label_noise!r} must be in [0, 1]")
+  _check(config.damaged_checkpoints in ("restart", "stop"), "damaged_checkpoints",
+         f"{config.damaged_checkpoints!r} is not 'restart' or 'stop'")
   _check(d.answer_budget in ("error", "warn"), "data.answer_budget", f"{d.answer_budget!r} is not 'error' or 'warn'")
   for key in ("data.train_limit", "evaluate.limit", "report.curve_limit"):
     section, name = key.split(".")

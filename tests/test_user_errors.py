@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -243,3 +244,89 @@ def test_sigterm_before_any_stage_saves_is_one_line_and_143(tmp_path):
   assert p.returncode == 143, stderr[-2000:]
   assert len(err) <= 3 and "stopped by SIGTERM" in err[-1] and "run the same command again" in err[-1], err
   assert not os.path.exists(tmp_path / "wd" / "base_model" / "config.json")
+
+
+def test_resumed_checkpoints_refuse_other_settings_and_all_damaged_restart_or_stop(tmp_path):
+  """A stage cut off after its checkpoints (its model not yet written): a rerun under another learning
+  rate stops in one line naming the key and the stage's restart. When no checkpoint can be read, each
+  is set aside in one line, then the run stops (damaged_checkpoints=stop) or starts over from step 0."""
+  args = ("--config.stages=init,cold_start", "--config.cold_start.steps=2")
+  r, _ = _main(tmp_path, *args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  wd = tmp_path / "wd"
+  shutil.rmtree(wd / "cold_start_model")
+  os.remove(wd / "settings" / "cold_start.json")
+  r, err = _main(tmp_path, *args, "--config.cold_start.learning_rate=3e-5")
+  _one_line(r, err, "train.optim.learning_rate 0.002 then, 3e-05 now", "--config.restart_stage=cold_start ")
+  ckpts = wd / "train" / "cold_start" / "checkpoints"
+  for step in ("1", "2"):                   # emptied, as by a crash mid-save or a full disk
+    shutil.rmtree(ckpts / step)
+    (ckpts / step).mkdir()
+  r, err = _main(tmp_path, *args, "--config.damaged_checkpoints=stop")
+  _one_line(r, err, f"no readable checkpoint left in {ckpts}", "--config.damaged_checkpoints=restart")
+  said = [ln for ln in r.stderr.splitlines() if str(ckpts) in ln]    # the warnings, in absl's format
+  assert sum("cannot be read" in ln for ln in said) == 2 and len(said) == 3, said
+  assert not (wd / "cold_start_model").exists()
+  for aside in ckpts.glob("*.unreadable-*"):    # moved back, to be found damaged again
+    os.replace(aside, ckpts / aside.name.split(".")[0])
+  r, _ = _main(tmp_path, *args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  said = [ln for ln in r.stderr.splitlines() if str(ckpts) in ln]
+  assert sum("cannot be read" in ln for ln in said) == 2 and "starts from step 0" in said[-1], said
+  assert (wd / "cold_start_model" / "config.json").exists()
+
+
+def test_a_recipe_with_no_records_is_one_line_naming_what_to_look_at(tmp_path):
+  # A pass-rate window no medium prompt can fall in (K=2: medium is 1/2) leaves sft_m empty, whatever
+  # the model answers.
+  args = ("--config.cold_start.steps=1", "--config.data.train_limit=8", "--config.score.num_samples=2",
+          "--config.curate.recipes=sft_m", "--config.curate.window_lo=0.99", "--config.finetune.recipes=sft_m")
+  r, _ = _main(tmp_path, "--config.stages=init,cold_start,score,curate", *args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  r, err = _main(tmp_path, "--config.stages=finetune", *args)
+  _one_line(r, err, "sft_m", "holds no records", "curation/summary.json")
+
+
+def test_generate_names_the_image_flag_not_a_data_file(tmp_path):
+  r, _ = _main(tmp_path, "--config.stages=init")
+  assert r.returncode == 0, r.stderr[-3000:]
+  bad = tmp_path / "bad.png"
+  bad.write_bytes(b"not an image")
+  r, err = _run(tmp_path, "dcsft_jax.generate", f"--model={tmp_path / 'wd' / 'base_model'}", f"--image={bad}",
+                "--prompt=hi")
+  _one_line(r, err, f"--image={bad}", "PIL can open")
+  assert "skip_bad_records" not in err[-1]
+
+
+def test_only_the_projects_own_value_errors_are_one_line():
+  """A ValueError raised inside a library (a bug of ours or theirs) keeps its traceback; one the project
+  raises, directly or through the standard library, is one line."""
+  from dcsft_jax import errors
+  from dcsft_jax.data import sources
+
+  def library():
+    np.zeros(3).reshape(2)
+
+  def ours():
+    sources.parse("nonsense")
+
+  def through_stdlib(path=str(REPO)):
+    os.makedirs(os.path.join(path, "README.md"))
+
+  for fn, user in ((library, False), (ours, True)):
+    try:
+      fn()
+    except ValueError as e:
+      assert errors.is_user_error(e) is user, fn
+    else:
+      raise AssertionError(f"{fn} raised nothing")
+  with pytest.raises(ValueError, match="reshape"):
+    errors.cli("t", library)
+  with pytest.raises(SystemExit):
+    errors.cli("t", ours)
+  assert errors.is_user_error(errors.UserError("x"))
+  try:
+    through_stdlib()
+  except FileExistsError as e:
+    # Raised in os.makedirs, called from this test file (not the package): not the project's own.
+    assert errors.is_user_error(e) is False

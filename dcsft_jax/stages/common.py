@@ -70,8 +70,9 @@ def processor_for(config, directory: str, cfg, max_pixels: int = 0) -> Processor
                                    max_pixels=max_pixels or config.data.max_pixels or None)
 
 
-def load_records(config, spec, *, limit=None, train: bool = False):
-  """The records of a data spec; none at all is a UserError naming it (an empty file, or all skipped)."""
+def load_records(config, spec, *, limit=None, train: bool = False, why_empty: str = ""):
+  """The records of a data spec; none at all is a UserError naming it (an empty file, or all skipped),
+  with `why_empty` as its explanation and fix when the caller knows them better."""
   d = config.data
   records = sources.load(spec, seed=config.seed, limit=limit or None, image_root=_image_root(d.image_root),
                          skip_bad_records=d.skip_bad_records, tfds_dir=d.tfds_dir, label_names=d.label_names or None,
@@ -80,7 +81,7 @@ def load_records(config, spec, *, limit=None, train: bool = False):
     from dcsft_jax import errors
     raise errors.UserError(f"data {spec} holds no records" + (" (every record was skipped as bad)"
                                                               if d.skip_bad_records else "")
-                           + ": point the config at a file or dataset with records")
+                           + (f": {why_empty}" if why_empty else ": point the config at a file or dataset with records"))
   return records
 
 

@@ -40,13 +40,14 @@ def frozen_dtype(config):
   return run_config.DTYPES[config.model.dtype] if config.model.frozen_in_compute_dtype else None
 
 
-def train_config(config, s, steps: int, seed: int) -> trainer.TrainConfig:
+def train_config(config, s, steps: int, seed: int, stage: str = "") -> trainer.TrainConfig:
   lora = lora_spec(s)
   return trainer.TrainConfig(
       steps=steps, batch_size=s.batch_size, accum=s.accum, lora=lora, freeze_vit=bool(s.freeze_vit),
       # At least every 10% of the run, whatever save_every says: a kill then costs at most a tenth.
       freeze_aligner=bool(s.freeze_aligner), save_every=min(s.save_every, max(1, math.ceil(steps / 10))),
-      keep=s.keep, seed=seed,
+      keep=s.keep, seed=seed, damaged_checkpoints=config.damaged_checkpoints,
+      stage=stage,
       frozen_dtype=frozen_dtype(config),
       optim=optim.OptimConfig(learning_rate=float(s.learning_rate), warmup_ratio=float(s.warmup_ratio),
                               schedule=s.schedule, weight_decay=float(s.weight_decay), b1=float(s.b1),
@@ -159,16 +160,18 @@ def run_seed(config, name: str, seed_index: int = 0) -> int:
 def _sft_run(config, ctx, name: str, s, start_ref: str, start_key: str, spec, *, train_noise: bool,
              key: str, seed: int) -> dict:
   model = _start(config, ctx, start_ref, start_key)
-  records = common.load_records(config, spec, train=train_noise)
+  curated = key == "finetune"
+  records = common.load_records(
+      config, spec, train=train_noise,
+      why_empty=(f"recipe {name}'s curated set is empty: the cold-start model got every prompt of its buckets right "
+                 f"or every one wrong (see scores/ and curation/summary.json); a stronger or weaker cold start, "
+                 f"more training prompts or a wider curate window fixes it, or leave {name} out of "
+                 f"finetune.recipes") if curated else "")
   read_skipped = getattr(records, "skipped", [])
-  if not records:
-    raise ValueError(f"{name}: {spec} holds no records. For a curated recipe this means the cold-start model "
-                     f"got every prompt right or every prompt wrong; check scores/ and curation/summary.json "
-                     f"(a stronger or weaker cold start, or more training prompts, fixes it)")
   records, dropped = within_max_length(records, model.processor, s.max_length, key)
   it = _iterator(config, records, model.processor, s, with_answers=True, seed=seed, source=str(spec),
                  key=key, mesh=ctx.mesh)
-  tc = train_config(config, s, _steps(s, it), seed)
+  tc = train_config(config, s, _steps(s, it), seed, stage=key)
   params = model.params
   if tc.lora is not None:
     params = trainer.init_lora(params, model.cfg, tc.lora, seed=seed, mesh=ctx.mesh, opts=ctx.model_options)
@@ -285,7 +288,7 @@ def _grpo_run(config, ctx, name: str, seed: int) -> dict:
   records = common.load_records(config, config.data.train, limit=config.data.train_limit, train=True)
   it = _iterator(config, records, model.processor, g, with_answers=False, seed=seed, source=config.data.train,
                  key="grpo", mesh=ctx.mesh)
-  tc = train_config(config, g, _steps(g, it), seed)
+  tc = train_config(config, g, _steps(g, it), seed, stage="grpo")
   params = model.params
   if tc.lora is not None:
     params = trainer.init_lora(params, model.cfg, tc.lora, seed=seed, mesh=ctx.mesh, opts=ctx.model_options)

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from dcsft_jax import fingerprint as fingerprint_lib
 from dcsft_jax.data import batching
+from dcsft_jax.errors import UserError
 from dcsft_jax.models import params as params_lib
 from dcsft_jax.models import registry
 from dcsft_jax.models.layers import LoraSpec, ModelOptions
@@ -31,6 +32,17 @@ from dcsft_jax.train import metrics as metrics_lib
 from dcsft_jax.train import optim, sft
 
 log = logging.getLogger(__name__)
+
+
+class _QuietOrbaxProbes(logging.Filter):
+  """Drops Orbax's own warning per damaged step (its metadata probe, when a manager lists the steps
+  and when one is read): the trainer's one line per step says what it is and what was done."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Metadata file does not exist")
+
+
+logging.getLogger("absl").addFilter(_QuietOrbaxProbes())
 
 # Dense bf16 peak per device, for MFU (None where unknown: the CPU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
@@ -56,6 +68,10 @@ class TrainConfig:
   freeze_aligner: bool = False
   save_every: int = 100
   keep: int = 2
+  # When every checkpoint of a run cannot be read: 'restart' the stage from step 0, or 'stop' (each one
+  # is kept aside as STEP.unreadable-TIME either way, to be looked at or moved back).
+  damaged_checkpoints: str = "restart"
+  stage: str = ""                  # the pipeline stage that runs it, for the restart its messages name
   seed: int = 0
   loss_positions_only: bool = True   # logits only where a target is (same loss and gradients)
   # Under LoRA, the frozen base is stored in this dtype (None: as given; see sft.init_state); a full
@@ -68,6 +84,8 @@ class TrainConfig:
     return self.frozen_dtype if self.lora is not None else None
 
   def __post_init__(self):
+    if self.damaged_checkpoints not in ("restart", "stop"):
+      raise ValueError(f"damaged_checkpoints {self.damaged_checkpoints!r} is not 'restart' or 'stop'")
     if self.batch_size % self.accum:
       raise ValueError(f"batch_size {self.batch_size} is not divisible by accum {self.accum}")
 
@@ -199,7 +217,7 @@ class SFTTrainer:
     beside the TrainConfig; resuming under a different one stops with the difference."""
     self.cfg, self.tc, self.mesh, self.workdir = cfg, tc, mesh, workdir
     self.fingerprint = fingerprint_lib.of({"train": tc, **(fingerprint or {})})
-    for k in ("save_every", "keep"):      # when and how many checkpoints: no effect on the results
+    for k in ("save_every", "keep", "damaged_checkpoints", "stage"):   # no effect on the results
       self.fingerprint["train"].pop(k)
     spec = step_spec(cfg, opts, tc, mesh, loss, count_name)
     self.opts, self.tx, self.mask, self.step_fn = spec.opts, spec.tx, spec.mask, spec.step_fn
@@ -299,8 +317,8 @@ class SFTTrainer:
       if "fingerprint" in meta:     # checked before the weights are read; a deliberate stop, not damage
         fingerprint_lib.check(f"the training run in {self.ckpt_dir}", meta["fingerprint"], self.fingerprint,
                               f"Run with the same settings to resume it, or start the stage over with the new "
-                              f"ones: --config.restart_stage=STAGE (cold_start, finetune or grpo) deletes its "
-                              f"outputs, {self.ckpt_dir} among them.")
+                              f"ones: --config.restart_stage={self.tc.stage or 'STAGE (cold_start, finetune or grpo)'}"
+                              f" deletes its outputs, {self.ckpt_dir} among them.")
       target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._saved())
       try:
         st = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
@@ -310,9 +328,13 @@ class SFTTrainer:
       self.state = self.state.replace(train=st["train"], opt_state=st["opt_state"], step=st["step"], rng=st["rng"])
       log.warning("resumed from %s at step %d", self.ckpt_dir, step)
       return meta["iterator"], meta["history"]
+    if steps and self.tc.damaged_checkpoints == "stop":
+      raise UserError(f"no readable checkpoint left in {self.ckpt_dir} ({len(steps)} set aside as "
+                      f"STEP.unreadable-TIME, each named above); move a good copy back as its step number, or run "
+                      f"with --config.damaged_checkpoints=restart to start the stage from step 0")
     if steps:
       log.warning("no readable checkpoint left in %s (%d set aside, each named above): this run starts from "
-                  "step 0", self.ckpt_dir, len(steps))
+                  "step 0 (--config.damaged_checkpoints=stop stops instead)", self.ckpt_dir, len(steps))
     return None, []
 
   def _set_aside_if_damaged(self, step: int, error: Exception) -> None:
