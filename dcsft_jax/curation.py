@@ -360,9 +360,11 @@ def summary(records: Sequence[Record], scores: Mapping[str, ScoreRow]) -> dict[s
   # Records whose label was flipped on purpose (builtin's label_noise, meta["noisy"]), per bucket: the
   # paper's mechanism puts them in "hard", where SFT memorises them and GRPO gets no gradient.
   noisy = {b: 0 for b in BUCKETS}
+  tasks: dict[str, dict[str, int]] = {}       # buckets per task, for a run that mixes tasks
   for _, r, s in scored:
     b = s.bucket
     buckets[b] += 1
+    tasks.setdefault(r.task, {x: 0 for x in BUCKETS})[b] += 1
     noisy[b] += bool(r.meta.get("noisy"))
     if r.task == "classification":
       c = r.answer.strip().lower()
@@ -375,6 +377,7 @@ def summary(records: Sequence[Record], scores: Mapping[str, ScoreRow]) -> dict[s
     "unscored": n_missing,
     "k": k,
     "buckets": buckets,
+    "tasks": dict(sorted(tasks.items())),
     "noisy_labels": noisy,
     "classes": classes,
     "pass_rate_hist": hist if k else [],

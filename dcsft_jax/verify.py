@@ -22,8 +22,8 @@ from collections.abc import Iterable, Sequence
 from dcsft_jax import optional
 from dcsft_jax.data.records import TASKS, parse_box
 
-__all__ = ["TASKS", "clean_completion", "exact_match", "extract_answer", "grounding_match", "iou",
-           "reasoning_match", "verify", "verify_many"]
+__all__ = ["METRICS", "TASKS", "clean_completion", "exact_match", "extract_answer", "grounding_match", "iou",
+           "judge", "reasoning_match", "verify", "verify_many"]
 
 # Seconds math_verify may spend parsing/comparing one answer (its own SIGALRM timeout; main thread only).
 MATH_VERIFY_TIMEOUT_S = 5
@@ -310,9 +310,62 @@ def reasoning_match(prediction: str, answer: str) -> bool:
   return _fallback_reasoning_match(prediction, answer)
 
 
+# ----------------------------------------------------------------------------- reasons
+# Why an answer was judged wrong, kept beside each verdict in the scores and evaluation results so a
+# user can read what the verifier saw. "" means right.
+_ANY_BRACKETS = re.compile(r"\[[^\[\]]*\]")
+
+
+def _grounding_reason(prediction: str, answer: str) -> str:
+  box = _prediction_box(prediction)
+  if box is None:
+    return "malformed box" if _ANY_BRACKETS.search(prediction) or re.search(r"\d\s*,\s*\d", prediction) else "no box"
+  v = iou(box, parse_box(answer))
+  return f"IoU {v:.2f} < 0.5"
+
+
+def _has_final_answer(text: str) -> bool:
+  return bool(_ANSWER_TAG.search(text) or _last_boxed(text) is not None or _ANSWER_IS.search(text))
+
+
+def _reasoning_reason(prediction: str, answer: str) -> str:
+  pred, ref = extract_answer(prediction), extract_answer(answer)
+  letter = _option_letter(ref)
+  if not _has_final_answer(prediction) and not (letter is not None and _PRED_LETTER_ONLY.fullmatch(pred)):
+    return "no final answer (no \\boxed{}, <answer> or 'answer is')"
+  if letter is not None:
+    m = _PRED_LETTER_ONLY.fullmatch(pred) or _PRED_LETTER_PREFIX.match(pred)
+    if m is None:
+      return f"no option letter in {pred[:40]!r}"
+    return f"option {next(g for g in m.groups() if g).upper()}, not {letter}"
+  return f"{pred[:40]!r} is not {ref[:40]!r}"
+
+
+def _classification_reason(prediction: str, answer: str) -> str:
+  return "empty answer" if not _norm_label(prediction) else f"{_norm_label(prediction)[:40]!r} is not {_norm_label(answer)!r}"
+
+
 # ----------------------------------------------------------------------------- dispatch
 _CHECKERS = {"classification": exact_match, "grounding": grounding_match, "reasoning": reasoning_match}
-assert set(_CHECKERS) == set(TASKS), "a task without a checker (or a checker without a task)"
+_REASONS = {"classification": _classification_reason, "grounding": _grounding_reason, "reasoning": _reasoning_reason}
+assert set(_CHECKERS) == set(TASKS) == set(_REASONS), "a task without a checker (or a checker without a task)"
+METRICS = {"classification": "exact-match accuracy", "grounding": "IoU >= 0.5 accuracy",
+           "reasoning": "multiple-choice accuracy"}
+
+
+def judge(task: str, prediction: str, answer: str) -> tuple[bool, str]:
+  """(right, why not): the verdict of `verify` and, for a wrong answer, the verifier's reason in a few
+  words ("no box", "IoU 0.31 < 0.5", "option C, not B", "no final answer ..."); "" when right."""
+  checker = _CHECKERS.get(task)
+  if checker is None:
+    raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+  if not isinstance(prediction, str) or not isinstance(answer, str):
+    raise TypeError(f"prediction and answer must be strings, got {type(prediction).__name__} "
+                    f"and {type(answer).__name__}")
+  text = clean_completion(prediction)
+  if checker(text, answer):
+    return True, ""
+  return False, _REASONS[task](text, answer)
 
 
 def verify(task: str, prediction: str, answer: str) -> bool:

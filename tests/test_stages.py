@@ -435,7 +435,7 @@ def test_unknown_override_key_is_one_line_naming_the_sections():
                      cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
   assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
   assert "bad config override: --config.trainer.steps: the config has no field 'trainer'" in r.stderr
-  assert "cold_start, curate, data" in r.stderr
+  assert "cold_start, curate, damaged_checkpoints, data" in r.stderr
 
 
 def test_stop_check_asks_the_preemption_sync_at_every_batch_of_a_multi_host_stage(monkeypatch):

@@ -1,6 +1,7 @@
 """Dataset specs in configs -> Records. One string names a source, so configs stay flat:
 
-  builtin:SPLIT            the embedded digits dataset (train | test | rendition | adversarial)
+  builtin:SPLIT            the embedded digits datasets: classification (train | test | rendition |
+                           adversarial), grounding_* and reasoning_* (data/digit_tasks.py)
   synthetic:N[:SPLIT]      N records of a builtin split at ImageNet-like sizes (JPEG bytes), for speed runs
   json:PATH  (or PATH.json) one of the paper's JSON files (ms-swift messages, or problem/solution)
   tfds:NAME[:SPLIT]        a prepared TFDS dataset under data.tfds_dir (ImageNet variants, RefCOCO)
@@ -8,6 +9,9 @@
 
 Any spec may end in a record range [START:STOP] (Python slice bounds, either may be empty):
 "builtin:train[:400]" and "builtin:train[400:]" split one source into a cold-start set and the rest.
+
+Specs joined by '+' are one mixed source ("builtin:train[:100]+builtin:grounding_train[:100]"): its
+records interleave the parts' in turn (a limit keeps every part's share), each with its own task.
 
 Evaluation sets are a comma list of NAME=SPEC pairs ("id=builtin:test,rendition=builtin:rendition").
 """
@@ -17,10 +21,11 @@ import dataclasses
 import os
 from typing import Any
 
-from dcsft_jax.data import builtin
+from dcsft_jax.data import builtin, digit_tasks
 from dcsft_jax.data.records import read_hf_dataset, read_paper_json
 
 KINDS = ("builtin", "synthetic", "json", "tfds", "hf")
+BUILTIN_SPLITS = builtin.SPLITS + digit_tasks.SPLITS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +40,14 @@ class Spec:
   def sliced(self) -> bool:
     return self.start is not None or self.stop is not None
 
+  @property
+  def parts(self) -> list["Spec"]:
+    """The sources of a mixed spec (kind 'mix'), else [self]."""
+    return [parse(p) for p in self.path.split("+")] if self.kind == "mix" else [self]
+
   def __str__(self) -> str:
+    if self.kind == "mix":
+      return self.path
     rng = f"[{'' if self.start is None else self.start}:{'' if self.stop is None else self.stop}]" if self.sliced else ""
     return f"{self.kind}:{self.path}" + (f":{self.split}" if self.split else "") + rng
 
@@ -60,6 +72,9 @@ def parse(spec: str) -> Spec:
   s = str(spec).strip()
   if not s:
     raise ValueError("empty dataset spec; use builtin:SPLIT, json:PATH, tfds:NAME[:SPLIT] or hf:PATH[:SPLIT]")
+  parts = [p.strip() for p in s.split("+")]
+  if len(parts) > 1 and all(p.partition(":")[0] in KINDS for p in parts):
+    return Spec("mix", "+".join(str(parse(p)) for p in parts))
   s, start, stop = _range(s)
   return dataclasses.replace(_parse(s), start=start, stop=stop)
 
@@ -71,8 +86,8 @@ def _parse(s: str) -> Spec:
       return Spec("json", s)
     raise ValueError(f"dataset spec {s!r} does not start with one of {', '.join(k + ':' for k in KINDS)}")
   if kind == "builtin":
-    if rest not in builtin.SPLITS:
-      raise ValueError(f"dataset spec {s!r}: the builtin splits are {', '.join(builtin.SPLITS)}")
+    if rest not in BUILTIN_SPLITS:
+      raise ValueError(f"dataset spec {s!r}: the builtin splits are {', '.join(BUILTIN_SPLITS)}")
     return Spec(kind, rest)
   if kind == "json":
     return Spec(kind, rest)
@@ -104,6 +119,8 @@ def parse_sets(text: str) -> dict[str, Spec]:
 
 def check(spec: Spec, *, tfds_dir: str = "") -> str | None:
   """Why `spec` cannot be read on this machine (None if it looks readable), without reading it."""
+  if spec.kind == "mix":
+    return next((p for p in (check(x, tfds_dir=tfds_dir) for x in spec.parts) if p), None)
   if spec.kind == "json" and not os.path.isfile(spec.path):
     return (f"{spec}: file not found ({os.path.abspath(spec.path)}); point the config at the file, e.g. the "
             f"paper configs' data_dir argument (--config=FILE.py:data_dir=DIR) or --config.data.KEY=json:PATH")
@@ -136,6 +153,12 @@ def load(spec: Spec | str, *, seed: int = 0, limit: int | None = None, image_roo
          answer_column: str = "label") -> Loaded:
   """Records of one source (the first `limit` of them, if given)."""
   spec = parse(spec) if isinstance(spec, str) else spec
+  if spec.kind == "mix":
+    loaded = [load(p, seed=seed, image_root=image_root, skip_bad_records=skip_bad_records, tfds_dir=tfds_dir,
+                   label_names=label_names, task=task, label_noise=label_noise, image_size=image_size, prompt=prompt,
+                   answer_column=answer_column) for p in spec.parts]
+    mixed = [r for i in range(max(map(len, loaded))) for part in loaded if i < len(part) for r in [part[i]]]
+    return _loaded(mixed, [sk for part in loaded for sk in part.skipped], limit)
   if spec.sliced:
     recs = load(dataclasses.replace(spec, start=None, stop=None), seed=seed, limit=spec.stop if spec.start is None
                 and spec.stop is not None and spec.stop >= 0 else None, image_root=image_root,
@@ -150,6 +173,9 @@ def load(spec: Spec | str, *, seed: int = 0, limit: int | None = None, image_roo
     recs = builtin.load_synthetic(int(spec.path), split, seed=seed, label_noise=label_noise if split == "train"
                                   else 0.0)
     return _loaded(recs, limit=limit)
+  if spec.kind == "builtin" and spec.path in digit_tasks.SPLITS:
+    return _loaded(digit_tasks.load(spec.path, seed=seed, limit=limit, image_size=image_size,
+                                    label_noise=label_noise if spec.path.endswith("_train") else 0.0))
   if spec.kind == "builtin":
     return _loaded(builtin.load_builtin(spec.path, seed=seed, limit=limit, label_noise=label_noise
                                         if spec.path == "train" else 0.0, image_size=image_size))

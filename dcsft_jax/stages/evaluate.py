@@ -40,9 +40,10 @@ def greedy_results(config, ctx, model, records, source: str, *, desc: str, sampl
         if r < 0:
           continue
         rec = records[r]
-        correct = int(verify.verify(rec.task, texts[0], rec.answer))
-        results.append((int(r), {"id": rec.id, "image": _image_name(rec), "question": rec.prompt,
-                                 "ground_truth": rec.answer, "model_output": texts[0], "correct": correct}))
+        ok, why = verify.judge(rec.task, texts[0], rec.answer)
+        results.append((int(r), {"id": rec.id, "task": rec.task, "image": _image_name(rec), "question": rec.prompt,
+                                 "ground_truth": rec.answer, "model_output": texts[0], "correct": int(ok),
+                                 "reason": why}))
         bar.update(1)
       signum = stop() if stop is not None else None
       if signum is not None:

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from dcsft_jax import curation, multihost, plots, stats
+from dcsft_jax import curation, multihost, plots, stats, verify
 from dcsft_jax.stages import common, evaluate, training
 from dcsft_jax.workdir import Workdir, split_run_name
 from dcsft_jax.train import metrics
@@ -111,6 +111,40 @@ def _verdicts(wd: Workdir, labels: list[str], sets: list[str]) -> np.ndarray | N
   return np.asarray(rows)
 
 
+def set_tasks(wd: Workdir, labels, sets: list[str]) -> dict[str, list[str]]:
+  """{set: the tasks of its records}, read from the first model's results that have them."""
+  out: dict[str, list[str]] = {}
+  for s in sets:
+    for label in labels:
+      res = _read(wd.eval_result(label, s))
+      if res is not None:
+        out[s] = sorted({r.get("task", "classification") for r in res["results"]})
+        break
+  return out
+
+
+def by_task(wd: Workdir, labels, sets: list[str], ood: list[str], tasks: list[str]) -> dict:
+  """{model: {task: {'id': accuracy, 'ood': accuracy}}}: each task's records pooled over the ID sets
+  and over the OOD sets (None where a model has none of that task there)."""
+  out = {}
+  for label in labels:
+    row = {t: {"id": [], "ood": []} for t in tasks}
+    for s in sets:
+      res = _read(wd.eval_result(label, s))
+      for r in (res or {}).get("results", []):
+        row[r.get("task", "classification")]["ood" if s in ood else "id"].append(r["correct"])
+    out[label] = {t: {k: (sum(v) / len(v) if v else None) for k, v in d.items()} for t, d in row.items()}
+  return out
+
+
+def _metric_sentence(tasks_of: dict[str, list[str]]) -> str:
+  tasks = sorted({t for v in tasks_of.values() for t in v})
+  if len(tasks) == 1:
+    return f"Metric: {verify.METRICS[tasks[0]]} ({tasks[0]}), in % of each set's records.\n"
+  return ("Metric per task: " + "; ".join(f"{t}: {verify.METRICS[t]}" for t in tasks) + ". A set's figure pools "
+          "its records of every task; the table after it splits them by task.\n")
+
+
 def _paired(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
   """Two methods' [seeds, images] verdicts as pairs: seed i with seed i; a one-model method (the cold
   start) is the same model against every seed of the other."""
@@ -123,7 +157,7 @@ def _paired(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray] | Non
   return a[:n], b[:n]
 
 
-def _comparisons(wd: Workdir, groups: dict[str, list[str]], ood: list[str]) -> list[dict]:
+def _comparisons(wd: Workdir, groups: dict[str, list[str]], ood: list[str], paper: bool = True) -> list[dict]:
   """Every method against SFT, and against the paper's other references (the cold start for one bucket
   alone, the recipe it extends for '+hardR'): the OOD difference, its paired-bootstrap interval over
   seeds and evaluation images, and the paper's figure where it has one."""
@@ -143,7 +177,7 @@ def _comparisons(wd: Workdir, groups: dict[str, list[str]], ood: list[str]) -> l
     if paired is None:
       continue
     iv = stats.paired_bootstrap(*paired)
-    fig = paper_figure(m, ref)
+    fig = paper_figure(m, ref) if paper else None      # the figures below are the paper's classification ones
     out.append({"method": m, "reference": ref, "seeds": int(paired[0].shape[0]), "diff": iv.diff, "lo": iv.lo,
                 "hi": iv.hi, "verdict": iv.verdict, "paper": None if fig is None else fig.points,
                 "paper_source": None if fig is None else fig.source, "reproduced": _reproduced(iv.verdict, fig)})
@@ -352,12 +386,26 @@ def build(workdir: str) -> dict:
                 "is one model, trained once).\n", _seeds_table(by_method, sets, ood)]
     else:
       parts.append(evaluate.table({pretty(m): row for m, row in acc["accuracy"].items()}, sets, ood))
+    tasks_of = set_tasks(wd, list(acc["accuracy"]), sets)
+    tasks = sorted({t for v in tasks_of.values() for t in v})
+    if tasks:
+      parts.append(_metric_sentence(tasks_of))
+      results["tasks"] = tasks_of
+    if len(tasks) > 1:
+      per = by_task(wd, list(acc["accuracy"]), sets, ood, tasks)
+      results["by_task"] = per
+      cols = [f"{t} {k}" for t in tasks for k in ("ID", "OOD")]
+      parts += ["### Per task (%)\n", "Each task's records pooled over the ID sets and over the OOD sets, each "
+                "judged by its own task's verifier.\n",
+                _md_table(["model"] + cols, [[pretty(m)] + ["-" if per[m][t][k] is None else f"{100 * per[m][t][k]:.2f}"
+                                                           for t in tasks for k in ("id", "ood")] for m in per])]
     results["accuracy"] = acc["accuracy"]
     results["by_method"] = by_method
     results["sets"], results["ood"] = acc["sets"], ood
     results["ood_average"] = {m: _ood_average(row, ood) for m, row in acc["accuracy"].items()}
   if acc and ood:
-    comparisons = _comparisons(wd, groups, ood)
+    ood_tasks = sorted({t for s in ood for t in results.get("tasks", {}).get(s, ["classification"])})
+    comparisons = _comparisons(wd, groups, ood, paper=ood_tasks == ["classification"])
     if comparisons:
       results["comparisons"] = comparisons
       n_seeds = max(c["seeds"] for c in comparisons)
@@ -373,8 +421,10 @@ def build(workdir: str) -> dict:
           ", ".join(f"{pretty(c['method'])} vs {pretty(c['reference'])} ({c['seeds']} seeds)" for c in short) + ".\n")
       parts += ["## Out of distribution, against SFT and the paper\n",
                 "Each method's OOD accuracy minus the reference's, in points, with the 95% interval of a paired "
-                f"bootstrap over {over}, beside the paper's (Qwen2.5-VL-7B on ImageNet, the average of "
-                "ImageNet-R and ImageNet-A). \"Within noise\": the interval holds 0.\n",
+                f"bootstrap over {over}, " + ("beside the paper's (Qwen2.5-VL-7B on ImageNet, the average of "
+                "ImageNet-R and ImageNet-A)" if ood_tasks == ["classification"] else
+                f"for the {', '.join(ood_tasks)} task{'s' if len(ood_tasks) > 1 else ''} (the paper's figures "
+                "here are its classification ones, so none is set beside these)") + ". \"Within noise\": the interval holds 0.\n",
                 _md_table(["method", "against", "ours", "95% interval", "verdict", "paper", "the paper's claim here"],
                           [[pretty(c["method"]), pretty(c["reference"]), f"{100 * c['diff']:+.2f}",
                             f"[{100 * c['lo']:+.2f}, {100 * c['hi']:+.2f}]", c["verdict"],
@@ -393,6 +443,11 @@ def build(workdir: str) -> dict:
               _md_table(["recipe", "training records", "of them hard"],
                         [[r, str(v["records"]), f"{v['hard']} ({100 * v['hard'] / max(v['records'], 1):.1f}%)"
                           if "hard" in v else "-"] for r, v in cur["recipes"].items()])]
+    if len(s.get("tasks") or {}) > 1:
+      parts += ["Per task (each prompt scored by its own task's verifier):\n",
+                _md_table(["task", "easy", "medium", "hard"],
+                          [[t, str(v["easy"]), str(v["medium"]), str(v["hard"])] for t, v in s["tasks"].items()])]
+      results["buckets_by_task"] = s["tasks"]
     noisy = s.get("noisy_labels") or {}
     if sum(noisy.values()):
       n = sum(noisy.values())

@@ -23,6 +23,15 @@ def sampling_params(s, model) -> sampling.SamplingParams:
                            num_samples=s.num_samples, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
 
 
+def score_row(rec, index: int, texts: list[str]) -> dict:
+  """One line of scores.jsonl: the prompt's K sampled answers, each verified by its own task's checker,
+  its verdict and, when wrong, the verifier's reason ("no box", "IoU 0.31 < 0.5", "option C, not B")."""
+  judged = [verify.judge(rec.task, t, rec.answer) for t in texts]
+  verdicts = [int(ok) for ok, _ in judged]
+  return {"id": rec.id, "index": index, "task": rec.task, "answer": rec.answer, "completions": list(texts),
+          "verdicts": verdicts, "reasons": [why for _, why in judged], "pass_rate": sum(verdicts) / len(verdicts)}
+
+
 def run(config, ctx) -> dict:
   s = config.score
   records = common.load_records(config, config.data.train, limit=config.data.train_limit, train=True)
@@ -55,10 +64,7 @@ def run(config, ctx) -> dict:
         for r, texts in zip(out.rows, out.texts):
           if r < 0:
             continue
-          rec = records[r]
-          verdicts = [int(verify.verify(rec.task, t, rec.answer)) for t in texts]
-          rows.append({"id": rec.id, "index": int(r), "task": rec.task, "answer": rec.answer,
-                       "completions": texts, "verdicts": verdicts, "pass_rate": sum(verdicts) / len(verdicts)})
+          rows.append(score_row(records[r], int(r), texts))
         journal.commit(out.index, rows)
         n_new += len(rows)
         answers += len(rows) * sp.num_samples
