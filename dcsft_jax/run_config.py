@@ -67,7 +67,17 @@ def validate(config: ml_collections.ConfigDict, known_stages, *, check_files: bo
   _check(m.preset in ("",) + presets, "model.preset", f"{m.preset!r} is not '' or one of {', '.join(presets)}")
   if m.hf_path and check_files:
     _check(os.path.isfile(os.path.join(m.hf_path, "config.json")), "model.hf_path",
-           f"{m.hf_path!r} has no config.json; point it at a local Hugging Face Qwen2.5-VL directory")
+           f"{m.hf_path!r} has no config.json; point it at a local Hugging Face Qwen-VL directory")
+    # The tokenizer and processor travel with the weights into every model directory; without them the
+    # run would stop only at the cold start, naming base_model/.
+    missing = [f for f in ("tokenizer_config.json", "preprocessor_config.json")
+               if not os.path.isfile(os.path.join(m.hf_path, f))]
+    if not os.path.isfile(os.path.join(m.hf_path, "tokenizer.json")) and not os.path.isfile(
+        os.path.join(m.hf_path, "vocab.json")):
+      missing.insert(0, "tokenizer.json")
+    _check(not missing, "model.hf_path",
+           f"{m.hf_path} has no {', '.join(missing)}; copy the released model's tokenizer and processor files "
+           f"(tokenizer.json, tokenizer_config.json, preprocessor_config.json, chat template) into it")
     if m.preset:
       problem = _preset_mismatch(m.hf_path, m.preset)
       _check(problem is None, "model.preset", str(problem))

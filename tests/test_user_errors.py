@@ -330,3 +330,15 @@ def test_only_the_projects_own_value_errors_are_one_line():
   except FileExistsError as e:
     # Raised in os.makedirs, called from this test file (not the package): not the project's own.
     assert errors.is_user_error(e) is False
+
+
+def test_a_source_model_without_tokenizer_files_stops_before_any_work(tmp_path):
+  """Issue 27: such a directory passed init and failed only in the cold start, naming base_model/."""
+  from dcsft_jax.models.qwen2_5_vl.config import tiny_config
+  src = tmp_path / "model"
+  src.mkdir()
+  (src / "config.json").write_text(json.dumps(tiny_config().to_hf_dict()))
+  r, err = _main(tmp_path, f"--config.model.hf_path={src}", "--config.stages=init")
+  _one_line(r, err, "model.hf_path", "tokenizer.json, tokenizer_config.json, preprocessor_config.json",
+            "copy the released model's tokenizer and processor files")
+  assert not os.path.exists(tmp_path / "wd" / "base_model")
