@@ -153,6 +153,9 @@ def base() -> ml_collections.ConfigDict:
   c.evaluate.limit = 0               # 0 = every record of each set
   c.evaluate.repetition_penalty = 0.0   # 0 = each model's generation_config.json (as HF generate)
   c.evaluate.max_pixels = 0          # image size cap while evaluating; 0 = data.max_pixels
+  # LoRA models evaluated merged (kernel + a @ b * alpha/r in fp32, then the stored dtype), as the
+  # authors evaluate their `swift export --merge_lora` checkpoints; False applies the adapters on the fly.
+  c.evaluate.merge_lora = True
 
   c.report = ml_collections.ConfigDict()
   c.report.curve_limit = 0           # records per OOD set for the accuracy-vs-step curves (0 = all)

@@ -448,3 +448,24 @@ def materialize_images(records: Sequence[Record], image_dir: str | os.PathLike) 
 def write_curated(records: Sequence[Record], path: str | os.PathLike, image_dir: str | os.PathLike) -> int:
   """Materialize in-memory images under image_dir, then write the ms-swift JSON; returns the count."""
   return write_swift_json(materialize_images(records, image_dir), path)
+
+
+def stratified_subset(records: Sequence[Record], n: int, seed: int) -> list[Record]:
+  """A seeded random subset of `n` records, stratified by answer (classification: each label keeps its
+  share, by largest remainders; other tasks: by task), in the records' order. The same records for a
+  given seed, so every method and step of a curve is measured on the same images. n >= len: all."""
+  if n <= 0 or n >= len(records):
+    return list(records)
+  groups: dict[tuple[str, str], list[int]] = {}
+  for i, r in enumerate(records):
+    key = (r.task, r.answer.strip().strip(".").lower() if r.task == "classification" else "")
+    groups.setdefault(key, []).append(i)
+  keys = sorted(groups)
+  quota = {k: n * len(groups[k]) / len(records) for k in keys}
+  take = {k: int(math.floor(quota[k])) for k in keys}
+  # Largest remainders first (ties: the larger group, then the key), so the total is exactly n.
+  for k in sorted(keys, key=lambda k: (-(quota[k] - take[k]), -len(groups[k]), k))[:n - sum(take.values())]:
+    take[k] += 1
+  rng = np.random.default_rng((seed, 0x5C))
+  chosen = sorted(int(i) for k in keys for i in rng.permutation(groups[k])[:take[k]])
+  return [records[i] for i in chosen]

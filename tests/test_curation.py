@@ -380,3 +380,23 @@ def test_materialize_and_write_curated_round_trip(tmp_path):
 def test_safe_name_keeps_similar_ids_apart():
   assert curation.safe_name("a/b") != curation.safe_name("a_b")
   assert "/" not in curation.safe_name("/data/x/../y.JPEG")
+
+
+def test_the_curves_subset_is_stratified_seeded_and_covers_every_class(paper_data):
+  """Issue 29: the paper configs' curve_limit 2048 kept the first 2,048 ImageNet-R records: 12 of its 68
+  classes. The stratified subset keeps every class, each in proportion, and the same records per seed."""
+  import collections
+  from dcsft_jax.data import sources
+  recs = sources.load(f"json:{os.path.join(paper_data, 'imagenet-r_val_processed.json')}")
+  counts = collections.Counter(r.answer for r in recs)
+  assert len(counts) == 68 and len({r.answer for r in recs[:2048]}) == 12
+  sub = curation.stratified_subset(recs, 2048, seed=0)
+  got = collections.Counter(r.answer for r in sub)
+  assert len(sub) == 2048 and set(got) == set(counts)
+  for label, n in counts.items():
+    assert abs(got[label] - 2048 * n / len(recs)) < 1, label
+  assert [r.id for r in curation.stratified_subset(recs, 2048, seed=0)] == [r.id for r in sub]
+  assert [r.id for r in curation.stratified_subset(recs, 2048, seed=1)] != [r.id for r in sub]
+  ids = [r.id for r in recs]
+  assert [ids.index(r.id) for r in sub] == sorted(ids.index(r.id) for r in sub)      # the file's order
+  assert curation.stratified_subset(recs[:10], 0, 0) == recs[:10] == curation.stratified_subset(recs[:10], 50, 0)

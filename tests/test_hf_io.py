@@ -150,6 +150,44 @@ def test_lora_is_merged_on_export(hf_dir, tmp_path):
   assert np.abs(ours - theirs)[m].max() / np.abs(theirs[m]).max() < 1e-4
 
 
+def test_evaluation_merges_lora_on_the_devices_as_the_export_does(hf_dir):
+  """Issue 29: LoRA models are evaluated merged (the authors evaluate `swift export --merge_lora`
+  checkpoints). The on-device merge equals the export's host merge, keeps each kernel's sharding, and
+  the merged model's logits equal the unmerged model's (the same sum, rounded once or twice in fp32)."""
+  from dcsft_jax import config_base
+  from dcsft_jax import mesh as mesh_lib
+  from dcsft_jax.models import params as params_lib
+  assert config_base.base().evaluate.merge_lora is True
+  cfg, _, src = hf_dir
+  lora = M.LoraSpec(rank=4, alpha=8.0)
+  _, base = hf.load_hf(src)
+  full = M.unbox(M.init_params(cfg, M.ModelOptions(lora=lora), jax.random.PRNGKey(1)))
+  key = iter(jax.random.split(jax.random.PRNGKey(3), 1000))
+
+  def graft(b, f):
+    if isinstance(f, dict):
+      return {k: (graft(b[k], v) if k in b else jax.random.normal(next(key), v.shape) * 0.1) for k, v in f.items()}
+    return b
+  params = graft(base, full)
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "fsdp", None))
+  q = params["layers"]["q_proj"]
+  params["layers"]["q_proj"] = {**q, "kernel": jax.device_put(q["kernel"], sharding)}
+  merged = params_lib.merge_lora(params, lora.scale)
+  host = hf.merge_lora(params, lora)
+  assert "lora_a" not in merged["layers"]["q_proj"] and merged["layers"]["q_proj"]["kernel"].sharding == sharding
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(merged)[0], jax.tree.leaves(host)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  batch = R.make_batch(cfg, R.MIXED_ROWS[:2], seed=6)
+  ids, pos, images, am = batch.ours(cfg)
+  on_host = lambda t: jax.tree.map(np.asarray, t)
+  on_the_fly = np.asarray(M.Qwen25VL(cfg, M.ModelOptions(lora=lora)).apply({"params": on_host(params)}, ids, pos,
+                                                                          images, am))
+  folded = np.asarray(M.Qwen25VL(cfg, M.ModelOptions()).apply({"params": on_host(merged)}, ids, pos, images, am))
+  m = batch.attention_mask.astype(bool)
+  assert np.abs(on_the_fly - folded)[m].max() / np.abs(on_the_fly[m]).max() < 1e-5
+
+
 HUB = {  # the released sizes' Hub config.json (flat form), shapes from QWEN25VL.md §1.2
     "3B": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, out=2048),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -34,3 +35,28 @@ def is_adapter(path) -> bool:
 def abstract_key():
   """The shape of jax.random.PRNGKey's key, without running it (nothing runs on a compile-only mesh)."""
   return jax.eval_shape(lambda: jax.random.PRNGKey(0))
+
+
+def merge_lora(params, scale: float):
+  """Every {kernel, lora_a, lora_b} folded into one kernel, kernel + a @ b * scale, computed in fp32 on
+  the devices (each merged kernel keeps its own sharding) and cast back to the kernel's dtype: what
+  PEFT's merge_and_unload and `swift export --merge_lora` write, the model the authors evaluate.
+  Stacked (scanned) layers broadcast over their leading layer axis."""
+  params = unbox(params)
+
+  @jax.jit
+  def fold(kernel, a, b):
+    delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32)) * jnp.float32(scale)
+    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+
+  def walk(node):
+    if not isinstance(node, dict):
+      return node
+    if "lora_a" in node and "lora_b" in node:
+      out = {k: v for k, v in node.items() if k not in ("lora_a", "lora_b")}
+      sharding = getattr(node["kernel"], "sharding", None)
+      merged = fold(node["kernel"], node["lora_a"], node["lora_b"])
+      out["kernel"] = jax.device_put(merged, sharding) if sharding is not None else merged
+      return out
+    return {k: walk(v) for k, v in node.items()}
+  return walk(params)

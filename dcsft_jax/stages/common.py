@@ -14,6 +14,7 @@ import jax
 
 from dcsft_jax import atomic, checkpoint, run_config, sampling
 from dcsft_jax import fingerprint as fingerprint_lib
+from dcsft_jax.models import params as params_lib
 from dcsft_jax import workdir as workdir_lib
 from dcsft_jax.data import batching, sources
 from dcsft_jax.data.processor import Processor
@@ -59,6 +60,10 @@ def load_model(config, ctx, ref: str, *, max_pixels: int = 0, sampling_only: boo
   maker = maker_stage(ctx, directory)
   fix = f"rerun the stage that wrote it: --config.restart_stage={maker}" if maker else None
   cfg, params, lora = checkpoint.load_any(directory, mesh=ctx.mesh, opts=opts, fix=fix)
+  if lora is not None and sampling_only and config.evaluate.merge_lora:
+    # As the authors evaluate: the adapters merged into the weights (`swift export --merge_lora`), then
+    # in the stored dtype; not applied on the fly, which rounds differently in bf16.
+    params, lora = params_lib.merge_lora(params, lora.scale), None
   opts = dataclasses.replace(opts, lora=lora)
   return LoadedModel(directory, cfg, params, opts, processor_for(config, directory, cfg, max_pixels))
 

@@ -530,8 +530,20 @@ def build(workdir: str) -> dict:
       full = {name: _set_size(wd, name) for name in sized}
       parts += ["The accuracy-vs-step curves are measured on " + ", ".join(
           f"{n} images of {name}" + (f" (the table above: all {full[name]})" if full[name] else "")
-          for name, n in sized.items() if n) + " (`report.curve_limit`), so their points and the table's "
-          "figures differ by that sampling.\n"]
+          for name, n in sized.items() if n) + " (`report.curve_limit`: a seeded random subset of each set, "
+          "stratified by answer, the same for every run and step), so their points and the table's figures "
+          "differ by that sampling. Each run's last point beside its figure on the whole set:\n"]
+      rows = []
+      for run, pts in curves.items():
+        full_acc = (acc or {}).get("accuracy", {}).get(run, {})
+        for name in ood:
+          last = next((p for p in reversed(pts) if p.get(name) is not None), None)
+          if last is not None:
+            whole = full_acc.get(name)
+            rows.append([pretty(run), name, str(last["step"]), f"{100 * last[name]:.2f}",
+                         "-" if whole is None else f"{100 * whole:.2f}"])
+      if rows:
+        parts.append(_md_table(["run", "set", "last step", "curve (subset)", "table (whole set)"], rows))
     parts += [f"![{os.path.basename(p)}]({os.path.relpath(p, workdir)})\n" for p in made]
   results["plots"] = [os.path.relpath(p, workdir) for p in made]
   text = "\n".join(parts)

@@ -17,7 +17,7 @@ import json
 import math
 import os
 
-from dcsft_jax import checkpoint, sampling
+from dcsft_jax import checkpoint, curation, sampling
 from dcsft_jax import fingerprint as fingerprint_lib
 from dcsft_jax.data import batching, sources
 from dcsft_jax.models.layers import LoraSpec
@@ -85,8 +85,10 @@ class Curve:
     self.points = json.load(open(self.path)) if os.path.exists(self.path) else []
     sets = sources.parse_sets(config.data.eval)
     names = [x.strip() for x in config.data.ood.split(",") if x.strip()] or list(sets)
-    limit = config.report.curve_limit or None
-    self.sets = {n: common.load_records(config, sets[n], limit=limit) for n in names}
+    # report.curve_limit records of each set, a seeded random subset stratified by answer (the first N
+    # of a file sorted by class would be a few classes), the same for every method and step.
+    self.sets = {n: curation.stratified_subset(common.load_records(config, sets[n]), config.report.curve_limit,
+                                               config.seed) for n in names}
     # Evaluated as the evaluate stage would: its image sizes (evaluate.max_pixels), not training's.
     processor = common.processor_for(config, model.directory, model.cfg, config.evaluate.max_pixels)
     self.model = dataclasses.replace(model, opts=opts, processor=processor)
