@@ -353,15 +353,21 @@ METRICS = {"classification": "exact-match accuracy", "grounding": "IoU >= 0.5 ac
            "reasoning": "multiple-choice accuracy"}
 
 
-def judge(task: str, prediction: str, answer: str) -> tuple[bool, str]:
-  """(right, why not): the verdict of `verify` and, for a wrong answer, the verifier's reason in a few
-  words ("no box", "IoU 0.31 < 0.5", "option C, not B", "no final answer ..."); "" when right."""
+def _checker(task: str, prediction, answer):
+  """The task's checker, once the task and the two texts are known to be valid."""
   checker = _CHECKERS.get(task)
   if checker is None:
     raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
   if not isinstance(prediction, str) or not isinstance(answer, str):
     raise TypeError(f"prediction and answer must be strings, got {type(prediction).__name__} "
                     f"and {type(answer).__name__}")
+  return checker
+
+
+def judge(task: str, prediction: str, answer: str) -> tuple[bool, str]:
+  """(right, why not): the verdict of `verify` and, for a wrong answer, the verifier's reason in a few
+  words ("no box", "IoU 0.31 < 0.5", "option C, not B", "no final answer ..."); "" when right."""
+  checker = _checker(task, prediction, answer)
   text = clean_completion(prediction)
   if checker(text, answer):
     return True, ""
@@ -370,13 +376,7 @@ def judge(task: str, prediction: str, answer: str) -> tuple[bool, str]:
 
 def verify(task: str, prediction: str, answer: str) -> bool:
   """Whether `prediction` (a decoded completion) answers a `task` example whose reference is `answer`."""
-  checker = _CHECKERS.get(task)
-  if checker is None:
-    raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
-  if not isinstance(prediction, str) or not isinstance(answer, str):
-    raise TypeError(f"prediction and answer must be strings, got {type(prediction).__name__} "
-                    f"and {type(answer).__name__}")
-  return bool(checker(clean_completion(prediction), answer))
+  return bool(_checker(task, prediction, answer)(clean_completion(prediction), answer))
 
 
 def verify_many(tasks: str | Iterable[str], predictions: Iterable[str], answers: Iterable[str]) -> list[bool]:

@@ -116,19 +116,23 @@ def test_mismatched_checkpoints_fail_naming_the_tensor(hf_dir, tmp_path):
     hf.load_hf(str(tmp_path))
 
 
-def test_lora_is_merged_on_export(hf_dir, tmp_path):
-  cfg, _, src = hf_dir
-  lora = M.LoraSpec(rank=4, alpha=8.0, vision=True, merger=True)
-  _, base = hf.load_hf(src)
-  # Give every adapter non-zero weights, as after training.
+def _with_trained_adapters(cfg, base, lora, seed):
+  """`base` with every LoRA adapter of `lora` added, each with non-zero weights, as after training."""
   full = M.unbox(M.init_params(cfg, M.ModelOptions(lora=lora), jax.random.PRNGKey(1)))
-  key = iter(jax.random.split(jax.random.PRNGKey(2), 1000))
+  key = iter(jax.random.split(jax.random.PRNGKey(seed), 1000))
 
   def graft(b, f):
     if isinstance(f, dict):
       return {k: (graft(b[k], v) if k in b else jax.random.normal(next(key), v.shape) * 0.1) for k, v in f.items()}
     return b
-  params = graft(base, full)
+  return graft(base, full)
+
+
+def test_lora_is_merged_on_export(hf_dir, tmp_path):
+  cfg, _, src = hf_dir
+  lora = M.LoraSpec(rank=4, alpha=8.0, vision=True, merger=True)
+  _, base = hf.load_hf(src)
+  params = _with_trained_adapters(cfg, base, lora, seed=2)
   n_adapters = sum("lora_a" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
   assert n_adapters == 7 + 5 + 2
   out = str(tmp_path / "merged")
@@ -161,14 +165,7 @@ def test_evaluation_merges_lora_on_the_devices_as_the_export_does(hf_dir):
   cfg, _, src = hf_dir
   lora = M.LoraSpec(rank=4, alpha=8.0)
   _, base = hf.load_hf(src)
-  full = M.unbox(M.init_params(cfg, M.ModelOptions(lora=lora), jax.random.PRNGKey(1)))
-  key = iter(jax.random.split(jax.random.PRNGKey(3), 1000))
-
-  def graft(b, f):
-    if isinstance(f, dict):
-      return {k: (graft(b[k], v) if k in b else jax.random.normal(next(key), v.shape) * 0.1) for k, v in f.items()}
-    return b
-  params = graft(base, full)
+  params = _with_trained_adapters(cfg, base, lora, seed=3)
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "fsdp", None))
   q = params["layers"]["q_proj"]

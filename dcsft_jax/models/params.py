@@ -37,17 +37,19 @@ def abstract_key():
   return jax.eval_shape(lambda: jax.random.PRNGKey(0))
 
 
+@jax.jit
+def _fold(kernel, a, b, scale):
+  delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+  return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+
+
 def merge_lora(params, scale: float):
   """Every {kernel, lora_a, lora_b} folded into one kernel, kernel + a @ b * scale, computed in fp32 on
   the devices (each merged kernel keeps its own sharding) and cast back to the kernel's dtype: what
   PEFT's merge_and_unload and `swift export --merge_lora` write, the model the authors evaluate.
-  Stacked (scanned) layers broadcast over their leading layer axis."""
+  Stacked (scanned) layers broadcast over their leading layer axis. One compiled fold per shape,
+  shared by every model an evaluation loads."""
   params = unbox(params)
-
-  @jax.jit
-  def fold(kernel, a, b):
-    delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32)) * jnp.float32(scale)
-    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
 
   def walk(node):
     if not isinstance(node, dict):
@@ -55,7 +57,7 @@ def merge_lora(params, scale: float):
     if "lora_a" in node and "lora_b" in node:
       out = {k: v for k, v in node.items() if k not in ("lora_a", "lora_b")}
       sharding = getattr(node["kernel"], "sharding", None)
-      merged = fold(node["kernel"], node["lora_a"], node["lora_b"])
+      merged = _fold(node["kernel"], node["lora_a"], node["lora_b"], jnp.float32(scale))
       out["kernel"] = jax.device_put(merged, sharding) if sharding is not None else merged
       return out
     return {k: walk(v) for k, v in node.items()}
