@@ -95,4 +95,18 @@ def cli(name: str, fn: Callable[[], object], *, log: Callable[[], str | None] = 
     if where:
       msg += f" (trace: {where})"
     print(msg, file=sys.stderr, flush=True)
+    if where:
+      _rest_to(where)
     sys.exit(1)
+
+
+def _rest_to(path: str) -> None:
+  """Sends whatever is written to stderr from here on to the log: a failed read leaves a library's
+  abandoned tasks (Orbax's async reads of a damaged checkpoint) that complain at interpreter exit."""
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+  except OSError:
+    return
+  sys.stderr.flush()
+  os.dup2(fd, 2)
+  os.close(fd)
