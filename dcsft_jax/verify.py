@@ -7,6 +7,8 @@ One checker per task, dispatched by `verify(task, prediction, answer)`:
   reasoning       `reasoning_match`: option letters by our own rule; anything else by math_verify
                   when it is installed, OR-ed with our own parser (`_fallback_reasoning_match`), which
                   is always there, so the project runs (and scores plain-text answers) without it.
+                  With config.verify.math_verify_only (`configure`): math_verify alone, as ms-swift's
+                  'accuracy' reward calls it (`math_verify_only_match`).
 
 Predictions pass through `clean_completion` first: decoded completions keep <|im_end|> when
 special tokens are not skipped, and that must not turn a right answer wrong.
@@ -14,6 +16,7 @@ special tokens are not skipped, and that must not turn a right answer wrong.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import re
 import threading
@@ -22,13 +25,22 @@ from collections.abc import Iterable, Sequence
 from dcsft_jax import optional
 from dcsft_jax.data.records import TASKS, parse_box
 
-__all__ = ["METRICS", "TASKS", "clean_completion", "exact_match", "extract_answer", "grounding_match", "iou",
-           "judge", "reasoning_match", "verify", "verify_many"]
+__all__ = ["METRICS", "TASKS", "clean_completion", "configure", "exact_match", "extract_answer", "grounding_match",
+           "iou", "judge", "math_verify_only_match", "reasoning_match", "verify", "verify_many"]
 
 # Seconds math_verify may spend parsing/comparing one answer (its own SIGALRM timeout; main thread only).
 MATH_VERIFY_TIMEOUT_S = 5
 # Tests (and users who want bit-for-bit reproducible scores across installs) can switch it off.
 USE_MATH_VERIFY = True
+# config.verify.math_verify_only, set for the run by `configure`: reasoning answers by math_verify alone.
+MATH_VERIFY_ONLY = False
+
+
+def configure(config) -> None:
+  """Applies a run's `verify` section (dcsft_jax/config_base.py) to this process's verifier."""
+  global MATH_VERIFY_ONLY
+  MATH_VERIFY_ONLY = bool(config.verify.math_verify_only)
+
 
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
@@ -296,14 +308,59 @@ def _math_verify_match(pred: str, ref: str) -> bool | None:
     return None
 
 
+@functools.cache
+def _accuracy_reward_setup():
+  """math_verify and the prediction's extraction config of ms-swift's `accuracy` reward (`MathAccuracy`,
+  byyx666/DC-SFT swift/plugin/orm.py:235-278): LaTeX only, \\boxed{} first, nothing without an anchor."""
+  mv = optional.require("math_verify", "verify.math_verify_only")
+  from latex2sympy2_extended import NormalizationConfig
+  # The fork passes boxed=True. Where the installed latex2sympy2_extended takes 'all' | 'last' | 'none'
+  # (1.11 does), True matches none of them and would switch boxed normalisation off: 'all' stands for it.
+  boxed = "all" if isinstance(NormalizationConfig().boxed, str) else True
+  norm = NormalizationConfig(nits=False, malformed_operators=False, basic_latex=True, equations=True, boxed=boxed,
+                             units=True)
+  # Newer releases log a deprecation line for equations=True on every answer; the fork's value stays.
+  logging.getLogger("latex2sympy2_extended.math_normalization").addFilter(
+      lambda r: "equations=True" not in r.getMessage())
+  return mv, [mv.LatexExtractionConfig(normalization_config=norm, boxed_match_priority=0,
+                                       try_extract_without_anchor=False)]
+
+
+def math_verify_only_match(prediction: str, answer: str) -> tuple[bool, str]:
+  """(right, why not) by math_verify alone, as ms-swift's `accuracy` reward judges: the reference parsed
+  with math_verify's default extraction (first match), the prediction with the reward's LaTeX-only one,
+  then `verify(gold, pred)`. A reference it cannot parse (a bare option letter) scores 0, as there."""
+  mv, pred_config = _accuracy_reward_setup()
+  timeout = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+  try:
+    gold = mv.parse(answer, extraction_mode="first_match", parsing_timeout=timeout)
+  except Exception:  # noqa: BLE001 - as an unparsed reference
+    gold = []
+  if not gold:
+    return False, "math-verify parses no reference answer (scored 0, as by ms-swift's accuracy reward)"
+  try:
+    pred = mv.parse(prediction, extraction_config=pred_config, extraction_mode="first_match",
+                    parsing_timeout=timeout)
+    ok = bool(mv.verify(gold, pred, timeout_seconds=timeout))
+  except Exception:  # noqa: BLE001 - the reward's own edge case: 0
+    return False, "math-verify failed on this answer"
+  if ok:
+    return True, ""
+  if not pred:
+    return False, "math-verify finds no LaTeX answer (\\boxed{} or $...$)"
+  return False, f"math-verify: {str(pred[-1])[:40]!r} is not {str(gold[-1])[:40]!r}"
+
+
 def reasoning_match(prediction: str, answer: str) -> bool:
   """Multiple-choice or math answer check.
 
   An option-letter reference ("B", "(B)", "B.") is always judged by our letter rule. Otherwise the
   answer is right if math_verify (when installed and the reference is mathematical) says so OR the
   fallback parser does: math_verify knows symbolic equivalence, the fallback knows units, plain-text
-  answers and whatever math_verify cannot parse.
+  answers and whatever math_verify cannot parse. With MATH_VERIFY_ONLY, math_verify alone decides.
   """
+  if MATH_VERIFY_ONLY:
+    return math_verify_only_match(prediction, answer)[0]
   ref = extract_answer(answer)
   if _option_letter(ref) is None and _math_verify_match(extract_answer(prediction), ref):
     return True
@@ -329,6 +386,8 @@ def _has_final_answer(text: str) -> bool:
 
 
 def _reasoning_reason(prediction: str, answer: str) -> str:
+  if MATH_VERIFY_ONLY:
+    return math_verify_only_match(prediction, answer)[1]
   pred, ref = extract_answer(prediction), extract_answer(answer)
   letter = _option_letter(ref)
   if not _has_final_answer(prediction) and not (letter is not None and _PRED_LETTER_ONLY.fullmatch(pred)):
@@ -369,6 +428,8 @@ def judge(task: str, prediction: str, answer: str) -> tuple[bool, str]:
   words ("no box", "IoU 0.31 < 0.5", "option C, not B", "no final answer ..."); "" when right."""
   checker = _checker(task, prediction, answer)
   text = clean_completion(prediction)
+  if task == "reasoning" and MATH_VERIFY_ONLY:     # one parse for the verdict and its reason
+    return math_verify_only_match(text, answer)
   if checker(text, answer):
     return True, ""
   return False, _REASONS[task](text, answer)

@@ -83,6 +83,37 @@ def test_weight_decay_follows_transformers_trainer_names():
     assert not got[name], name
 
 
+def _hf_decays(name: str, transformers_ge_4_53: bool) -> bool:
+  """Trainer.get_decay_parameter_names on one parameter name of a model without nn.LayerNorm (Qwen2.5-VL's
+  norms are all Qwen2RMSNorm): transformers 4.49 to 4.52.4 exempt names holding 'bias', 'layernorm' or
+  'rmsnorm'; 4.53 on add the patterns `(?:^|\\.)norm(?:$|\\.)` and `_norm(?:$|\\.)`."""
+  pats = ["bias", "layernorm", "rmsnorm"] + ([r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"] if transformers_ge_4_53 else [])
+  return not any(re.search(p, name.lower()) for p in pats)
+
+
+def test_weight_decay_is_the_same_under_the_pre_and_post_4_52_module_names():
+  """The fork's model keys are transformers < 4.52's (`model.layers`, `visual`); 4.52 loads the same
+  weights as `model.language_model.layers` and `model.visual`. Under the rule of the transformers ms-swift
+  3.6 accepts (< 4.53), both spellings give the same decayed set, and ours is that set. transformers >= 4.53
+  would exempt the final norm as well, and nothing else."""
+  from dcsft_jax import hf
+  from dcsft_jax.models import qwen2_5_vl as M
+  from dcsft_jax.models.qwen2_5_vl.config import tiny_config
+  cfg = tiny_config()
+  params = M.unbox(M.init_params(cfg, abstract=True))
+  ours = {tuple(getattr(k, "key", "") for k in path): bool(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]}
+  later = []
+  for e in hf.name_table(cfg):
+    old = e.hf.replace("{i}", "0")
+    new = re.sub(r"^model(?!\.(language_model|visual))", "model.language_model", re.sub(r"^visual", "model.visual", old))
+    assert _hf_decays(old, False) == _hf_decays(new, False) == ours[e.path], (old, new)
+    if _hf_decays(new, True) != ours[e.path]:
+      later.append(new)
+  assert len(ours) == len(hf.name_table(cfg))
+  assert later == ["model.language_model.norm.weight"]
+
+
 def _paper_configs():
   d = os.path.join(REPO, "configs", "paper")
   return sorted(f for f in os.listdir(d) if f.endswith(".py") and not f.startswith("_"))

@@ -348,3 +348,74 @@ def test_verify_many():
     V.verify_many(["classification"], ["a", "b"], ["a", "b"])
   with pytest.raises(ValueError, match="unknown task"):
     V.verify_many(["nope"], ["a"], ["a"])
+
+
+# ----------------------------------------------------------------------------- verify.math_verify_only
+@pytest.fixture
+def math_verify_only(monkeypatch):
+  if not HAVE_MATH_VERIFY:
+    pytest.skip("math-verify is not installed")
+  monkeypatch.setattr(V, "MATH_VERIFY_ONLY", True)
+
+
+@pytest.mark.parametrize("pred, answer", [
+    ("<answer>B</answer>", "A short thought. \\boxed{B}"),   # our <answer> tag; no LaTeX for math-verify
+    ("The answer is 5 m", "5"),                               # a unit, without an anchor
+    ("<answer>0.5</answer>", "1/2"),
+    ("(B) 42", "B"),                                          # a bare letter: math-verify parses no reference
+    ("\\boxed{B}", "B"),
+])
+def test_math_verify_only_rejects_what_only_our_parser_accepts(math_verify_only, monkeypatch, pred, answer):
+  assert not V.reasoning_match(pred, answer)
+  ok, why = V.judge("reasoning", pred, answer)
+  assert not ok and why.startswith("math-verify")
+  monkeypatch.setattr(V, "MATH_VERIFY_ONLY", False)
+  assert V.reasoning_match(pred, answer)                     # the default ORs our parser in
+
+
+@pytest.mark.parametrize("pred, answer", [
+    ("\\boxed{\\frac{1}{2}}", "0.5"),
+    ("So the digit is odd. \\boxed{B}", "A short thought. \\boxed{B}"),
+    ("\\boxed{(x+1)^2}", "$x^2+2x+1$"),                      # bare x^2+2x+1 parses to nothing there
+])
+def test_math_verify_only_accepts_what_math_verify_accepts(math_verify_only, pred, answer):
+  assert V.reasoning_match(pred, answer)
+  assert V.judge("reasoning", pred + "<|im_end|>", answer) == (True, "")
+  assert not V.reasoning_match("\\boxed{7}", answer)
+
+
+def test_math_verify_only_leaves_labels_and_boxes_alone(monkeypatch):
+  monkeypatch.setattr(V, "MATH_VERIFY_ONLY", True)
+  monkeypatch.setattr(V, "_accuracy_reward_setup", lambda: pytest.fail("math_verify asked about a label"))
+  assert V.verify("classification", "Goldfish.", "goldfish")
+  assert V.verify("grounding", "[12, 30, 200, 311]", REF)
+
+
+def test_math_verify_only_is_set_by_the_config(monkeypatch):
+  from dcsft_jax import config_base
+  monkeypatch.setattr(V, "MATH_VERIFY_ONLY", False)
+  c = config_base.base()
+  c.verify.math_verify_only = True
+  V.configure(c)
+  assert V.MATH_VERIFY_ONLY is True
+  V.configure(config_base.base())
+  assert V.MATH_VERIFY_ONLY is False
+
+
+def test_math_verify_only_without_the_package_stops_at_validation(monkeypatch):
+  import sys
+  from dcsft_jax import config_base, run_config
+  from dcsft_jax.stages import STAGES
+  monkeypatch.setitem(sys.modules, "math_verify", None)      # import math_verify raises ImportError
+  c = config_base.base()
+  c.verify.math_verify_only = True
+  with pytest.raises(run_config.ConfigError) as e:
+    run_config.validate(c, [s.name for s in STAGES], check_files=False)
+  msg = str(e.value)
+  assert "\n" not in msg and msg.startswith("config.verify.math_verify_only: needs math-verify")
+  assert "pip install 'dcsft-jax[math]' (or: pip install math-verify)" in msg
+  c.stages = "init,cold_start,curate,finetune,report,export"   # nothing verifies: no need for it
+  run_config.validate(c, [s.name for s in STAGES], check_files=False)
+  c.stages = "evaluate"
+  with pytest.raises(run_config.ConfigError, match="math_verify_only"):
+    run_config.validate(c, [s.name for s in STAGES], check_files=False)
