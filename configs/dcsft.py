@@ -4,13 +4,15 @@ digits dataset (ID: held-out digits; OOD: font renditions and corrupted digits).
 
   python -m dcsft_jax.main --config=configs/dcsft.py [--config.workdir=DIR --config.stages=init,cold_start ...]
   python -m dcsft_jax.main --config=configs/dcsft.py:hard_sweep=true     # + the Fig. 5 hard-ratio sweep
+  python -m dcsft_jax.main --config=configs/dcsft.py:table1=true         # + Table 1's protocol: each bucket
+                                                                        # cut to the smallest, 100 steps each
   python -m dcsft_jax.main --config=configs/dcsft.py --config.seeds=3    # mean +- std over 3 training seeds
   python -m dcsft_jax.main --config=configs/dcsft.py:short=true         # every stage, few steps (a check
                                                                         # of a mesh or a launch, ~1 min)
 
 Every field is documented in dcsft_jax/config_base.py; the paper's own settings are in configs/paper/.
 """
-from dcsft_jax import config_base
+from dcsft_jax import config_base, curation
 
 
 # Fig. 5's sweep: SFT-EM's data plus this share of the hard bucket (0 is SFT-EM itself).
@@ -18,7 +20,7 @@ HARD_SWEEP = (0.2, 0.5)
 
 
 def get_config(arg=None):
-  a = config_base.parse_arg(arg, hard_sweep=False, short=False)
+  a = config_base.parse_arg(arg, hard_sweep=False, table1=False, short=False)
   c = config_base.base()
   c.workdir = "workdir/dcsft_default"
   c.data.train = "builtin:train[256:]"
@@ -37,10 +39,14 @@ def get_config(arg=None):
 
   c.score.max_new_tokens = 4        # the digits' answers are one word (a token or two plus EOS)
 
-  # Table 1's hard-only run beside the paper's recipes: SFT on the prompts the cold start never solves.
+  # A hard-only run beside the paper's recipes: SFT on the whole bucket of prompts the cold start never
+  # solves, for the run's steps. Table 1's own protocol (table1=true) balances the three buckets to the
+  # smallest and trains each 100 steps (curation.TABLE1).
   recipes = ["sft", "sft_m", "sft_em", "hard"]
   if a.hard_sweep:
     recipes += [f"sft_em+hard{r:g}" for r in HARD_SWEEP]
+  if a.table1:
+    recipes += list(curation.TABLE1)
   c.curate.recipes = c.finetune.recipes = ",".join(recipes)
   c.evaluate.models = ",".join(["cold_start=cold_start_model"] + [f"{r}=models/{r}" for r in recipes[:1]] +
                                ["grpo=models/grpo"] + [f"{r}=models/{r}" for r in recipes[1:]])

@@ -4,7 +4,9 @@ scoring, curation and training settings; what changes is only what the compariso
 - 4 training seeds per method (finetune and GRPO; the cold start, scores and curated files are shared),
 - every image of the three evaluation sets (359 each, so 718 OOD images per model and seed),
 - the OOD curves on 128 images per set,
-- the Fig. 5 hard-ratio sweep (SFT-EM + 20% and + 50% of the hard bucket).
+- the Fig. 5 hard-ratio sweep (SFT-EM + 20% and + 50% of the hard bucket),
+- Table 1's protocol (issue 29, added after the first run): easy, medium and hard each cut to the
+  smallest bucket's size and trained 100 steps from the cold start.
 
   python -m dcsft_jax.main --config=configs/demo.py
 
@@ -18,7 +20,7 @@ from dcsft_jax import config_base
 
 
 def get_config(arg=None):
-  c = config_base.load_config_file("dcsft.py", beside=__file__).get_config(arg or "hard_sweep=true")
+  c = config_base.load_config_file("dcsft.py", beside=__file__).get_config(arg or "hard_sweep=true,table1=true")
   c.workdir = "workdir/dcsft_demo"
   c.seeds = 4
   c.evaluate.limit = 0            # every record of each set

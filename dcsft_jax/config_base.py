@@ -103,6 +103,12 @@ def base() -> ml_collections.ConfigDict:
   c.data.label_noise = 0.0           # builtin train only: wrong labels, the kind of data that lands in 'hard'
   c.data.builtin_image_size = 56
 
+  # Step 0, optional (stage 'pretrain', not in the default stages): full SFT of the base model on a broad
+  # set before the cold start, the prior a pretrained VLM brings (README "A miniature with a prior");
+  # a config that runs it points cold_start.model at its output, 'pretrained_model'.
+  c.pretrain = train_section(model="base_model", lora=False, epochs=1.0)
+  c.pretrain.data = ""               # a dataset spec, e.g. builtin:prior[2048:]
+
   # Step 1: cold start, full fine-tuning (the paper: 400 samples, 1 epoch, lr 1e-5, batch 16).
   c.cold_start = train_section(model="base_model", lora=False, epochs=1.0)
   c.cold_start.data = "builtin:train[:400]"
@@ -156,6 +162,12 @@ def base() -> ml_collections.ConfigDict:
   # LoRA models evaluated merged (kernel + a @ b * alpha/r in fp32, then the stored dtype), as the
   # authors evaluate their `swift export --merge_lora` checkpoints; False applies the adapters on the fly.
   c.evaluate.merge_lora = True
+
+  # The verifier that scoring, GRPO's reward and evaluation share (dcsft_jax/verify.py).
+  c.verify = ml_collections.ConfigDict()
+  c.verify.math_verify_only = False  # reasoning answers by math-verify alone, as ms-swift's 'accuracy' reward
+                                     # judges them (no OR with our parser; a reference it cannot parse, such
+                                     # as a bare option letter, scores 0). Needs math-verify installed
 
   c.report = ml_collections.ConfigDict()
   c.report.curve_limit = 0           # records per OOD set for the accuracy-vs-step curves (0 = all)

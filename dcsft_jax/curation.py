@@ -47,7 +47,15 @@ RECIPES: dict[str, frozenset[str]] = {
   "easy": frozenset({"easy"}),
   "medium": frozenset({"medium"}),
   "hard": frozenset({"hard"}),
+  # Table 1's protocol (NOTES §1.6): each bucket alone, every one cut to the smallest bucket's size
+  # (a seeded random subset, `balance`) and trained TABLE1_STEPS steps, so the three differ only in
+  # difficulty. The plain 'easy' / 'medium' / 'hard' recipes train a whole bucket for the run's steps.
+  "table1_easy": frozenset({"easy"}),
+  "table1_medium": frozenset({"medium"}),
+  "table1_hard": frozenset({"hard"}),
 }
+TABLE1 = ("table1_easy", "table1_medium", "table1_hard")
+TABLE1_STEPS = 100           # the paper's steps for each Table 1 subset
 _HARD_ADDED = re.compile(r"^(?P<base>[a-z_]+)\+hard(?P<ratio>[0-9]*\.?[0-9]+)$")
 
 
@@ -59,7 +67,7 @@ def parse_recipe(name: str) -> tuple[str, float | None]:
   if base not in RECIPES:
     raise ValueError(f"unknown recipe {name!r}: the recipes are {', '.join(RECIPES)}, or one without the hard "
                      f"bucket plus a share of it, e.g. sft_em+hard0.2")
-  if ratio is not None and ("hard" in RECIPES[base] or not 0.0 <= ratio <= 1.0):
+  if ratio is not None and ("hard" in RECIPES[base] or base in TABLE1 or not 0.0 <= ratio <= 1.0):
     raise ValueError(f"recipe {name!r}: '+hardR' adds R in [0, 1] of the hard bucket to a recipe without it "
                      f"(sft_m, sft_em, easy, medium)")
   return base, ratio
@@ -448,6 +456,21 @@ def materialize_images(records: Sequence[Record], image_dir: str | os.PathLike) 
 def write_curated(records: Sequence[Record], path: str | os.PathLike, image_dir: str | os.PathLike) -> int:
   """Materialize in-memory images under image_dir, then write the ms-swift JSON; returns the count."""
   return write_swift_json(materialize_images(records, image_dir), path)
+
+
+def table1_size(summary: Mapping[str, Any]) -> int:
+  """The size every Table 1 subset is cut to: the smallest bucket's (curation.summary's counts)."""
+  buckets = summary["buckets"]
+  return min(int(buckets[b]) for b in BUCKETS)
+
+
+def balance(records: Sequence[Record], n: int, seed: int) -> list[Record]:
+  """A seeded random `n` of a bucket's records, in their order: Table 1's balancing to the smallest
+  bucket (n >= len: all of them)."""
+  if n >= len(records):
+    return list(records)
+  keep = sorted(int(i) for i in np.random.default_rng((seed, 0x7A1)).choice(len(records), size=n, replace=False))
+  return [records[i] for i in keep]
 
 
 def stratified_subset(records: Sequence[Record], n: int, seed: int) -> list[Record]:

@@ -24,11 +24,12 @@ from ml_collections import config_flags
 import jax
 import PIL.Image
 
-from dcsft_jax import atomic, errors, fingerprint
+from dcsft_jax import atomic, config_base, errors, fingerprint
 from dcsft_jax import mesh as mesh_lib
 from dcsft_jax import multihost
 from dcsft_jax import run_config
 from dcsft_jax import stages as stages_lib
+from dcsft_jax import verify
 from dcsft_jax import workdir as workdir_lib
 from dcsft_jax.train import trainer
 
@@ -94,6 +95,7 @@ def maybe_initialize_distributed(mode: str) -> None:
 
 def run(config) -> dict:
   names = run_config.validate(config, [s.name for s in stages_lib.STAGES])
+  verify.configure(config)
   opts = run_config.model_options(config)
   maybe_initialize_distributed(config.distributed)
   try:
@@ -153,7 +155,11 @@ def _check_settings(config, wd: workdir_lib.Workdir, names: list[str]) -> str:
     if not (os.path.exists(wd.done_marker(s)) and os.path.exists(path)):
       continue
     had, has = json.load(open(path)), fingerprint.of(stages_lib.settings(config, s))
-    diff = sorted(k for k in set(had) | set(has) if had.get(k) != has.get(k))
+    # A key the stage finished without (added to the code since) at its default changes nothing: a new
+    # key's default keeps what the code did before it.
+    default = fingerprint.of(stages_lib.settings(config_base.base(), s))
+    diff = sorted(k for k in set(had) | set(has) if had.get(k) != has.get(k)
+                  and not (k not in had and k in default and has.get(k) == default[k]))
     if diff:
       changed.append((s, "; ".join(f"{k} {had.get(k)!r} then, {has.get(k)!r} now" for k in diff)))
   if not changed:
@@ -223,8 +229,12 @@ def _to_do(config, wd: workdir_lib.Workdir, name: str, ran: list[str]) -> str:
 
 def _missing(config, wd: workdir_lib.Workdir, name: str, ran: list[str]) -> str:
   """What a finished stage lacks for this config ('' if nothing): a later --config.seeds or another
-  recipe or model adds runs to finetune and evaluation, which then do only the new ones (each run and
+  recipe or model adds recipe files to curation and runs to finetune and evaluation, which then do only
+  the new ones (each run and
   each evaluated set is its own done file); the report is rebuilt when any stage ran."""
+  if name == "curate":
+    new = [r.strip() for r in config.curate.recipes.split(",") if r.strip() and not os.path.exists(wd.recipe(r.strip()))]
+    return f"recipes {', '.join(new)} are new" if new else ""
   if name == "finetune":
     have = {k.rsplit("/", 1)[0] for k in json.load(open(wd.finetune_done))}
     want = [workdir_lib.run_name(r.strip(), s) for s in range(config.seeds)

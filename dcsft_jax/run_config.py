@@ -85,7 +85,21 @@ def validate(config: ml_collections.ConfigDict, known_stages, *, check_files: bo
          f"{config.export.dtype!r} is not '' or one of {sorted(DTYPES)}")
   _validate_data(config, stages, check_files)
   _validate_training(config, stages)
+  _validate_verify(config, stages)
   return stages
+
+
+def _validate_verify(config, stages) -> None:
+  """verify.math_verify_only needs math-verify wherever a stage verifies answers."""
+  if not config.verify.math_verify_only or not {"score", "grpo", "evaluate"} & set(stages):
+    return
+  import importlib
+  from dcsft_jax import optional
+  try:
+    importlib.import_module("math_verify")
+  except Exception as e:  # noqa: BLE001 - a broken install (an antlr mismatch) is as good as none
+    _check(False, "verify.math_verify_only", f"needs math-verify, which is not usable here ({type(e).__name__}). "
+           f"Install it: {optional.install_hint('math_verify')}, or set it False")
 
 
 def _preset_mismatch(hf_path: str, preset: str) -> str | None:
@@ -103,7 +117,7 @@ def _preset_mismatch(hf_path: str, preset: str) -> str | None:
   return None
 
 
-TRAIN_SECTIONS = ("cold_start", "finetune", "grpo")
+TRAIN_SECTIONS = ("pretrain", "cold_start", "finetune", "grpo")
 
 
 def _validate_training(config, stages) -> None:
@@ -167,6 +181,7 @@ def _validate_training(config, stages) -> None:
 
 # The batch of each stage that the mesh splits into data x fsdp shards: (key, rows per micro-batch).
 _SHARDED_BATCHES = {
+    "pretrain": lambda c: [("pretrain.batch_size", c.pretrain.batch_size // c.pretrain.accum)],
     "cold_start": lambda c: [("cold_start.batch_size", c.cold_start.batch_size // c.cold_start.accum)],
     "finetune": lambda c: [("finetune.batch_size", c.finetune.batch_size // c.finetune.accum)],
     "grpo": lambda c: [("grpo.batch_size", c.grpo.batch_size // c.grpo.accum)],
@@ -179,7 +194,7 @@ def validate_mesh(config, stages: list[str], mesh) -> None:
   """Checks every batch the stages will split over the mesh before the first stage starts (the
   stages check too, but only when they start, after the earlier ones have run)."""
   ways = mesh.shape["data"] * mesh.shape["fsdp"]
-  curves = any(stage in stages and config[stage].eval_every > 0 for stage in ("cold_start", "finetune", "grpo"))
+  curves = any(stage in stages and config[stage].eval_every > 0 for stage in TRAIN_SECTIONS)
   for stage in stages + (["evaluate"] if curves and "evaluate" not in stages else []):
     for key, rows in _SHARDED_BATCHES.get(stage, lambda c: [])(config):
       section = key.split(".")[0]
@@ -239,8 +254,16 @@ def _validate_data(config, stages, check_files: bool = True) -> None:
     cold = sources.parse(config.cold_start.data)
   except ValueError as e:
     raise ConfigError(f"config.cold_start.data: {e}") from None
+  _check("pretrain" not in stages or bool(config.pretrain.data), "pretrain.data",
+         "the 'pretrain' stage needs a dataset spec (e.g. builtin:prior[2048:]), or leave it out of stages")
+  pre = None
+  if config.pretrain.data:
+    try:
+      pre = sources.parse(config.pretrain.data)
+    except ValueError as e:
+      raise ConfigError(f"config.pretrain.data: {e}") from None
   needs = {"score": [("data.train", train)], "curate": [("data.train", train)], "grpo": [("data.train", train)],
-           "cold_start": [("cold_start.data", cold)],
+           "cold_start": [("cold_start.data", cold)], "pretrain": [("pretrain.data", pre)] if pre else [],
            "evaluate": [(f"data.eval[{n}]", s) for n, s in sets.items()]}
   for stage in stages if check_files else ():
     for key, spec in needs.get(stage, []):

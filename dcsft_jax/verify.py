@@ -16,6 +16,7 @@ special tokens are not skipped, and that must not turn a right answer wrong.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import math
 import re
@@ -313,7 +314,7 @@ def _accuracy_reward_setup():
   """math_verify and the prediction's extraction config of ms-swift's `accuracy` reward (`MathAccuracy`,
   byyx666/DC-SFT swift/plugin/orm.py:235-278): LaTeX only, \\boxed{} first, nothing without an anchor."""
   mv = optional.require("math_verify", "verify.math_verify_only")
-  from latex2sympy2_extended import NormalizationConfig
+  NormalizationConfig = importlib.import_module("math_verify.parser").NormalizationConfig  # its own dependency's
   # The fork passes boxed=True. Where the installed latex2sympy2_extended takes 'all' | 'last' | 'none'
   # (1.11 does), True matches none of them and would switch boxed normalisation off: 'all' stands for it.
   boxed = "all" if isinstance(NormalizationConfig().boxed, str) else True

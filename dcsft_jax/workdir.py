@@ -74,12 +74,16 @@ class Workdir:
     return self.path("base_model")
 
   @property
+  def pretrained_model(self) -> str:
+    return self.path("pretrained_model")
+
+  @property
   def cold_start_model(self) -> str:
     return self.path("cold_start_model")
 
   def model(self, name: str) -> str:
-    """A training run's model directory: cold_start_model/, or models/NAME/."""
-    return self.cold_start_model if name == "cold_start" else self.path("models", name)
+    """A training run's model directory: pretrained_model/, cold_start_model/, or models/NAME/."""
+    return {"pretrain": self.pretrained_model, "cold_start": self.cold_start_model}.get(name) or self.path("models", name)
 
   def model_done(self, name: str) -> bool:
     return os.path.exists(os.path.join(self.model(name), MODEL_DONE))
@@ -169,9 +173,10 @@ class Workdir:
   def stage_outputs(self, stage: str, recipes: tuple[str, ...] = ()) -> list[str]:
     """Everything `stage` writes (what --config.restart_stage deletes); `recipes`: finetune's runs."""
     seeded = lambda names: [run_name(n, s) for n in names for s in range(self.seeds)]
-    runs = {"cold_start": ["cold_start"], "finetune": seeded(recipes), "grpo": seeded(["grpo"])}.get(stage, [])
+    runs = {"pretrain": ["pretrain"], "cold_start": ["cold_start"], "finetune": seeded(recipes), "grpo": seeded(["grpo"])}.get(stage, [])
     return {
         "init": [self.base_model],
+        "pretrain": [self.pretrained_model],
         "cold_start": [self.cold_start_model],
         "score": [os.path.dirname(self.scores)],
         "curate": [self.curation],
@@ -191,6 +196,7 @@ class Workdir:
     """The file whose existence means `stage` finished (main skips it then)."""
     return {
         "init": os.path.join(self.base_model, MODEL_DONE),
+        "pretrain": os.path.join(self.pretrained_model, MODEL_DONE),
         "cold_start": os.path.join(self.cold_start_model, MODEL_DONE),
         "score": self.scores,
         "curate": self.curation_summary,

@@ -201,11 +201,13 @@ def test_main_refuses_missing_data_before_any_work(tmp_path):
 
 
 def test_default_and_demo_configs_take_the_hard_sweep_argument():
-  """configs/dcsft.py:hard_sweep=true adds Fig. 5's recipes to curation, fine-tuning and evaluation;
-  the demonstration is the default with seeds, full evaluation sets and the sweep, nothing else."""
+  """configs/dcsft.py:hard_sweep=true adds Fig. 5's recipes to curation, fine-tuning and evaluation,
+  table1=true Table 1's protocol; the demonstration is the default with seeds, full evaluation sets,
+  the sweep and Table 1's protocol, nothing else; the miniature with a prior adds the pretraining and
+  its light cold start to the demonstration, without the sweep."""
   base, sweep = _config(os.path.join(REPO, "configs", "dcsft.py")), _config(os.path.join(REPO, "configs", "dcsft.py"),
-                                                                            "hard_sweep=true")
-  extra = ["sft_em+hard0.2", "sft_em+hard0.5"]
+                                                                            "hard_sweep=true,table1=true")
+  extra = ["sft_em+hard0.2", "sft_em+hard0.5", "table1_easy", "table1_medium", "table1_hard"]
   assert sweep.curate.recipes == sweep.finetune.recipes == base.finetune.recipes + "," + ",".join(extra)
   assert all(f"{r}=models/{r}" in sweep.evaluate.models for r in extra)
   demo = _config(os.path.join(REPO, "configs", "demo.py"))
@@ -214,6 +216,14 @@ def test_default_and_demo_configs_take_the_hard_sweep_argument():
   changed |= {f"{s}.{k}" for s in ("data", "cold_start", "score", "curate", "finetune", "grpo", "evaluate", "report")
               for k in sweep[s].keys() if demo[s][k] != sweep[s][k]}
   assert changed == {"seeds", "workdir", "evaluate.limit", "report.curve_limit"}, changed
+  prior = _config(os.path.join(REPO, "configs", "prior.py"))
+  changed = {k for k in ("seeds", "workdir", "stages") if prior[k] != demo[k]}
+  changed |= {f"{s}.{k}" for s in ("data", "pretrain", "cold_start", "score", "curate", "finetune", "grpo", "evaluate",
+                                   "report") for k in demo[s].keys() if prior[s][k] != demo[s][k]}
+  assert changed == {"workdir", "stages", "pretrain.data", "pretrain.epochs", "pretrain.learning_rate",
+                     "pretrain.warmup_ratio", "pretrain.save_every", "cold_start.model", "cold_start.epochs",
+                     "cold_start.learning_rate", "curate.recipes", "finetune.recipes", "evaluate.models"}, changed
+  assert "sft_em+hard" not in prior.finetune.recipes and prior.stages.startswith("init,pretrain,cold_start,")
   with pytest.raises(ValueError, match="hard_sweep"):
     _config(os.path.join(REPO, "configs", "dcsft.py"), "hardsweep=1")
 

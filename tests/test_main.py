@@ -55,8 +55,7 @@ def test_default_run_fills_the_report_exports_and_resumes(tmp_path):
   # The OOD sets inform: the cold-started model is well above chance (10%) on them (issue: at chance,
   # no method can show it generalises better).
   assert res["ood_average"]["cold_start"] >= 0.30, res["ood_average"]
-  # Each method against SFT out of distribution (and hard-only against the cold start, the paper's
-  # Table 1): the paired difference inside its bootstrap interval, equal to the difference of the OOD
+  # Each method against SFT out of distribution (and hard-only against the cold start): the paired difference inside its bootstrap interval, equal to the difference of the OOD
   # averages (both sets hold 200 images), a verdict, and whether it agrees with the paper.
   vs = {(c["method"], c["reference"]): c for c in res["comparisons"]}
   assert set(vs) == {(m, "sft") for m in ("cold_start", "grpo", "sft_m", "sft_em", "hard")} | {("hard", "cold_start")}
@@ -64,7 +63,9 @@ def test_default_run_fills_the_report_exports_and_resumes(tmp_path):
     assert v["lo"] <= v["diff"] <= v["hi"] and v["verdict"] in ("better", "worse", "within noise"), (m, v)
     assert abs(v["diff"] - (res["ood_average"][m] - res["ood_average"][ref])) < 1e-9, (m, v)
     assert v["reproduced"] in (("-",) if v["paper"] is None else ("reproduced", "not reproduced", "within noise"))
-  assert {m for (m, _), v in vs.items() if v["paper"] is not None} == {"grpo", "sft_m", "sft_em", "hard"}
+  # The whole hard bucket for 40 steps is not Table 1's protocol (configs/demo.py runs that): no figure.
+  assert {m for (m, _), v in vs.items() if v["paper"] is not None} == {"grpo", "sft_m", "sft_em"}
+  assert "not Table 1's protocol, so no paper figure is set beside it" in open(os.path.join(wd, "report.md")).read()
   b = res["buckets"]
   assert b["easy"] + b["medium"] + b["hard"] == summary["score"]["records"] and b["medium"] > 0
   report = open(os.path.join(wd, "report.md")).read()

@@ -129,7 +129,7 @@ def test_report_over_seeds_means_stds_and_paired_intervals(tmp_path):
   wd = Workdir(str(tmp_path))
   n = 150
   truth = {"cold_start": [0.5], "sft": [0.55, 0.60, 0.50], "sft_em": [0.70, 0.72, 0.68], "hard": [0.30, 0.35, 0.25],
-           "grpo": [0.58, 0.56, 0.60]}
+           "grpo": [0.58, 0.56, 0.60], "table1_hard": [0.30, 0.35, 0.25]}
   verdicts, acc = {}, {}
   for method, rates in truth.items():
     for seed, p in enumerate(rates):
@@ -149,7 +149,7 @@ def test_report_over_seeds_means_stds_and_paired_intervals(tmp_path):
   # Each comparison is the paired bootstrap over [seeds, images] of the two methods' OOD verdicts.
   rows = {(c["method"], c["reference"]): c for c in res["comparisons"]}
   assert set(rows) == {("cold_start", "sft"), ("sft_em", "sft"), ("hard", "sft"), ("grpo", "sft"),
-                       ("hard", "cold_start")}
+                       ("hard", "cold_start"), ("table1_hard", "cold_start")}
 
   def ood_verdicts(method, seeds):
     return np.array([verdicts[run_name(method, s)]["r"] + verdicts[run_name(method, s)]["a"] for s in range(seeds)])
@@ -161,12 +161,14 @@ def test_report_over_seeds_means_stds_and_paired_intervals(tmp_path):
   # The cold start is one model: compared with every seed of SFT.
   cold = np.broadcast_to(ood_verdicts("cold_start", 1), (3, 2 * n))
   assert rows[("cold_start", "sft")]["diff"] == stats.paired_bootstrap(cold, ood_verdicts("sft", 3)).diff
-  hard = rows[("hard", "cold_start")]
+  # Table 1's figure goes beside its protocol's run alone; the whole hard bucket is another experiment.
+  hard = rows[("table1_hard", "cold_start")]
   assert hard["verdict"] == "worse" and hard["reproduced"] == "reproduced" and hard["paper"] == pytest.approx(-10.135)
+  assert rows[("hard", "cold_start")]["paper"] is None and rows[("hard", "cold_start")]["reproduced"] == "-"
   text = open(wd.report).read()
   assert "| SFT-EM | 3 | " in text and " ± " in text
   assert "The paper's OOD ordering is SFT < GRPO < SFT-EM; ours (means) is " in text
-  assert "reproduced (SFT-EM, " in text and "hard only vs cold start" in text
+  assert "reproduced (SFT-EM, " in text and "hard (Table 1) vs cold start" in text
 
 
 def test_paper_figures_are_like_for_like_from_table_2s_columns():
@@ -187,11 +189,12 @@ def test_paper_figures_are_like_for_like_from_table_2s_columns():
   printed = {m: round(v - report.TABLE2_PRINTED_AVG["sft"], 2) for m, v in report.TABLE2_PRINTED_AVG.items()}
   assert printed == {"sft": 0.0, "grpo": 1.86, "sft_m": 2.79, "sft_em": 4.48}
   assert sum(report.TABLE2["sft_em"]) / 4 == pytest.approx(61.10, abs=0.006)      # 61.095
-  assert report.paper_figure("hard", "cold_start").points == pytest.approx(-10.135)     # Table 1: R/A already
+  assert report.paper_figure("table1_hard", "cold_start").points == pytest.approx(-10.135)   # Table 1: R/A already
+  assert report.paper_figure("hard", "cold_start") is None          # the whole bucket: not Table 1's protocol
   # A grounding run: the Ref-L4 and Lisa columns; Table 1 and Fig. 5 have no grounding figures.
   grounding = {m: report.paper_figure(m, "sft", grounding=True).points for m in want}
   assert grounding == {"grpo": 0.57, "sft_m": 0.8, "sft_em": 1.08}
-  assert report.paper_figure("hard", "cold_start", grounding=True) is None
+  assert report.paper_figure("table1_hard", "cold_start", grounding=True) is None
 
 
 def test_ordering_sentence_says_not_reproduced():
@@ -246,3 +249,13 @@ def test_evaluated_models_normalise_paths_and_refuse_clashing_labels(tmp_path):
   c.evaluate.models = "sft=models/sft,sft.seed1=cold_start_model"
   with pytest.raises(run_config.ConfigError, match=r"label\(s\) sft.seed1 name two models"):
     run_config.validate(c, KNOWN, check_files=False)
+
+
+def test_the_report_says_how_table_1s_rows_were_trained():
+  """Issue 29: the Table 1 rows carry their protocol's subset size and steps; the plain one-bucket
+  run is named for what it is and gets no paper figure."""
+  cur = {"table1": {"size": 17, "steps": 100}, "recipes": {"hard": {"records": 84}, "table1_hard": {"records": 17}}}
+  text = "".join(report._table1_sentence(cur, {"table1_hard": [], "hard": [], "sft": []}))
+  assert "cut to the smallest bucket's size, 17 prompts" in text and "trained 100 steps each" in text
+  assert "The hard only run (84 prompts) trains a whole bucket for the run's own steps, not Table 1's protocol" in text
+  assert report._table1_sentence(None, {"sft": []}) == []

@@ -176,6 +176,48 @@ def test_curate_hard_ratio_adds_back_hard_records(tmp_path):
   assert json.load(open(Workdir(wd).curation_summary))["recipes"]["sft_em"]["records"] == 15 + 8
 
 
+def test_table1_recipes_are_balanced_to_the_smallest_bucket_and_train_100_steps(tmp_path, capsys):
+  """Issue 29: Table 1's protocol cuts every bucket to the smallest one (a seeded subset) and trains
+  each the paper's 100 steps; added to a finished curation, only the new recipe files are written."""
+  from dcsft_jax.stages import training
+  wd = tmp_path / "wd"
+  c = _config(wd, **{"curate.recipes": "sft,hard", "data.train_limit": 40})
+  c.stages = "curate"
+  records = builtin.load_builtin("train", limit=40, label_noise=0.1)
+  patterns = [[1] * 8, [1] * 8, [0, 1, 1, 1, 1, 1, 1, 1], [0] * 8, [1] * 8]   # 24 easy, 8 medium, 8 hard
+  _write_scores(wd, records, lambda i: patterns[i % 5])
+  main.run(c)
+  w = Workdir(str(wd))
+  before = os.stat(w.recipe("sft")).st_mtime_ns
+  c.curate.recipes = "sft,hard," + ",".join(curation.TABLE1)
+  main.run(c)
+  assert "recipes table1_easy, table1_medium, table1_hard are new" in capsys.readouterr().out
+  assert os.stat(w.recipe("sft")).st_mtime_ns == before       # the finished runs' data untouched
+  s = json.load(open(w.curation_summary))
+  assert s["summary"]["buckets"] == {"easy": 24, "medium": 8, "hard": 8}
+  assert s["table1"] == {"size": 8, "steps": 100}
+  assert {r: v["records"] for r, v in s["recipes"].items()} == {"sft": 40, "hard": 8, "table1_easy": 8,
+                                                                "table1_medium": 8, "table1_hard": 8}
+  # The subset is seeded: another seed picks other easy prompts; the same seed the same ones, in order.
+  easy_records = [r for i, r in enumerate(records) if patterns[i % 5] == [1] * 8]
+  got = [b.answer for b in read_paper_json(w.recipe("table1_easy"))]
+  assert got == [r.answer for r in curation.balance(easy_records, 8, c.seed)]
+  assert curation.balance(easy_records, 8, 0) == curation.balance(easy_records, 8, 0)
+  assert curation.balance(easy_records, 8, 0) != curation.balance(easy_records, 8, 1)
+  assert [r.id for r in curation.balance(easy_records, 8, c.seed)] == sorted(
+      (r.id for r in curation.balance(easy_records, 8, c.seed)), key=[r.id for r in records].index)
+  # Finetune trains them 100 steps with no curve; any other recipe keeps the section's steps.
+  f = c.finetune
+  t1 = training._section_for(f, "table1_hard")
+  assert (t1.steps, t1.eval_every) == (100, 0) and training._section_for(f, "hard") is f and f.steps != 100
+  # An empty bucket leaves nothing to balance to: one line naming the recipes and the fix.
+  _write_scores(tmp_path / "wd2", records, lambda i: [1] * 8 if i % 2 else [0, 1, 1, 1, 1, 1, 1, 1])
+  c2 = _config(tmp_path / "wd2", **{"curate.recipes": "table1_hard", "data.train_limit": 40})
+  c2.stages = "curate"
+  with pytest.raises(ValueError, match="the hard bucket is empty"):
+    main.run(c2)
+
+
 def test_evaluate_stage_writes_test_dp_shaped_results(base_workdir, tmp_path):
   wd = _fresh(base_workdir, tmp_path, "eval")
   c = _config(wd, **{"data.eval": "id=builtin:test,rendition=builtin:rendition", "data.ood": "rendition"})
@@ -431,10 +473,10 @@ def test_one_final_reward_in_the_stage_log_and_the_report(tmp_path):
 
 
 def test_unknown_override_key_is_one_line_naming_the_sections():
-  r = subprocess.run([sys.executable, "-m", "dcsft_jax.main", "--config=configs/dcsft.py", "--config.trainer.steps=3"],
+  r = subprocess.run([sys.executable, "-m", "dcsft_jax.main", "--config=configs/dcsft.py", "--config.optimiser.steps=3"],
                      cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
   assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-  assert "bad config override: --config.trainer.steps: the config has no field 'trainer'" in r.stderr
+  assert "bad config override: --config.optimiser.steps: the config has no field 'optimiser'" in r.stderr
   assert "cold_start, curate, damaged_checkpoints, data" in r.stderr
 
 

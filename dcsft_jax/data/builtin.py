@@ -34,12 +34,12 @@ from dcsft_jax.data.records import Record
 
 PROMPT = "Please provide the object name in the image. Output the answer using one word."
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-SPLITS = ("train", "test", "rendition", "adversarial")
+SPLITS = ("train", "test", "rendition", "adversarial", "prior")
 TASK = "classification"
 TEST_FRACTION = 0.2  # per class, so both ID splits hold all 10 digits
 
 # Separate RNG streams per purpose: changing one split's recipe must not shift another split's draws.
-_STREAM_SPLIT, _STREAM_NOISE, _STREAM_RENDITION, _STREAM_ADVERSARIAL = 1, 2, 3, 4
+_STREAM_SPLIT, _STREAM_NOISE, _STREAM_RENDITION, _STREAM_ADVERSARIAL, _STREAM_PRIOR = 1, 2, 3, 4, 5
 
 
 def _make(id_: str, image: Image.Image, label: int, meta: dict[str, Any]) -> Record:
@@ -149,6 +149,49 @@ def _corrupt(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, l
   return Image.fromarray(arr, mode="RGB"), ops
 
 
+# ----------------------------------------------------------------------------- the prior
+# The styles every prior digit is drawn in, in this order: the ID look, the two OOD families (as a
+# pretrained VLM has seen paintings and odd photos of ImageNet's classes), and other looks.
+PRIOR_STYLES = ("plain", "rendition", "corrupted", "other")
+
+
+def _other_look(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, str]:
+  """One of three looks that no evaluation set uses: blurred, inverted, or shrunk off-centre."""
+  kind = ("blur", "invert", "shrink")[int(rng.integers(3))]
+  if kind == "blur":
+    return img.filter(ImageFilter.GaussianBlur(float(rng.uniform(1.0, 2.0)))), kind
+  if kind == "invert":
+    return Image.fromarray(255 - np.asarray(img), mode="RGB"), kind
+  size = img.size[0]
+  side = int(rng.integers(size // 2, 3 * size // 4 + 1))
+  out = Image.new("RGB", (size, size))
+  out.paste(img.resize((side, side), Image.Resampling.BICUBIC),
+            (int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))))
+  return out, kind
+
+
+def _prior_records(seed: int, image_size: int) -> list[Record]:
+  images, labels = _digits()
+  train_idx, _ = _split_indices(seed)
+  out = []
+  for src in train_idx:
+    label = int(labels[src])
+    plain = _upscale(images[src], image_size)
+    for k, style in enumerate(PRIOR_STYLES):
+      rng = np.random.default_rng((seed, _STREAM_PRIOR, int(src), k))
+      if style == "plain":
+        img, what = plain, style
+      elif style == "rendition":
+        img, what = _rendition(plain, rng)[0], style
+      elif style == "corrupted":
+        img, what = _corrupt(plain, rng)[0], style
+      else:
+        img, what = _other_look(plain, rng)
+      meta = {"label": label, "split": "prior", "source_index": int(src), "noisy": False, "style": what}
+      out.append(_make(f"digits-prior-{int(src):05d}-{style}", img, label, meta))
+  return out
+
+
 # ----------------------------------------------------------------------------- label noise
 def _apply_label_noise(records: list[Record], rate: float, seed: int) -> list[Record]:
   """Flip exactly round(rate * n) answers to a different digit, chosen with a seeded RNG."""
@@ -172,7 +215,8 @@ def _apply_label_noise(records: list[Record], rate: float, seed: int) -> list[Re
 # ----------------------------------------------------------------------------- entry point
 def load_builtin(split: str, *, seed: int = 0, label_noise: float = 0.0, image_size: int = 56,
                  limit: int | None = None) -> list[Record]:
-  """Records of one builtin split: 'train', 'test' (ID), 'rendition' or 'adversarial' (OOD).
+  """Records of one builtin split: 'train', 'test' (ID), 'rendition' or 'adversarial' (OOD), or 'prior'
+  (pretraining: every train digit in each of PRIOR_STYLES).
 
   Each record has id ('digits-{split}-{index:05d}', stable for a given seed), image (RGB PIL image,
   image_size x image_size), prompt (PROMPT), answer (a DIGIT_NAMES entry), task ('classification') and
@@ -196,6 +240,8 @@ def load_builtin(split: str, *, seed: int = 0, label_noise: float = 0.0, image_s
     raise ValueError(f"image_size must be >= 8, got {image_size}")
   if split in ("train", "test"):
     records = _id_records(split, seed, image_size)
+  elif split == "prior":
+    records = _prior_records(seed, image_size)
   elif split == "rendition":
     records = _shifted_records("rendition", _STREAM_RENDITION, _rendition, "style", seed, image_size)
   else:

@@ -1,7 +1,7 @@
 """Dataset specs in configs -> Records. One string names a source, so configs stay flat:
 
   builtin:SPLIT            the embedded digits datasets: classification (train | test | rendition |
-                           adversarial), grounding_* and reasoning_* (data/digit_tasks.py)
+                           adversarial | prior), grounding_* and reasoning_* (data/digit_tasks.py)
   synthetic:N[:SPLIT]      N records of a builtin split at ImageNet-like sizes (JPEG bytes), for speed runs
   json:PATH  (or PATH.json) one of the paper's JSON files (ms-swift messages, or problem/solution)
   tfds:NAME[:SPLIT]        a prepared TFDS dataset under data.tfds_dir (ImageNet variants, RefCOCO)

@@ -18,7 +18,9 @@ class Stage:
 STAGES = (
     Stage("init", model_stage.init, "load the HF checkpoint (or build the embedded tiny model) onto the mesh and "
           "save it as an Orbax model directory"),
-    Stage("cold_start", training.cold_start, "full SFT of the base model on the cold-start set"),
+    Stage("pretrain", training.pretrain, "full SFT of the base model on a broad set: the prior a pretrained "
+          "model brings (optional; cold_start.model=pretrained_model starts from it)"),
+    Stage("cold_start", training.cold_start, "full SFT of the base model (or cold_start.model's) on the cold-start set"),
     Stage("score", score.run, "sample K answers per training prompt and verify them: pass rates"),
     Stage("curate", curate.run, "bucket prompts into easy / medium / hard and write the training files of the "
           "configured recipes"),
@@ -33,7 +35,7 @@ BY_NAME = {s.name: s for s in STAGES}
 
 # What each stage reads from earlier stages: restarting one redoes every stage downstream of it.
 DEPENDS = {
-    "init": (), "cold_start": ("init",), "score": ("cold_start",), "curate": ("score",),
+    "init": (), "pretrain": ("init",), "cold_start": ("init", "pretrain"), "score": ("cold_start",), "curate": ("score",),
     "finetune": ("curate", "cold_start"), "grpo": ("cold_start",), "evaluate": ("cold_start", "finetune", "grpo"),
     "report": ("score", "curate", "finetune", "grpo", "evaluate"), "export": ("finetune", "grpo", "cold_start"),
 }
@@ -49,6 +51,7 @@ _TRAIN_DATA = ("data.train", "data.train_limit", "data.label_noise", "data.label
 _NOT_OUTPUTS = {"keep", "save_every", "eval_every", "batch_size", "recipes", "models"}
 SETTINGS = {
     "init": ("model.hf_path", "model.preset", "seed"),
+    "pretrain": ("pretrain", "model.dtype", "model.param_dtype", "data.max_buckets", "seed") + _IMAGES,
     "cold_start": ("cold_start", "model.dtype", "model.param_dtype", "data.max_buckets", "seed") + _IMAGES,
     "score": ("score", "model.dtype", "model.frozen_in_compute_dtype", "seed") + _TRAIN_DATA + _IMAGES,
     "curate": ("curate", "seed") + _TRAIN_DATA,
@@ -70,6 +73,9 @@ def settings(config, name: str) -> dict:
       out.update({f"{key}.{k}": node[k] for k in node.keys() if k not in _NOT_OUTPUTS})
     else:
       out[key] = node
+  # The verifier shapes every verdict, but enters only when on: workdirs from before it still resume.
+  if name in ("score", "grpo", "evaluate") and config.get("verify", {}).get("math_verify_only"):
+    out["verify.math_verify_only"] = True
   return out
 
 

@@ -45,7 +45,7 @@ class LoadedModel:
 def maker_stage(ctx, directory: str) -> str | None:
   """The stage that writes a model directory of the workdir (None for a directory from elsewhere)."""
   directory = os.path.abspath(directory)
-  maker = next((stage for stage in ("init", "cold_start") if os.path.dirname(ctx.wd.done_marker(stage)) == directory),
+  maker = next((stage for stage in ("init", "pretrain", "cold_start") if os.path.dirname(ctx.wd.done_marker(stage)) == directory),
                None)
   if maker is None and os.path.dirname(directory) == ctx.wd.path("models"):
     maker = "grpo" if workdir_lib.split_run_name(os.path.basename(directory))[0] == "grpo" else "finetune"

@@ -225,10 +225,21 @@ def within_max_length(records, processor, max_length: int, key: str):
   return keep, dropped
 
 
+def pretrain(config, ctx) -> dict:
+  p = config.pretrain
+  if not p.data:
+    raise ValueError("the 'pretrain' stage has no data: set --config.pretrain.data (e.g. builtin:prior[2048:]) "
+                     "or leave 'pretrain' out of --config.stages")
+  return _sft_run(config, ctx, "pretrain", p, p.model, "pretrain.model", sources.parse(p.data),
+                  train_noise=False, key="pretrain", seed=run_seed(config, "pretrain"))
+
+
 def cold_start(config, ctx) -> dict:
   c = config.cold_start
-  return _sft_run(config, ctx, "cold_start", c, c.model, "cold_start.model", sources.parse(c.data),
-                  train_noise=True, key="cold_start", seed=run_seed(config, "cold_start"))
+  out = _sft_run(config, ctx, "cold_start", c, c.model, "cold_start.model", sources.parse(c.data),
+                 train_noise=True, key="cold_start", seed=run_seed(config, "cold_start"))
+  # What it started from: the base model, or the pretrained one (configs/prior.py).
+  return {"start": fingerprint_lib.portable(common.model_path(ctx, c.model), ctx.wd.root), **out}
 
 
 def finetune(config, ctx) -> dict:
@@ -257,13 +268,23 @@ def finetune(config, ctx) -> dict:
           fix = f"add {recipe!r} to config.curate.recipes and run 'curate' again (--config.restart_stage=curate)"
         raise FileNotFoundError(f"{path} not found: {fix}")
       print(f"[finetune] {name} from {path}" + (f" (seed {i + 1} of {config.seeds})" if config.seeds > 1 else ""))
-      res = _sft_run(config, ctx, name, f, f.model, "finetune.model", sources.Spec("json", path),
-                     train_noise=False, key="finetune", seed=run_seed(config, recipe, i))
+      res = _sft_run(config, ctx, name, _section_for(f, recipe), f.model, "finetune.model",
+                     sources.Spec("json", path), train_noise=False, key="finetune", seed=run_seed(config, recipe, i))
       res = {k: v for k, v in res.items() if k != "written"}
       common.write_json(figures, res)
       out.update({f"{name}/{k}": v for k, v in res.items()})
   common.write_json(ctx.wd.finetune_done, out)
   return out
+
+
+def _section_for(f, recipe: str):
+  """The finetune section a recipe trains with: Table 1's balanced subsets train the paper's
+  TABLE1_STEPS steps each and draw no curve (the table reports where they end); any other recipe, f."""
+  if curation.parse_recipe(recipe)[0] not in curation.TABLE1:
+    return f
+  s = f.copy_and_resolve_references()
+  s.steps, s.eval_every = curation.TABLE1_STEPS, 0
+  return s
 
 
 def grpo(config, ctx) -> dict:
