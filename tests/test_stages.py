@@ -517,3 +517,20 @@ def test_a_full_disk_when_the_trained_model_is_written_is_one_line(base_workdir,
       rf"^saving the model directory {wd}/cold_start_model failed at step 2 \(No space left on device\); the disk "
       rf"\(or quota\) is full: .* it resumes from step 2\. Full trace: {wd}/train/cold_start/logs/checkpoint_errors.log$")):
     main.run(c)
+
+
+def test_a_key_added_since_a_stage_finished_counts_only_away_from_its_default(tmp_path):
+  """A workdir made before a key existed resumes while the key keeps its default (the default keeps
+  what the code did before it); set to anything else, the finished stage is refused, naming the key."""
+  from dcsft_jax import fingerprint, stages
+  wd = Workdir(str(tmp_path / "wd"))
+  c = _config(wd.root)
+  os.makedirs(os.path.dirname(wd.curation_summary))
+  open(wd.curation_summary, "w").write("{}")
+  old = fingerprint.of(stages.settings(c, "curate"))
+  del old["curate.window_lo"]                       # as if written before window_lo existed
+  os.makedirs(os.path.dirname(wd.stage_settings("curate")))
+  json.dump(old, open(wd.stage_settings("curate"), "w"))
+  assert main._check_settings(c, wd, ["curate"]) == ""
+  c.curate.window_lo = 0.25
+  assert "curate.window_lo None then, 0.25 now" in main._check_settings(c, wd, ["curate"])
