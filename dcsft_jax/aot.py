@@ -217,7 +217,7 @@ def grpo_programs(config, cfg, opts, mesh, shape: Shape, attached: bool = False)
   from dcsft_jax.train import grpo, sft, trainer
   g = config.grpo
   tc = training.train_config(config, g, max(int(g.steps), 1), config.seed)
-  loss = grpo.make_loss(beta=g.beta, clip_eps=g.clip_eps, temperature=float(g.temperature))
+  loss = grpo.make_loss(grpo.paper_algorithm(g.beta, g.clip_eps), temperature=float(g.temperature))
   spec = trainer.step_spec(cfg, opts, tc, mesh, loss=loss, count_name="completions")
   G, T = g.num_generations, g.max_new_tokens
   sp = sampling.SamplingParams(max_new_tokens=T, num_samples=G, temperature=g.temperature, top_k=g.top_k,

@@ -90,16 +90,24 @@ def loss_tokens(tokens, lengths, eos_ids, im_end_id: int, pad_id: int = 0):
   return out, mask
 
 
+def paper_algorithm(beta: float = 0.04, clip_eps: float = 0.2):
+  """The paper's GRPO as the registry's parts (train/rl.py), with its two knobs."""
+  from dcsft_jax.train import rl
+  return rl.algorithm("grpo", beta=float(beta), epsilon_low=float(clip_eps), epsilon_high=float(clip_eps))
+
+
 @functools.lru_cache(maxsize=None)
-def make_loss(*, beta: float = 0.04, clip_eps: float = 0.2, temperature: float = 1.0):
-  """The GRPO loss in the train step's form: loss(model, params, micro_batch, rng[, ref_params]).
+def make_loss(algo=None, *, beta: float = 0.04, clip_eps: float = 0.2, temperature: float = 1.0):
+  """The policy-gradient loss of `algo` (a train/rl.py Algorithm; None = the paper's GRPO with `beta` and
+  `clip_eps`) in the train step's form: loss(model, params, micro_batch, rng[, ref_params]).
 
   micro_batch: a generation batch of b prompts (input_ids, positions, attention_mask, lengths,
   rope_deltas, valid, image arrays) plus completions [b, G, T], completion_mask [b, G, T] (the loss
   tokens, `loss_tokens`), rewards [b, G] and, when the rollouts serve several steps, old_logprobs
   [b, G, T] (the rollout policy's). Log-probs are taken at `temperature`, the rollouts'. Returns the
-  summed per-completion loss over the valid prompts' completions and {"count": completions, "kl",
-  "clip_fraction", "reward", "zero_advantage"} sums.
+  summed loss over the valid prompts' completions, {"count": what the algorithm's aggregation divides
+  it by, "completions"} and per-completion sums ("kl", "clip_low", "clip_high", "clip_fraction",
+  "reward", "zero_advantage", "completion_tokens").
 
   The reference policy: `ref_params` when given (full fine-tuning keeps a frozen copy of the
   starting weights); otherwise the same params with the adapters switched off (LoRA: the base
@@ -110,6 +118,8 @@ def make_loss(*, beta: float = 0.04, clip_eps: float = 0.2, temperature: float =
   import jax
 
   from dcsft_jax.models import registry
+  from dcsft_jax.train import rl
+  algo = paper_algorithm(beta, clip_eps) if algo is None else algo
 
   def loss(model, params, mb, rng, ref_params=None):
     prompt = {k: v for k, v in mb.items() if k not in ROLLOUT_KEYS}
@@ -123,21 +133,21 @@ def make_loss(*, beta: float = 0.04, clip_eps: float = 0.2, temperature: float =
     ref_model = registry.of(model.cfg).model(model.cfg, dataclasses.replace(model.opts, lora=None, deterministic=True))
     ref_logp = jax.lax.stop_gradient(completion_logprobs(ref_model, jax.lax.stop_gradient(ref_params), prompt,
                                                          comp, temperature=temperature))
-    adv = group_advantages(rewards).reshape(b * G)
+    adv = rl.advantages(algo.advantage, rewards).reshape(b * G)
     if "old_logprobs" in mb:       # rollouts reused for num_iterations > 1 steps: their policy's
       old = mb["old_logprobs"].reshape(b * G, T).astype(jnp.float32)
     else:                          # one update per batch of rollouts: the current policy, detached
       old = jax.lax.stop_gradient(logp)
-    per_seq, kl_seq, clipped, tokens = sequence_terms(logp, old, ref_logp, adv, mask.reshape(b * G, T), beta=beta,
-                                                      clip_eps=clip_eps)
     row = jnp.repeat(prompt["valid"].astype(jnp.float32), G)
+    m = mask.reshape(b * G, T)
+    total, count, figures = rl.objective(algo, logp, old, ref_logp, adv, m, row)
     r = rewards.astype(jnp.float32)
     zero = jnp.repeat(jnp.all(r == r[:, :1], axis=1).astype(jnp.float32), G)   # groups with A = 0
-    return jnp.sum(per_seq * row), {
-        "count": jnp.sum(row), "kl": jnp.sum(kl_seq * row),
-        "clip_fraction": jnp.sum(clipped / jnp.maximum(tokens, 1.0) * row),
+    # The loss is divided by its aggregation's count; the figures are per completion.
+    return total, {
+        "count": count, "completions": jnp.sum(row), **figures,
         "reward": jnp.sum(r.reshape(-1) * row), "zero_advantage": jnp.sum(zero * row),
-        "completion_tokens": jnp.sum(tokens * row)}
+        "completion_tokens": jnp.sum(m.astype(jnp.float32).sum(axis=1) * row)}
 
   return loss
 

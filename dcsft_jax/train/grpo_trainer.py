@@ -46,7 +46,7 @@ class GRPOTrainer(trainer.SFTTrainer):
       raise ValueError(f"GRPO needs at least 2 generations per prompt, got {sampling_params.num_samples}")
     if num_iterations < 1:
       raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
-    loss = grpo.make_loss(beta=beta, clip_eps=clip_eps, temperature=float(sampling_params.temperature or 1.0))
+    loss = grpo.make_loss(grpo.paper_algorithm(beta, clip_eps), temperature=float(sampling_params.temperature or 1.0))
     super().__init__(cfg, opts, params, tc, mesh, workdir, loss=loss, count_name="completions",
                      fingerprint={"sampling": sampling_params, "beta": beta, "clip_eps": clip_eps,
                                   "num_iterations": num_iterations, **(fingerprint or {})})

@@ -189,6 +189,8 @@ def objective(algo: Algorithm, logp, old_logp, ref_logp, adv, mask, rows=None, *
       "kl": jnp.sum(per_tok(kl) * rows),
       "clip_low": jnp.sum(per_tok(((ratio_t < lo) & (a < 0)).astype(jnp.float32)) * rows),
       "clip_high": jnp.sum(per_tok(((ratio_t > hi) & (a > 0)).astype(jnp.float32)) * rows),
+      # Either side, whatever the advantage's sign (what the GRPO step has always logged).
+      "clip_fraction": jnp.sum((((ratio_t < lo) | (ratio_t > hi)) * mask).sum(axis=1) / jnp.maximum(tokens, 1.0) * rows),
   }
   return total, count, figures
 

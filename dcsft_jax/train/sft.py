@@ -120,7 +120,9 @@ def sft_loss(model, params, batch, rng):
 
 
 def _split_aux(aux):
-  """A loss's auxiliary output: its count, or {"count": n, NAME: summed figure, ...}."""
+  """A loss's auxiliary output: its count, or {"count": n, NAME: summed figure, ...}. The figures are
+  per-count means, or, when aux holds "completions" (a policy-gradient loss, whose count is what its
+  aggregation divides by: completions, tokens, or completions x budget), per-completion means."""
   if isinstance(aux, dict):
     return aux["count"], {k: v for k, v in aux.items() if k != "count"}
   return aux, {}
@@ -164,8 +166,13 @@ def make_train_step(cfg, opts: ModelOptions, tx: optax.GradientTransformation, s
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.train)
     train = optax.apply_updates(state.train, updates)
+    if "completions" in sums:        # figures per completion, whatever the loss is divided by
+      n = sums.pop("completions")
+      figures = {count_name: n, **{k: v / jnp.maximum(n, 1.0) for k, v in sums.items()}}
+    else:
+      figures = {count_name: count, **{k: v / denom for k, v in sums.items()}}
     metrics = {"loss": total / denom, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step),
-               count_name: count, **{k: v / denom for k, v in sums.items()}}
+               **figures}
     return state.replace(step=state.step + 1, train=train, opt_state=opt_state), metrics
 
   if state_sharding is not None:
