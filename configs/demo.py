@@ -10,7 +10,7 @@ scoring, curation and training settings; what changes is only what the compariso
 
   python -m dcsft_jax.main --config=configs/demo.py
 
-On 2 CPU cores it takes about 25 minutes (README, "The demonstration"). The report gives each method's
+On 2 CPU cores it takes about 30 minutes (README, "The demonstration"). The report gives each method's
 accuracy as mean +- std over seeds and each OOD difference to SFT with its paired-bootstrap interval
 over seeds and images. None of these settings was chosen by looking at the methods' results: the
 evaluation sets were calibrated on the cold-started model alone, and this file was written before its
