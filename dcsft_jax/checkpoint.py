@@ -102,7 +102,10 @@ class DamagedModel(errors.UserError):
 def _read(what, directory: str, fix: str):
   """Orbax's read of `directory`'s params, its failure said in one line (TensorStore's are hundreds)."""
   try:
-    return what()
+    # A failed read's other TensorStore reads still finish into Orbax's closed event loop, each printing
+    # a traceback, before and after the failure reaches a handler: the terminal gets the one line.
+    with errors.stderr_to_log_while():
+      return what()
   except Exception as e:  # pylint: disable=broad-except  (TensorStore, OSError, ValueError: all mean damage)
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     raise DamagedModel(f"{directory}/{PARAMS} cannot be read ({type(e).__name__}: {first}); the model directory "

@@ -11,6 +11,7 @@ keep their traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -77,10 +78,61 @@ def write_trace(path: str, what: str) -> str | None:
     return None
 
 
+# Set by `cli` while it runs: where the trace goes, and the terminal's stderr once `divert_stderr` has
+# sent fd 2 to that log.
+_LOG: Callable[[], str | None] | None = None
+_TERMINAL: int | None = None
+
+
+def divert_stderr() -> None:
+  """From now on, what libraries write to stderr goes to the run's error log, not the terminal; `cli`
+  still prints its one line on the terminal. For a failure that leaves a library's threads running:
+  Orbax's reads of a damaged checkpoint keep completing into a closed event loop, and each one prints
+  a traceback, before and after the failure is said. Nothing outside `cli` (or with --verbose)."""
+  global _TERMINAL
+  if _LOG is None or _TERMINAL is not None:
+    return
+  path = _LOG() or default_log()
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  except OSError:
+    return
+  sys.stderr.flush()
+  _TERMINAL = os.dup(2)
+  os.dup2(fd, 2)
+  os.close(fd)
+
+
+@contextlib.contextmanager
+def stderr_to_log_while():
+  """Within the block, stderr goes to the run's log (`divert_stderr`); when the block ends normally it
+  comes back to the terminal, and after an exception it stays in the log: a library's stray threads
+  can print before the exception reaches any handler."""
+  if _LOG is None or _TERMINAL is not None:
+    yield
+    return
+  divert_stderr()
+  yield
+  _undivert()
+
+
+def _undivert() -> None:
+  global _TERMINAL
+  if _TERMINAL is None:
+    return
+  sys.stderr.flush()
+  os.dup2(_TERMINAL, 2)
+  os.close(_TERMINAL)
+  _TERMINAL = None
+
+
 def cli(name: str, fn: Callable[[], object], *, log: Callable[[], str | None] = lambda: None,
         verbose: bool = False) -> object:
   """Runs fn(); a user-fixable failure becomes one line on stderr and exit status 1. `log()` gives
   the trace's file (called after the failure: a run knows its workdir only once its config is read)."""
+  global _LOG
+  _LOG = None if verbose else log
   try:
     return fn()
   except USER_ERRORS as e:
@@ -94,7 +146,8 @@ def cli(name: str, fn: Callable[[], object], *, log: Callable[[], str | None] = 
     msg = f"{name}: error: {one_line(e)}"
     if where:
       msg += f" (trace: {where})"
-    print(msg, file=sys.stderr, flush=True)
+    sys.stderr.flush()
+    os.write(2 if _TERMINAL is None else _TERMINAL, (msg + "\n").encode())
     if where:
       _rest_to(where)
     sys.exit(1)
