@@ -49,3 +49,17 @@ def paper_data() -> str:
       pytest.fail(msg)
     pytest.skip(msg)
   return d
+
+
+
+# The two longest modules (whole pipelines as subprocesses: about a fifth of the suite's work) first,
+# the rest in file order. pytest-xdist hands each worker a run of consecutive tests and then more as it
+# goes, so at the end of an alphabetical order these would start last and leave the other worker idle
+# for minutes. Not more of them: the first worker's first run of tests would then hold over half the work.
+LONGEST_FIRST = ("test_task_pipelines.py", "test_pipeline_mesh.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  key = lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank))
+  items[:] = sorted(items, key=key)          # stable: file order within each rank
