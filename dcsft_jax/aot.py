@@ -39,6 +39,7 @@ if __name__ == "__main__":
 # pylint: disable=wrong-import-position
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
@@ -214,11 +215,14 @@ def sft_program(config, name: str, section, cfg, opts, mesh, shape: Shape) -> Pr
 
 def grpo_programs(config, cfg, opts, mesh, shape: Shape, attached: bool = False) -> list[Program]:
   from dcsft_jax.stages import training
-  from dcsft_jax.train import grpo, sft, trainer
+  from dcsft_jax.train import grpo, rl, sft, trainer
   g = config.grpo
   tc = training.train_config(config, g, max(int(g.steps), 1), config.seed)
-  loss = grpo.make_loss(grpo.paper_algorithm(g.beta, g.clip_eps), temperature=float(g.temperature))
-  spec = trainer.step_spec(cfg, opts, tc, mesh, loss=loss, count_name="completions")
+  # One step program per RL baseline of grpo.algorithms (the rollout programs are shared).
+  algos = {a: rl.configured(a, beta=g.beta, clip_eps=g.clip_eps) for a in run_config.rl_algorithms(config)}
+  specs = {a: trainer.step_spec(cfg, opts, tc, mesh, loss=grpo.make_loss(algo, temperature=float(g.temperature)),
+                                count_name="completions") for a, algo in algos.items()}
+  spec = next(iter(specs.values()))
   G, T = g.num_generations, g.max_new_tokens
   sp = sampling.SamplingParams(max_new_tokens=T, num_samples=G, temperature=g.temperature, top_k=g.top_k,
                                top_p=g.top_p, eos_ids=(cfg.eos_token_id or 0,),
@@ -230,21 +234,25 @@ def grpo_programs(config, cfg, opts, mesh, shape: Shape, attached: bool = False)
     dt = tc.frozen_dtype
     ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt or x.dtype, sharding=x.sharding), spec.params)
 
-  def build_step(rows: int):
+  def build_step(algo: str, rows: int):
     # The loss tokens: T sampled + the <|im_end|> a truncated completion gets (grpo.loss_tokens).
     rollouts = {"completions": jax.ShapeDtypeStruct((rows, G, T + 1), np.int32),
                 "completion_mask": jax.ShapeDtypeStruct((rows, G, T + 1), np.int32),
-                "rewards": jax.ShapeDtypeStruct((rows, G), np.float32)}
+                "rewards": jax.ShapeDtypeStruct((rows, G), np.float32),
+                "truncated": jax.ShapeDtypeStruct((rows, G), np.float32)}
+    if algos[algo].dynamic_sampling:
+      rollouts["keep"] = jax.ShapeDtypeStruct((rows,), np.float32)
     if g.num_iterations > 1:
       rollouts["old_logprobs"] = jax.ShapeDtypeStruct((rows, G, T + 1), np.float32)
     host = _stack({**_empty_batch(shape.bucket, rows, cfg), **rollouts}, g.accum)
-    args = (spec.layout, _abstract_batch(host, mesh, micro_axis=True)) + ((ref,) if ref is not None else ())
-    return spec.step_fn, args
+    s = specs[algo]
+    args = (s.layout, _abstract_batch(host, mesh, micro_axis=True)) + ((ref,) if ref is not None else ())
+    return s.step_fn, args
 
   prefill, decode = sampler_programs("grpo rollout", "grpo", cfg, spec.opts, params, shape, sp, mesh, micro, attached)
-  step = Program("grpo step", "grpo", micro, shape, build_step,
-                 f"{'LoRA' if tc.lora else 'full'}, G {G} x {T} tokens, accum {g.accum}")
-  return [prefill, decode, step]
+  steps = [Program(f"{a} step", "grpo", micro, shape, functools.partial(build_step, a),
+                   f"{'LoRA' if tc.lora else 'full'}, G {G} x {T} tokens, accum {g.accum}") for a in algos]
+  return [prefill, decode, *steps]
 
 
 def sampler_programs(name: str, stage: str, cfg, opts, params, shape: Shape, sp: sampling.SamplingParams, mesh,

@@ -149,6 +149,9 @@ def base() -> ml_collections.ConfigDict:
   c.grpo.clip_eps = 0.2
   c.grpo.num_iterations = 1          # mu: optimizer steps per batch of rollouts (> 1 makes clip_eps act)
   c.grpo.repetition_penalty = 1.0    # the rollouts' (0 = the model's generation_config.json)
+  # The RL baselines, each a run models/NAME (dcsft_jax/train/rl.py): grpo (the paper's, with beta and
+  # clip_eps above), dr_grpo, dapo, gspo, rloo (as published: their own clip and KL).
+  c.grpo.algorithms = "grpo"
 
   # Step 5: greedy evaluation of each NAME=MODEL on every data.eval set.
   c.evaluate = ml_collections.ConfigDict()

@@ -109,7 +109,7 @@ def run(config) -> dict:
     PIL.Image.MAX_IMAGE_PIXELS = config.data.max_image_pixels // 2
   with _stop_between_saves():
     _check_answer_budget(config, names)
-    wd = workdir_lib.Workdir(config.workdir, seeds=config.seeds)
+    wd = workdir_lib.Workdir(config.workdir, seeds=config.seeds, algorithms=run_config.rl_algorithms(config))
     with workdir_lib.locked_by_process_0(wd):
       return _run_stages(config, names, Context(wd, mesh, opts))
 
@@ -240,6 +240,10 @@ def _missing(config, wd: workdir_lib.Workdir, name: str, ran: list[str]) -> str:
     want = [workdir_lib.run_name(r.strip(), s) for s in range(config.seeds)
             for r in config.finetune.recipes.split(",") if r.strip()]
     new = [r for r in want if r not in have]
+    return f"runs {', '.join(new)} are new" if new else ""
+  if name == "grpo":
+    new = [workdir_lib.run_name(a, s) for s in range(config.seeds) for a in run_config.rl_algorithms(config)
+           if not wd.model_done(workdir_lib.run_name(a, s))]
     return f"runs {', '.join(new)} are new" if new else ""
   if name == "evaluate":
     from dcsft_jax.data import sources

@@ -174,6 +174,12 @@ def _validate_training(config, stages) -> None:
     v = config[section][field]
     _check(isinstance(v, int) and v >= 0, key, f"{v!r} must be an int >= 0 (0 = data.max_pixels)")
   _check(0 < g.clip_eps < 1, "grpo.clip_eps", f"{g.clip_eps!r} must be in (0, 1)")
+  from dcsft_jax.train import rl
+  names = rl_algorithms(config)
+  _check(bool(names), "grpo.algorithms", f"is empty; name one or more of {', '.join(rl.ALGORITHMS)}")
+  for a in names:
+    _check(a in rl.ALGORITHMS, "grpo.algorithms", f"unknown algorithm {a!r}; the algorithms are {', '.join(rl.ALGORITHMS)}")
+  _check(len(set(names)) == len(names), "grpo.algorithms", f"{g.algorithms!r} names an algorithm twice")
   _check(isinstance(config.report.curve_limit, int) and config.report.curve_limit >= 0, "report.curve_limit",
          f"{config.report.curve_limit!r} must be an int >= 0")
   _check(bool(config.export.model), "export.model", "name the model to export (e.g. models/sft_em)")
@@ -299,16 +305,29 @@ def _validate_data(config, stages, check_files: bool = True) -> None:
     raise ConfigError(str(e)) from None
 
 
+def rl_algorithms(config) -> tuple[str, ...]:
+  """config.grpo.algorithms as names, in order."""
+  return tuple(a.strip() for a in config.grpo.algorithms.split(",") if a.strip())
+
+
 def evaluated_models(config) -> list[tuple[str, str]]:
-  """evaluate.models as (label, model ref) pairs. With config.seeds = N > 1, an entry naming a run this
-  config trains per seed (models/RECIPE of finetune.recipes, models/grpo) stands for all N of them:
+  """evaluate.models as (label, model ref) pairs; `grpo=models/grpo` stands for every RL baseline of
+  grpo.algorithms (NAME=models/NAME). With config.seeds = N > 1, an entry naming a run this config
+  trains per seed (models/RECIPE of finetune.recipes, models/ALGORITHM) stands for all N of them:
   LABEL, LABEL.seed1, ... (workdir.run_name); the cold start and outside paths stay one model."""
   from dcsft_jax.workdir import run_name
   root = os.path.abspath(config.workdir)
   seeded = {os.path.join("models", r.strip()) for r in config.finetune.recipes.split(",") if r.strip()}
-  seeded.add(os.path.join("models", "grpo"))
+  algorithms = rl_algorithms(config)
+  seeded.update(os.path.join("models", a) for a in algorithms)
+  # 'grpo=models/grpo' stands for the RL baselines of grpo.algorithms, each under its own name.
+  items = []
+  for m in [m.strip() for m in config.evaluate.models.split(",") if m.strip()]:
+    rl_entry = algorithms != ("grpo",) and m.rpartition("=")[0].strip() in ("", "grpo") and \
+        os.path.normpath(m.rpartition("=")[2].strip()) == os.path.join("models", "grpo")
+    items += [f"{a}=models/{a}" for a in algorithms] if rl_entry else [m]
   out = []
-  for item in [m.strip() for m in config.evaluate.models.split(",") if m.strip()]:
+  for item in items:
     label, _, ref = item.rpartition("=") if "=" in item else (item, "", item)
     label, ref = label.strip().rstrip("/"), os.path.normpath(ref.strip())
     # The workdir's own runs however spelled (models/sft, ./models/sft/, WORKDIR/models/sft).

@@ -47,7 +47,8 @@ def split_run_name(run: str) -> tuple[str, int]:
 @dataclasses.dataclass(frozen=True)
 class Workdir:
   root: str
-  seeds: int = 1                     # config.seeds: training runs per finetune recipe and for GRPO
+  seeds: int = 1                     # config.seeds: training runs per finetune recipe and RL algorithm
+  algorithms: tuple[str, ...] = ("grpo",)   # config.grpo.algorithms: the RL runs, models/NAME
 
   def __post_init__(self):
     object.__setattr__(self, "root", os.path.abspath(self.root))
@@ -173,7 +174,7 @@ class Workdir:
   def stage_outputs(self, stage: str, recipes: tuple[str, ...] = ()) -> list[str]:
     """Everything `stage` writes (what --config.restart_stage deletes); `recipes`: finetune's runs."""
     seeded = lambda names: [run_name(n, s) for n in names for s in range(self.seeds)]
-    runs = {"pretrain": ["pretrain"], "cold_start": ["cold_start"], "finetune": seeded(recipes), "grpo": seeded(["grpo"])}.get(stage, [])
+    runs = {"pretrain": ["pretrain"], "cold_start": ["cold_start"], "finetune": seeded(recipes), "grpo": seeded(self.algorithms)}.get(stage, [])
     return {
         "init": [self.base_model],
         "pretrain": [self.pretrained_model],
@@ -181,7 +182,7 @@ class Workdir:
         "score": [os.path.dirname(self.scores)],
         "curate": [self.curation],
         "finetune": [self.model(r) for r in seeded(recipes)] + [self.finetune_done],
-        "grpo": [self.model(r) for r in seeded(["grpo"])],
+        "grpo": [self.model(r) for r in seeded(self.algorithms)],
         "evaluate": [self.path("eval")],
         "report": [self.report, self.results, self.plots],
         "export": [self.export],
@@ -201,8 +202,8 @@ class Workdir:
         "score": self.scores,
         "curate": self.curation_summary,
         "finetune": self.finetune_done,
-        # The seeds train in order: the last one's model means every one finished.
-        "grpo": os.path.join(self.model(run_name("grpo", self.seeds - 1)), MODEL_DONE),
+        # Seed by seed, each algorithm in order: the last one's model means every one finished.
+        "grpo": os.path.join(self.model(run_name(self.algorithms[-1], self.seeds - 1)), MODEL_DONE),
         "evaluate": self.accuracy_json,
         "report": self.report,
         "export": self.export,

@@ -39,16 +39,21 @@ def _needs_plugins(platform: str):
       f"{name} is not installed: pip install '.[aot]' (the test extra includes it)")
 
 
+# Every RL baseline's step (issue 30): each algorithm's loss is its own program.
+ALGORITHMS = "grpo,dr_grpo,dapo,gspo,rloo"
+
+
 @pytest.fixture(scope="module")
 def h100():
   _needs_plugins("gpu")
-  return aot.run(_default_config(), "h100x1", log=lambda *_: None)
+  return aot.run(_default_config(**{"grpo.algorithms": ALGORITHMS}), "h100x1", log=lambda *_: None)
 
 
 @pytest.fixture(scope="module")
 def v5e():
   _needs_plugins("tpu")
-  return aot.run(_default_config(**{"mesh.fsdp": 2, "mesh.tensor": 2}), "v5e-4", log=lambda *_: None)
+  return aot.run(_default_config(**{"mesh.fsdp": 2, "mesh.tensor": 2, "grpo.algorithms": ALGORITHMS}), "v5e-4",
+                 log=lambda *_: None)
 
 
 # The init programs write parameters straight into their shardings on the target's mesh (issue 25: an
@@ -58,16 +63,19 @@ EVERY_PROGRAM = {"cold_start step", "score prefill", "score decode", "finetune s
                  "grpo rollout decode", "grpo step", "evaluate prefill", "evaluate decode"} | INIT_PROGRAMS
 
 
+RL_STEPS = {f"{a} step" for a in ALGORITHMS.split(",")}
+
+
 def test_every_program_compiles_for_an_h100_with_cudnn_attention(h100):
   progs = {p["name"]: p for p in h100["programs"]}
-  assert set(progs) == EVERY_PROGRAM
+  assert set(progs) == EVERY_PROGRAM | RL_STEPS
   for name, p in progs.items():
     assert p["compiled"] and p["fits"], (name, p["error"])
     assert 0 < p["bytes"]["total"] <= p["budget_bytes"] < p["device_bytes"] == 84942979072
   # The training steps and the prefills run the decoder (and its backward) through cuDNN's fused
   # attention; decoding reads the shared prompt cache with XLA's attention.
-  for name in ("cold_start step", "finetune step", "grpo step", "score prefill", "grpo rollout prefill",
-               "evaluate prefill"):
+  for name in ("cold_start step", "finetune step", "score prefill", "grpo rollout prefill",
+               "evaluate prefill", *RL_STEPS):
     assert progs[name]["attention"].startswith(CUDNN), (name, progs[name]["attention"])
   # Forward and backward: the steps hold more fused-attention calls than a forward-only prefill.
   count = lambda n: int(progs[n]["attention"].split("(")[1].split()[0])
@@ -79,7 +87,7 @@ def test_every_program_compiles_for_an_h100_with_cudnn_attention(h100):
 def test_every_program_compiles_for_a_sharded_tpu_v5e(v5e):
   assert v5e["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
   progs = {p["name"]: p for p in v5e["programs"]}
-  assert set(progs) == EVERY_PROGRAM
+  assert set(progs) == EVERY_PROGRAM | RL_STEPS
   for name, p in progs.items():
     assert p["compiled"] and p["fits"] and p["attention"] == "xla", (name, p["error"])
     # The batch really splits over fsdp: each device holds its share of the rows.

@@ -176,3 +176,71 @@ def test_figures_count_clipping_on_the_side_that_binds():
   adv = jnp.array([1.0, -1.0])
   _, _, f = rl.objective(rl.algorithm("grpo"), logp, old, logp, adv, mask)
   assert float(f["clip_high"]) == 0.5 and float(f["clip_low"]) == 0.5 and float(f["kl"]) == 0.0
+
+
+def test_a_dapo_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path):
+  """Issue 30: a non-default algorithm through the trainer: DAPO (token-mean loss, clip-higher, its
+  overlong penalty on a 2-token budget, dynamic sampling's dropped groups), killed after step 3 and
+  resumed from its step-2 checkpoint, equals an uninterrupted run: params and every logged figure."""
+  from dcsft_jax import mesh as mesh_lib
+  from dcsft_jax import sampling
+  from dcsft_jax.models import qwen2_5_vl as M
+  from dcsft_jax.train import optim, trainer
+  from test_grpo import _generation_batch, _killed_and_resumed, _lora_grpo_run
+  cfg, proc, recs, _ = _generation_batch(8)
+  lora = M.LoraSpec(rank=4, alpha=8, dropout=0.05)
+  sp = sampling.SamplingParams(max_new_tokens=2, num_samples=4, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(),
+                               pad_id=0)
+  tc = trainer.TrainConfig(steps=4, batch_size=4, save_every=2, lora=lora,
+                           optim=optim.OptimConfig(learning_rate=1e-2, warmup_ratio=0.0, total_steps=4))
+  odd = lambda rec, text: float(len(text) > 0 and ord(text[0]) % 2 == 1)
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  make = _lora_grpo_run(cfg, proc, recs, lora, tc, sp, mesh, reward_fn=odd, algorithm=rl.algorithm("dapo"))
+  with mesh_lib.use(mesh):
+    full, want, resumed, got = _killed_and_resumed(make, tmp_path, kill_at=3)
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(x, y)
+  strip = lambda h: [{k: v for k, v in r.items() if k not in trainer.TIMING_KEYS} for r in h]
+  assert strip(full["history"]) == strip(resumed["history"]) and len(full["history"]) == 4
+  h = full["history"]
+  # Every completion hits the 2-token budget with no end token: truncated, so DAPO's penalty is -1 on
+  # each reward; the figures the RL step logs are there.
+  assert all(r["truncated"] == 1.0 for r in h)
+  assert all(-1.0 <= r["reward"] <= 0.0 for r in h) and any(r["reward"] > -1.0 for r in h)
+  assert all(k in h[0] for k in ("clip_low", "clip_high", "kl", "zero_advantage", "completion_tokens"))
+
+
+@pytest.mark.slow
+def test_the_default_run_trains_evaluates_and_reports_several_rl_baselines(tmp_path):
+  """`--config.grpo.algorithms=grpo,dapo,gspo` on the default run (shortened): each algorithm trains its
+  own run, is evaluated under its name (evaluate.models' grpo entry stands for all of them) and has its
+  row and its comparison with SFT in the report."""
+  import json
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  wd = tmp_path / "wd"
+  env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  r = subprocess.run([sys.executable, "-m", "dcsft_jax.main", "--config=configs/dcsft.py:short=true",
+                      f"--config.workdir={wd}", "--config.grpo.algorithms=grpo,dapo,gspo"], cwd=repo, env=env,
+                     capture_output=True, text=True, timeout=1500)
+  assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+  for a in ("grpo", "dapo", "gspo"):
+    assert os.path.exists(wd / "models" / a / "config.json"), a
+  acc = json.load(open(wd / "eval" / "accuracy.json"))["accuracy"]
+  assert {"grpo", "dapo", "gspo"} <= set(acc)
+  report = open(wd / "report.md").read()
+  table = report.split("## Accuracy")[1].split("\n## ")[0]
+  for name in ("GRPO", "DAPO", "GSPO"):
+    assert f"| {name} |" in table, table
+  res = json.load(open(wd / "results.json"))
+  assert {("grpo", "sft"), ("dapo", "sft"), ("gspo", "sft")} <= {(c["method"], c["reference"]) for c in res["comparisons"]}
+  # Each run's own algorithm: DAPO's rollouts were length-shaped (its reward can go below 0), GRPO's not.
+  hist = lambda a: [json.loads(x) for x in open(wd / "train" / a / "logs" / "metrics.jsonl") if '"loss"' in x]
+  assert all(h["reward"] >= 0 for h in hist("grpo")) and all("clip_high" in h for h in hist("gspo"))
+  # A second invocation finds every run done.
+  r = subprocess.run([sys.executable, "-m", "dcsft_jax.main", "--config=configs/dcsft.py:short=true",
+                      f"--config.workdir={wd}", "--config.grpo.algorithms=grpo,dapo,gspo", "--config.stages=grpo"],
+                     cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0 and "[grpo] done already" in r.stdout, r.stdout[-2000:]

@@ -86,7 +86,7 @@ def test_every_seed_trains_on_the_same_files_with_its_own_seed(tmp_path, monkeyp
     open(os.path.join(ctx.wd.model(name), "config.json"), "w").write("{}")
     return {"records": 1}
 
-  def fake_grpo(config, ctx, name, seed):
+  def fake_grpo(config, ctx, name, seed, algo="grpo"):
     trained.append((name, None, seed))
     os.makedirs(ctx.wd.model(name))
     open(os.path.join(ctx.wd.model(name), "config.json"), "w").write("{}")

@@ -48,7 +48,7 @@ DEPENDS = {
 _IMAGES = ("data.min_pixels", "data.max_pixels", "data.image_root", "data.builtin_image_size",
            "data.max_image_pixels", "data.skip_bad_records", "data.tfds_dir")
 _TRAIN_DATA = ("data.train", "data.train_limit", "data.label_noise", "data.label_names")
-_NOT_OUTPUTS = {"keep", "save_every", "eval_every", "batch_size", "recipes", "models"}
+_NOT_OUTPUTS = {"keep", "save_every", "eval_every", "batch_size", "recipes", "models", "algorithms"}
 SETTINGS = {
     "init": ("model.hf_path", "model.preset", "seed"),
     "pretrain": ("pretrain", "model.dtype", "model.param_dtype", "data.max_buckets", "seed") + _IMAGES,

@@ -27,6 +27,7 @@ from dcsft_jax.train import metrics
 # Display names of the models the default config evaluates (others keep their own label).
 PRETTY = {"base": "base", "pretrain": "pretraining", "cold_start": "cold start", "sft": "SFT", "grpo": "GRPO", "sft_m": "SFT-M",
           "sft_em": "SFT-EM", "easy": "easy only", "medium": "medium only", "hard": "hard only",
+          "dr_grpo": "Dr. GRPO", "dapo": "DAPO", "gspo": "GSPO", "rloo": "RLOO",
           "table1_easy": "easy (Table 1)", "table1_medium": "medium (Table 1)", "table1_hard": "hard (Table 1)"}
 
 
@@ -358,13 +359,20 @@ def _plots(wd: Workdir, ood: list[str], curves: dict[str, list[dict]]) -> list[s
       made.append(plots.line_png(os.path.join(d, f"ood_{s}_vs_step.png"), series, bands=bands,
                                  title=f"{s} accuracy during training" + (f", {n} images" if n else "")
                                  + " (Fig. 3)" + spread, xlabel="step", ylabel="accuracy (%)"))
-  h = training.history(wd, "grpo")
-  if h and "reward" in h[0]:
-    made.append(plots.line_png(os.path.join(d, "grpo_reward.png"),
-                               {"mean reward": ([x["step"] for x in h], [x["reward"] for x in h]),
-                                "zero-advantage groups": ([x["step"] for x in h],
-                                                          [x.get("zero_advantage", 0.0) for x in h])},
-                               title="GRPO: reward and groups with no signal", xlabel="step", ylabel="fraction"))
+  # Each RL baseline's first run (seed 0): its reward and the share of groups that teach nothing.
+  rl_runs = {n: h for n in wd.train_runs() if split_run_name(n)[1] == 0
+             for h in [training.history(wd, n)] if h and "reward" in h[0]}
+  if rl_runs:
+    one = list(rl_runs) == ["grpo"]
+    series = {}
+    for n, h in rl_runs.items():
+      steps = [x["step"] for x in h]
+      series["mean reward" if one else f"{pretty(n)}: mean reward"] = (steps, [x["reward"] for x in h])
+      series["zero-advantage groups" if one else f"{pretty(n)}: zero-advantage groups"] = (
+          steps, [x.get("zero_advantage", 0.0) for x in h])
+    made.append(plots.line_png(os.path.join(d, "grpo_reward.png"), series,
+                               title=("GRPO" if one else "RL baselines") + ": reward and groups with no signal",
+                               xlabel="step", ylabel="fraction"))
   return made
 
 

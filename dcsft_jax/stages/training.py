@@ -17,13 +17,13 @@ import json
 import math
 import os
 
-from dcsft_jax import checkpoint, curation, sampling
+from dcsft_jax import checkpoint, curation, run_config, sampling
 from dcsft_jax import fingerprint as fingerprint_lib
 from dcsft_jax.data import batching, sources
 from dcsft_jax.models.layers import LoraSpec
 from dcsft_jax.models.params import count_params
 from dcsft_jax.stages import common, evaluate
-from dcsft_jax.train import grpo_trainer, optim, trainer
+from dcsft_jax.train import grpo_trainer, optim, rl, trainer
 from dcsft_jax.workdir import Workdir, run_name
 
 def lora_spec(s) -> LoraSpec | None:
@@ -288,24 +288,28 @@ def _section_for(f, recipe: str):
 
 
 def grpo(config, ctx) -> dict:
+  """Every RL baseline of grpo.algorithms (the paper's GRPO by default), seed by seed."""
   out = {}
+  algorithms = run_config.rl_algorithms(config)
+  alone = config.seeds == 1 and algorithms == ("grpo",)
   for i in range(config.seeds):
-    name = run_name("grpo", i)
-    if ctx.wd.model_done(name):
-      print(f"[grpo] {name}: done already")
-      if os.path.exists(ctx.wd.figures(name)):
-        out.update({f"{name}/{k}": v for k, v in json.load(open(ctx.wd.figures(name))).items()})
-      continue
-    if config.seeds > 1:
-      print(f"[grpo] {name} (seed {i + 1} of {config.seeds})")
-    figures = _grpo_run(config, ctx, name, run_seed(config, "grpo", i))
-    common.write_json(ctx.wd.figures(name), figures)
-    # One seed: the figures as they always were; several: each under its run's name.
-    out.update(figures if config.seeds == 1 else {f"{name}/{k}": v for k, v in figures.items()})
+    for algo in algorithms:
+      name = run_name(algo, i)
+      if ctx.wd.model_done(name):
+        print(f"[grpo] {name}: done already")
+        if os.path.exists(ctx.wd.figures(name)):
+          out.update({f"{name}/{k}": v for k, v in json.load(open(ctx.wd.figures(name))).items()})
+        continue
+      if not alone:
+        print(f"[grpo] {name} ({algo}" + (f", seed {i + 1} of {config.seeds})" if config.seeds > 1 else ")"))
+      figures = _grpo_run(config, ctx, name, run_seed(config, algo, i), algo)
+      common.write_json(ctx.wd.figures(name), figures)
+      # The paper's GRPO alone: the figures as they always were; else each under its run's name.
+      out.update(figures if alone else {f"{name}/{k}": v for k, v in figures.items()})
   return out
 
 
-def _grpo_run(config, ctx, name: str, seed: int) -> dict:
+def _grpo_run(config, ctx, name: str, seed: int, algo: str = "grpo") -> dict:
   g = config.grpo
   model = _start(config, ctx, g.model, "grpo.model")
   records = common.load_records(config, config.data.train, limit=config.data.train_limit, train=True)
@@ -321,6 +325,7 @@ def _grpo_run(config, ctx, name: str, seed: int) -> dict:
   t = grpo_trainer.GRPOTrainer(model.cfg, ctx.model_options, params, tc, ctx.mesh,
                                ctx.wd.train(name), sampling_params=sp, records=records,
                                processor=model.processor, beta=g.beta, clip_eps=g.clip_eps,
+                               algorithm=rl.configured(algo, beta=g.beta, clip_eps=g.clip_eps),
                                num_iterations=g.num_iterations,
                                fingerprint=_data_fingerprint(config, ctx, config.data.train, records, model))
   params = model.params = None   # the trainer holds the weights now

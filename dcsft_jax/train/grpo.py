@@ -70,7 +70,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float = 0.04,
   return per_seq.mean(), metrics
 
 
-ROLLOUT_KEYS = ("completions", "completion_mask", "rewards", "old_logprobs")
+ROLLOUT_KEYS = ("completions", "completion_mask", "rewards", "old_logprobs", "keep", "truncated")
 
 
 def loss_tokens(tokens, lengths, eos_ids, im_end_id: int, pad_id: int = 0):
@@ -93,7 +93,14 @@ def loss_tokens(tokens, lengths, eos_ids, im_end_id: int, pad_id: int = 0):
 def paper_algorithm(beta: float = 0.04, clip_eps: float = 0.2):
   """The paper's GRPO as the registry's parts (train/rl.py), with its two knobs."""
   from dcsft_jax.train import rl
-  return rl.algorithm("grpo", beta=float(beta), epsilon_low=float(clip_eps), epsilon_high=float(clip_eps))
+  return rl.configured("grpo", beta=beta, clip_eps=clip_eps)
+
+
+def truncated(tokens, lengths, eos_ids) -> np.ndarray:
+  """[b, G] whether each completion was cut at the token budget (T tokens, the last no end token)."""
+  tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+  last = np.take_along_axis(tokens, np.maximum(lengths - 1, 0)[..., None], axis=-1)[..., 0]
+  return (lengths >= tokens.shape[-1]) & ~np.isin(last, np.asarray(list(eos_ids) or [-1]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -139,15 +146,20 @@ def make_loss(algo=None, *, beta: float = 0.04, clip_eps: float = 0.2, temperatu
     else:                          # one update per batch of rollouts: the current policy, detached
       old = jax.lax.stop_gradient(logp)
     row = jnp.repeat(prompt["valid"].astype(jnp.float32), G)
+    # DAPO's dynamic sampling: groups whose rewards are all equal leave the loss ("keep" 0).
+    trained = row * jnp.repeat(mb["keep"].astype(jnp.float32), G) if "keep" in mb else row
     m = mask.reshape(b * G, T)
-    total, count, figures = rl.objective(algo, logp, old, ref_logp, adv, m, row)
+    total, count, figures = rl.objective(algo, logp, old, ref_logp, adv, m, trained)
+    if "keep" in mb:               # the figures stay per completion of the valid prompts
+      figures = {k: v * jnp.sum(row) / jnp.maximum(jnp.sum(trained), 1.0) for k, v in figures.items()}
     r = rewards.astype(jnp.float32)
     zero = jnp.repeat(jnp.all(r == r[:, :1], axis=1).astype(jnp.float32), G)   # groups with A = 0
     # The loss is divided by its aggregation's count; the figures are per completion.
     return total, {
         "count": count, "completions": jnp.sum(row), **figures,
         "reward": jnp.sum(r.reshape(-1) * row), "zero_advantage": jnp.sum(zero * row),
-        "completion_tokens": jnp.sum(m.astype(jnp.float32).sum(axis=1) * row)}
+        "completion_tokens": jnp.sum(m.astype(jnp.float32).sum(axis=1) * row),
+        **({"truncated": jnp.sum(mb["truncated"].astype(jnp.float32).reshape(-1) * row)} if "truncated" in mb else {})}
 
   return loss
 

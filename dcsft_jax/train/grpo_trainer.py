@@ -22,7 +22,7 @@ import numpy as np
 from dcsft_jax import atomic, sampling, verify
 from dcsft_jax.models import registry
 from dcsft_jax.models.layers import ModelOptions
-from dcsft_jax.train import grpo, trainer
+from dcsft_jax.train import grpo, rl, trainer
 
 
 def _reward(rec, text: str) -> float:
@@ -40,15 +40,23 @@ class GRPOTrainer(trainer.SFTTrainer):
 
   def __init__(self, cfg, opts: ModelOptions, params, tc: trainer.TrainConfig, mesh, workdir: str, *,
                sampling_params: sampling.SamplingParams, records, processor, beta: float = 0.04,
-               clip_eps: float = 0.2, num_iterations: int = 1,
+               clip_eps: float = 0.2, num_iterations: int = 1, algorithm: rl.Algorithm | None = None,
                reward_fn: Callable[[object, str], float] = _reward, fingerprint: dict | None = None):
+    """algorithm: the policy-gradient algorithm (train/rl.py); None is the paper's GRPO with `beta` and
+    `clip_eps`."""
     if sampling_params.num_samples < 2:
       raise ValueError(f"GRPO needs at least 2 generations per prompt, got {sampling_params.num_samples}")
     if num_iterations < 1:
       raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
-    loss = grpo.make_loss(grpo.paper_algorithm(beta, clip_eps), temperature=float(sampling_params.temperature or 1.0))
+    paper = grpo.paper_algorithm(beta, clip_eps)
+    self.algorithm = paper if algorithm is None else algorithm
+    loss = grpo.make_loss(self.algorithm, temperature=float(sampling_params.temperature or 1.0))
+    # The paper's GRPO keeps the fingerprint it always had (its runs resume across versions); any other
+    # algorithm is fingerprinted whole.
+    which = {"beta": beta, "clip_eps": clip_eps} if self.algorithm == paper else \
+        {"algorithm": dataclasses.asdict(self.algorithm)}
     super().__init__(cfg, opts, params, tc, mesh, workdir, loss=loss, count_name="completions",
-                     fingerprint={"sampling": sampling_params, "beta": beta, "clip_eps": clip_eps,
+                     fingerprint={"sampling": sampling_params, **which,
                                   "num_iterations": num_iterations, **(fingerprint or {})})
     self.num_iterations = int(num_iterations)
     self._rollouts: tuple[int, dict, dict] | None = None     # (cycle's first step, host arrays, figures)
@@ -148,12 +156,30 @@ class GRPOTrainer(trainer.SFTTrainer):
           continue
         rec = self.records[rid]
         rewards[i] = [self.reward_fn(rec, self.processor.decode(t)) for t in toks[i]]
-      micro.append({**arrays, "completions": comps, "completion_mask": mask, "rewards": rewards})
+      micro.append({**arrays, "completions": comps, "completion_mask": mask,
+                    **self._shape_rollouts(rewards, mask, tokens, lengths, arrays["valid"])})
       prompt_tokens += float(arrays["attention_mask"].sum())
     host = trainer.stack_micro(micro, self.cfg)
     info = {"_tokens_in": prompt_tokens + float(host["completion_mask"].sum()),
             "rollout_seconds": time.time() - t0}
     return host, info
+
+  def _shape_rollouts(self, rewards, mask, tokens, lengths, valid) -> dict:
+    """The algorithm's rollout filters, on the host: overlong completions leave the loss ('filter') or
+    get DAPO's length penalty on their reward ('soft'); with dynamic sampling, groups whose rewards are
+    all equal leave the loss ("keep"; refilling the batch from further prompts is still to come)."""
+    a = self.algorithm
+    cut = grpo.truncated(tokens, lengths, self.sp.eos_ids)
+    if a.overlong == "soft":
+      budget = int(self.sp.max_new_tokens)
+      rewards = rewards + (rl.overlong_penalty(lengths, budget, a.buffer_tokens(budget)) *
+                           np.asarray(valid, bool)[:, None]).astype(np.float32)
+    elif a.overlong == "filter":
+      mask = mask * (~cut)[..., None].astype(mask.dtype)
+    out = {"completion_mask": mask, "rewards": rewards.astype(np.float32), "truncated": cut.astype(np.float32)}
+    if a.dynamic_sampling:
+      out["keep"] = rl.informative(rewards).astype(np.float32)
+    return out
 
   def _run_step(self, batch):
     if self.ref_params is None:

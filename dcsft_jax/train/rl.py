@@ -153,6 +153,14 @@ ALGORITHMS: dict[str, Algorithm] = {
 }
 
 
+def configured(name: str, *, beta: float, clip_eps: float) -> Algorithm:
+  """The algorithm a run named `name` trains with: 'grpo' is the paper's with the config's KL weight
+  and clip (grpo.beta, grpo.clip_eps); every other name is as published (ALGORITHMS)."""
+  if name == "grpo":
+    return algorithm("grpo", beta=float(beta), epsilon_low=float(clip_eps), epsilon_high=float(clip_eps))
+  return algorithm(name)
+
+
 def algorithm(name: str, **overrides) -> Algorithm:
   """The named algorithm, with any part replaced (e.g. algorithm("dapo", overlong_buffer=0.5))."""
   if name not in ALGORITHMS:
