@@ -53,3 +53,11 @@ def on_process_0(fn: Callable[[], Any]) -> Any:
     kind = getattr(builtins, said["type"], None)
     raise (kind if isinstance(kind, type) and issubclass(kind, Exception) else RuntimeError)(said["error"])
   return said["result"]
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` holds on any process (every process must ask, with its own flag)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.asarray(multihost_utils.process_allgather(np.asarray([bool(flag)], np.int32))).any())

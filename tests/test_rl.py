@@ -244,3 +244,42 @@ def test_the_default_run_trains_evaluates_and_reports_several_rl_baselines(tmp_p
                       f"--config.workdir={wd}", "--config.grpo.algorithms=grpo,dapo,gspo", "--config.stages=grpo"],
                      cwd=repo, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0 and "[grpo] done already" in r.stdout, r.stdout[-2000:]
+
+
+def test_dynamic_sampling_refills_groups_without_signal_from_further_prompts_and_resumes_the_same(tmp_path):
+  """DAPO's dynamic sampling: half the prompts reward every answer alike (their groups teach nothing);
+  those groups are replaced by informative ones drawn from further prompts, so the step trains on fewer
+  zero-advantage groups than the same step without it, and a killed run refills identically on resume."""
+  from dcsft_jax import mesh as mesh_lib
+  from dcsft_jax import sampling
+  from dcsft_jax.models import qwen2_5_vl as M
+  from dcsft_jax.train import optim, trainer
+  from test_grpo import _generation_batch, _killed_and_resumed, _lora_grpo_run
+  cfg, proc, recs, _ = _generation_batch(8)
+  flat = {r.id for r in recs[::2]}
+  reward = lambda rec, text: 1.0 if rec.id in flat else float(len(text) > 0 and ord(text[0]) % 2 == 1)
+  lora = M.LoraSpec(rank=4, alpha=8, dropout=0.0)
+  sp = sampling.SamplingParams(max_new_tokens=2, num_samples=4, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(),
+                               pad_id=0)
+  tc = trainer.TrainConfig(steps=4, batch_size=4, save_every=2, lora=lora,
+                           optim=optim.OptimConfig(learning_rate=1e-2, warmup_ratio=0.0, total_steps=4))
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  # Without the length penalty, so the reward alone decides which groups are informative.
+  on = rl.algorithm("dapo", overlong="none")
+  off = rl.algorithm("dapo", overlong="none", dynamic_sampling=False)
+  with mesh_lib.use(mesh):
+    runs = {}
+    for name, algo in (("on", on), ("off", off)):
+      it, t = _lora_grpo_run(cfg, proc, recs, lora, tc, sp, mesh, reward_fn=reward, algorithm=algo)(tmp_path / name)
+      runs[name] = t.fit(it, progress=False)["history"]
+    full, want, resumed, got = _killed_and_resumed(
+        _lora_grpo_run(cfg, proc, recs, lora, tc, sp, mesh, reward_fn=reward, algorithm=on), tmp_path / "k", kill_at=3)
+  h_on, h_off = runs["on"], runs["off"]
+  assert sum(r["refilled_groups"] for r in h_on) > 0 and "refilled_groups" not in h_off[0]
+  # The first step rolls out the same prompts and answers; refilled, fewer groups lack signal.
+  assert h_on[0]["zero_advantage"] < h_off[0]["zero_advantage"] or h_on[0]["refilled_groups"] == 0
+  assert sum(r["zero_advantage"] for r in h_on) < sum(r["zero_advantage"] for r in h_off)
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(x, y)
+  strip = lambda h: [{k: v for k, v in r.items() if k not in trainer.TIMING_KEYS} for r in h]
+  assert strip(full["history"]) == strip(resumed["history"])

@@ -25,6 +25,10 @@ from dcsft_jax.models.layers import ModelOptions
 from dcsft_jax.train import grpo, rl, trainer
 
 
+# Further batches DAPO's dynamic sampling may draw to refill one micro-batch (ms-swift's max_resample_times).
+MAX_RESAMPLE = 3
+
+
 def _reward(rec, text: str) -> float:
   """The paper's rewards: 1/0 exact match for labels, IoU >= 0.5 for boxes (verify.verify)."""
   return float(verify.verify(rec.task, text, rec.answer))
@@ -132,42 +136,78 @@ class GRPOTrainer(trainer.SFTTrainer):
           os.remove(p)
 
   def _rollout(self, batches, step: int):
-    from dcsft_jax.data import batching
     t0 = time.time()
-    params = self.state.params
-    G = self.sp.num_samples
-    micro, prompt_tokens = [], 0.0
+    micro, prompt_tokens, refilled = [], 0.0, 0
     for _ in range(self.tc.accum):
-      batch = next(batches)
-      arrays = dict(batch.arrays)
-      keys = sampling.sample_keys(self._rollout_seed(step), batch.ids, G)
-      g = batching.to_global({**arrays, "keys": keys}, self.mesh)
-      tokens, lengths, _ = self.sampler.generate(params, g, g.pop("keys"), self.sp)
-      # Every host gets the global rollouts and keeps its own rows.
-      b = arrays["input_ids"].shape[0]
-      lo = jax.process_index() * b
-      tokens = sampling._to_host(tokens)[lo:lo + b]
-      lengths = sampling._to_host(lengths)[lo:lo + b]
-      comps, mask = grpo.loss_tokens(tokens, lengths, self.sp.eos_ids, self.processor.im_end_id, self.sp.pad_id)
-      rewards = np.zeros((b, G), np.float32)
-      toks = sampling.completions(tokens, lengths, self.sp.eos_ids)
-      for i, rid in enumerate(batch.ids):
-        if rid is None or not arrays["valid"][i]:
-          continue
-        rec = self.records[rid]
-        rewards[i] = [self.reward_fn(rec, self.processor.decode(t)) for t in toks[i]]
-      micro.append({**arrays, "completions": comps, "completion_mask": mask,
-                    **self._shape_rollouts(rewards, mask, tokens, lengths, arrays["valid"])})
-      prompt_tokens += float(arrays["attention_mask"].sum())
+      rolled = self._roll(next(batches), step)
+      if self.algorithm.dynamic_sampling:
+        rolled, n = self._refill(rolled, batches, step)
+        refilled += n
+        # The groups still without signal leave the loss.
+        rolled["keep"] = rl.informative(rolled["rewards"]).astype(np.float32)
+      micro.append(rolled)
+      prompt_tokens += float(rolled["attention_mask"].sum())
     host = trainer.stack_micro(micro, self.cfg)
     info = {"_tokens_in": prompt_tokens + float(host["completion_mask"].sum()),
             "rollout_seconds": time.time() - t0}
+    if self.algorithm.dynamic_sampling:
+      info["refilled_groups"] = float(refilled)
     return host, info
 
+  def _roll(self, batch, step: int) -> dict:
+    """One batch of prompts rolled out with the current policy: its arrays (this process's rows), the
+    loss tokens, the verifiers' rewards after the algorithm's overlong rule, and the truncated flags."""
+    from dcsft_jax.data import batching
+    G = self.sp.num_samples
+    arrays = dict(batch.arrays)
+    keys = sampling.sample_keys(self._rollout_seed(step), batch.ids, G)
+    g = batching.to_global({**arrays, "keys": keys}, self.mesh)
+    tokens, lengths, _ = self.sampler.generate(self.state.params, g, g.pop("keys"), self.sp)
+    # Every host gets the global rollouts and keeps its own rows.
+    b = arrays["input_ids"].shape[0]
+    lo = jax.process_index() * b
+    tokens = sampling._to_host(tokens)[lo:lo + b]
+    lengths = sampling._to_host(lengths)[lo:lo + b]
+    comps, mask = grpo.loss_tokens(tokens, lengths, self.sp.eos_ids, self.processor.im_end_id, self.sp.pad_id)
+    rewards = np.zeros((b, G), np.float32)
+    toks = sampling.completions(tokens, lengths, self.sp.eos_ids)
+    for i, rid in enumerate(batch.ids):
+      if rid is None or not arrays["valid"][i]:
+        continue
+      rec = self.records[rid]
+      rewards[i] = [self.reward_fn(rec, self.processor.decode(t)) for t in toks[i]]
+    return {**arrays, "completions": comps, "completion_mask": mask,
+            **self._shape_rollouts(rewards, mask, tokens, lengths, arrays["valid"])}
+
+  def _refill(self, rolled: dict, batches, step: int) -> tuple[dict, int]:
+    """DAPO's dynamic sampling (ms-swift's `dynamic_sample`): each valid group whose rewards are all
+    equal is replaced by an informative group from further batches of the same iterator, up to
+    MAX_RESAMPLE batches (ms-swift's `max_resample_times`). The extra batches and their rollout keys
+    come from the iterator and (seed, step, record id), so a resumed run refills the same way. Every
+    process draws as many batches as the one that needs most; a batch of another shape is passed over."""
+    from dcsft_jax import multihost
+    rolled = {k: np.array(v) for k, v in rolled.items()}
+    filled = 0
+    for _ in range(MAX_RESAMPLE):
+      dead = np.flatnonzero(rolled["valid"].astype(bool) & ~rl.informative(rolled["rewards"]))
+      if not multihost.any_process(len(dead) > 0):
+        break
+      extra = self._roll(next(batches), step)
+      if multihost.any_process(any(extra[k].shape != v.shape for k, v in rolled.items())):
+        continue
+      good = np.flatnonzero(extra["valid"].astype(bool) & rl.informative(extra["rewards"]))
+      for i, j in zip(dead, good):
+        for k, v in rolled.items():
+          if k == "positions":           # [3, rows, L]
+            v[:, i] = extra[k][:, j]
+          else:
+            v[i] = extra[k][j]
+        filled += 1
+    return rolled, filled
+
   def _shape_rollouts(self, rewards, mask, tokens, lengths, valid) -> dict:
-    """The algorithm's rollout filters, on the host: overlong completions leave the loss ('filter') or
-    get DAPO's length penalty on their reward ('soft'); with dynamic sampling, groups whose rewards are
-    all equal leave the loss ("keep"; refilling the batch from further prompts is still to come)."""
+    """The algorithm's overlong rule, on the host: overlong completions leave the loss ('filter') or get
+    DAPO's length penalty on their reward ('soft')."""
     a = self.algorithm
     cut = grpo.truncated(tokens, lengths, self.sp.eos_ids)
     if a.overlong == "soft":
@@ -176,10 +216,7 @@ class GRPOTrainer(trainer.SFTTrainer):
                            np.asarray(valid, bool)[:, None]).astype(np.float32)
     elif a.overlong == "filter":
       mask = mask * (~cut)[..., None].astype(mask.dtype)
-    out = {"completion_mask": mask, "rewards": rewards.astype(np.float32), "truncated": cut.astype(np.float32)}
-    if a.dynamic_sampling:
-      out["keep"] = rl.informative(rewards).astype(np.float32)
-    return out
+    return {"completion_mask": mask, "rewards": rewards.astype(np.float32), "truncated": cut.astype(np.float32)}
 
   def _run_step(self, batch):
     if self.ref_params is None:
