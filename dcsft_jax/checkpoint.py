@@ -103,8 +103,8 @@ def _read(what, directory: str, fix: str):
   """Orbax's read of `directory`'s params, its failure said in one line (TensorStore's are hundreds)."""
   try:
     # A failed read's other TensorStore reads still finish into Orbax's closed event loop, each printing
-    # a traceback, before and after the failure reaches a handler: the terminal gets the one line.
-    with errors.stderr_to_log_while():
+    # a traceback, before and after the failure reaches a handler: held, they go to the error log.
+    with errors.stderr_held():
       return what()
   except Exception as e:  # pylint: disable=broad-except  (TensorStore, OSError, ValueError: all mean damage)
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -78,65 +78,78 @@ def write_trace(path: str, what: str) -> str | None:
     return None
 
 
-# Set by `cli` while it runs: where the trace goes, and the terminal's stderr once `divert_stderr` has
-# sent fd 2 to that log.
-_LOG: Callable[[], str | None] | None = None
+# While `cli` runs (not with --verbose): _ACTIVE. While stderr is held (`stderr_held`): the terminal's
+# stderr (_TERMINAL) and the temporary file that fd 2 writes to meanwhile (_HELD).
+_ACTIVE = False
 _TERMINAL: int | None = None
-
-
-def divert_stderr() -> None:
-  """From now on, what libraries write to stderr goes to the run's error log, not the terminal; `cli`
-  still prints its one line on the terminal. For a failure that leaves a library's threads running:
-  Orbax's reads of a damaged checkpoint keep completing into a closed event loop, and each one prints
-  a traceback, before and after the failure is said. Nothing outside `cli` (or with --verbose)."""
-  global _TERMINAL
-  if _LOG is None or _TERMINAL is not None:
-    return
-  path = _LOG() or default_log()
-  try:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-  except OSError:
-    return
-  sys.stderr.flush()
-  _TERMINAL = os.dup(2)
-  os.dup2(fd, 2)
-  os.close(fd)
+_HELD = None
 
 
 @contextlib.contextmanager
-def stderr_to_log_while():
-  """Within the block, stderr goes to the run's log (`divert_stderr`); when the block ends normally it
-  comes back to the terminal, and after an exception it stays in the log: a library's stray threads
-  can print before the exception reaches any handler."""
-  if _LOG is None or _TERMINAL is not None:
+def stderr_held():
+  """Within the block, what is written to stderr (fd 2, threads and C++ included) is held in a temporary
+  file. When the block ends normally it comes back out on stderr, in order, and stderr is the terminal
+  again; after an exception it stays held, and `cli` moves it into the run's error log with the trace,
+  then sends the rest of the process's stderr there. For a failure that leaves a library's threads
+  running: Orbax's reads of a damaged checkpoint keep completing into a closed event loop, each printing
+  a traceback, before and after the failure reaches any handler. Nothing outside `cli` (or with
+  --verbose), and nothing written in the workdir unless the run fails."""
+  global _TERMINAL, _HELD
+  if not _ACTIVE or _TERMINAL is not None:
     yield
     return
-  divert_stderr()
+  import tempfile
+  sys.stderr.flush()
+  _HELD = tempfile.TemporaryFile()
+  _TERMINAL = os.dup(2)
+  os.dup2(_HELD.fileno(), 2)
   yield
-  _undivert()
+  _restore_terminal()
 
 
-def _undivert() -> None:
-  global _TERMINAL
+def _restore_terminal() -> None:
+  """stderr back to the terminal, and what was held written out on it."""
+  global _TERMINAL, _HELD
   if _TERMINAL is None:
     return
   sys.stderr.flush()
   os.dup2(_TERMINAL, 2)
   os.close(_TERMINAL)
   _TERMINAL = None
+  if _HELD is not None:
+    _HELD.seek(0)
+    held, _HELD = _HELD.read(), None
+    if held:
+      os.write(2, held)
+
+
+def _release_held(path: str | None) -> None:
+  """After a failure: what stderr_held kept goes to the log at `path` (when there is one)."""
+  global _HELD
+  if _HELD is None:
+    return
+  sys.stderr.flush()
+  _HELD.seek(0)
+  held, _HELD = _HELD.read(), None
+  if held and path:
+    try:
+      with open(path, "ab") as f:
+        f.write(held)
+    except OSError:
+      pass
 
 
 def cli(name: str, fn: Callable[[], object], *, log: Callable[[], str | None] = lambda: None,
         verbose: bool = False) -> object:
   """Runs fn(); a user-fixable failure becomes one line on stderr and exit status 1. `log()` gives
   the trace's file (called after the failure: a run knows its workdir only once its config is read)."""
-  global _LOG
-  _LOG = None if verbose else log
+  global _ACTIVE
+  _ACTIVE = not verbose
   try:
     return fn()
   except USER_ERRORS as e:
     if not is_user_error(e):
+      _restore_terminal()          # an unexpected failure keeps its traceback, on the terminal
       raise
     if verbose:
       traceback.print_exc()
@@ -150,7 +163,13 @@ def cli(name: str, fn: Callable[[], object], *, log: Callable[[], str | None] = 
     os.write(2 if _TERMINAL is None else _TERMINAL, (msg + "\n").encode())
     if where:
       _rest_to(where)
+      _release_held(where)
+    else:                              # no log to hold it in: nothing is dropped
+      _restore_terminal()
     sys.exit(1)
+  except BaseException:
+    _restore_terminal()
+    raise
 
 
 def _rest_to(path: str) -> None:

@@ -34,7 +34,8 @@ from dcsft_jax.data.records import Record
 
 PROMPT = "Please provide the object name in the image. Output the answer using one word."
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-SPLITS = ("train", "test", "rendition", "adversarial", "prior")
+SPLITS = ("train", "test", "rendition", "adversarial")    # the paper's roles: training, ID and OOD evaluation
+PRIOR = "prior"                                          # pretraining (README "A miniature with a prior")
 TASK = "classification"
 TEST_FRACTION = 0.2  # per class, so both ID splits hold all 10 digits
 
@@ -230,8 +231,8 @@ def load_builtin(split: str, *, seed: int = 0, label_noise: float = 0.0, image_s
 
   limit: return only the first `limit` records (label noise is applied after, so the count is exact).
   """
-  if split not in SPLITS:
-    raise ValueError(f"unknown builtin split {split!r}; expected one of {SPLITS}")
+  if split not in SPLITS + (PRIOR,):
+    raise ValueError(f"unknown builtin split {split!r}; expected one of {SPLITS + (PRIOR,)}")
   if not 0.0 <= label_noise <= 1.0:
     raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
   if label_noise and split != "train":

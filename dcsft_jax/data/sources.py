@@ -25,7 +25,7 @@ from dcsft_jax.data import builtin, digit_tasks
 from dcsft_jax.data.records import read_hf_dataset, read_paper_json
 
 KINDS = ("builtin", "synthetic", "json", "tfds", "hf")
-BUILTIN_SPLITS = builtin.SPLITS + digit_tasks.SPLITS
+BUILTIN_SPLITS = builtin.SPLITS + (builtin.PRIOR,) + digit_tasks.SPLITS
 
 
 @dataclasses.dataclass(frozen=True)
