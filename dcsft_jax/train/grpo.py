@@ -149,7 +149,9 @@ def make_loss(algo=None, *, beta: float = 0.04, clip_eps: float = 0.2, temperatu
     # DAPO's dynamic sampling: groups whose rewards are all equal leave the loss ("keep" 0).
     trained = row * jnp.repeat(mb["keep"].astype(jnp.float32), G) if "keep" in mb else row
     m = mask.reshape(b * G, T)
-    total, count, figures = rl.objective(algo, logp, old, ref_logp, adv, m, trained)
+    # 'constant' (Dr. GRPO) divides by the sampling budget, max_new_tokens (ms-swift's
+    # max_completion_length), not by the loss tokens' width, which has room for the appended <|im_end|>.
+    total, count, figures = rl.objective(algo, logp, old, ref_logp, adv, m, trained, width=T - 1)
     if "keep" in mb:               # the figures stay per completion of the valid prompts
       figures = {k: v * jnp.sum(row) / jnp.maximum(jnp.sum(trained), 1.0) for k, v in figures.items()}
     r = rewards.astype(jnp.float32)
