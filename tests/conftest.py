@@ -18,6 +18,11 @@ _cache = os.environ.get("DCSFT_TEST_JAX_CACHE",
 if _cache:
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+  # A size limit turns on the cache's file lock around every read and write. Without it JAX writes an
+  # entry in place, and a worker or subprocess reading the same program's entry meanwhile gets a
+  # truncated executable, on which XLA aborts the process (seen once in CI: "Fatal Python error:
+  # Aborted" under compilation_cache.get_executable_and_time). 8 GiB: nothing is evicted in practice.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 sys.path.insert(0, os.path.dirname(__file__))
 
 # The compile-only accelerator targets (tests/test_aot.py): JAX stays on the CPU, libtpu may load in
