@@ -242,9 +242,9 @@ def test_grpo_trainer_raises_the_reward(tmp_path):
   assert all(np.isfinite(x["loss"]) for x in h)
 
 
-def test_grpo_killed_run_resumes_bit_identical(tmp_path):
-  """GRPO with LoRA (dropout on), killed after step 3 and resumed from its step-2 checkpoint: the
-  rollouts (keys from seed/step/record), rewards, params and metrics equal an uninterrupted run."""
+def resume_setup():
+  """The kill-and-resume runs' pieces: 8 prompts, LoRA with dropout, 4 steps of 4 prompts x 4 answers of
+  2 tokens, a reward on the answer's first character, one device."""
   from dcsft_jax import mesh as mesh_lib
   from dcsft_jax import sampling
   from dcsft_jax.models import qwen2_5_vl as M
@@ -257,7 +257,17 @@ def test_grpo_killed_run_resumes_bit_identical(tmp_path):
                            optim=optim.OptimConfig(learning_rate=1e-2, warmup_ratio=0.0, total_steps=4))
   odd = lambda rec, text: float(len(text) > 0 and ord(text[0]) % 2 == 1)
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  return cfg, proc, recs, lora, tc, sp, odd, mesh
 
+
+def test_grpo_killed_run_resumes_bit_identical(tmp_path):
+  """GRPO with LoRA (dropout on), killed after step 3 and resumed from its step-2 checkpoint: the
+  rollouts (keys from seed/step/record), rewards, params and metrics equal an uninterrupted run."""
+  from dcsft_jax import mesh as mesh_lib
+  from dcsft_jax import sampling
+  from dcsft_jax.models import qwen2_5_vl as M
+  from dcsft_jax.train import optim, trainer
+  cfg, proc, recs, lora, tc, sp, odd, mesh = resume_setup()
   make = _lora_grpo_run(cfg, proc, recs, lora, tc, sp, mesh, reward_fn=odd)
   with mesh_lib.use(mesh):
     full, want, resumed, got = _killed_and_resumed(make, tmp_path, kill_at=3)

@@ -186,15 +186,8 @@ def test_a_dapo_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path):
   from dcsft_jax import sampling
   from dcsft_jax.models import qwen2_5_vl as M
   from dcsft_jax.train import optim, trainer
-  from test_grpo import _generation_batch, _killed_and_resumed, _lora_grpo_run
-  cfg, proc, recs, _ = _generation_batch(8)
-  lora = M.LoraSpec(rank=4, alpha=8, dropout=0.05)
-  sp = sampling.SamplingParams(max_new_tokens=2, num_samples=4, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(),
-                               pad_id=0)
-  tc = trainer.TrainConfig(steps=4, batch_size=4, save_every=2, lora=lora,
-                           optim=optim.OptimConfig(learning_rate=1e-2, warmup_ratio=0.0, total_steps=4))
-  odd = lambda rec, text: float(len(text) > 0 and ord(text[0]) % 2 == 1)
-  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  from test_grpo import _killed_and_resumed, _lora_grpo_run, resume_setup
+  cfg, proc, recs, lora, tc, sp, odd, mesh = resume_setup()
   make = _lora_grpo_run(cfg, proc, recs, lora, tc, sp, mesh, reward_fn=odd, algorithm=rl.algorithm("dapo"))
   with mesh_lib.use(mesh):
     full, want, resumed, got = _killed_and_resumed(make, tmp_path, kill_at=3)
