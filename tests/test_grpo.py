@@ -263,10 +263,8 @@ def resume_setup():
 def test_grpo_killed_run_resumes_bit_identical(tmp_path):
   """GRPO with LoRA (dropout on), killed after step 3 and resumed from its step-2 checkpoint: the
   rollouts (keys from seed/step/record), rewards, params and metrics equal an uninterrupted run."""
+  from dcsft_jax.train import trainer
   from dcsft_jax import mesh as mesh_lib
-  from dcsft_jax import sampling
-  from dcsft_jax.models import qwen2_5_vl as M
-  from dcsft_jax.train import optim, trainer
   cfg, proc, recs, lora, tc, sp, odd, mesh = resume_setup()
   make = _lora_grpo_run(cfg, proc, recs, lora, tc, sp, mesh, reward_fn=odd)
   with mesh_lib.use(mesh):

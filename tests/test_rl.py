@@ -182,10 +182,8 @@ def test_a_dapo_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path):
   """Issue 30: a non-default algorithm through the trainer: DAPO (token-mean loss, clip-higher, its
   overlong penalty on a 2-token budget, dynamic sampling's dropped groups), killed after step 3 and
   resumed from its step-2 checkpoint, equals an uninterrupted run: params and every logged figure."""
+  from dcsft_jax.train import trainer
   from dcsft_jax import mesh as mesh_lib
-  from dcsft_jax import sampling
-  from dcsft_jax.models import qwen2_5_vl as M
-  from dcsft_jax.train import optim, trainer
   from test_grpo import _killed_and_resumed, _lora_grpo_run, resume_setup
   cfg, proc, recs, lora, tc, sp, odd, mesh = resume_setup()
   make = _lora_grpo_run(cfg, proc, recs, lora, tc, sp, mesh, reward_fn=odd, algorithm=rl.algorithm("dapo"))
