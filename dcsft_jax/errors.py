@@ -28,6 +28,11 @@ class UserError(ValueError):
   """A failure the user can fix; the message names what is wrong and the fix."""
 
 
+class CheckpointSaveFailed(RuntimeError):
+  """A checkpoint could not be written (a full disk, a quota, a lost mount). Its message is one line:
+  the folder, the cause and what to do; Orbax's trace goes to logs/checkpoint_errors.log."""
+
+
 PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 STDLIB = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
 # Installed libraries, which may live under the standard library's folder (a Python without a venv).

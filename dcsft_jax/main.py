@@ -8,13 +8,11 @@ multi-host run, to any one process: all of them stop at the same step) saves a c
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import dataclasses
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 
@@ -26,12 +24,11 @@ import PIL.Image
 
 from dcsft_jax import atomic, config_base, errors, fingerprint
 from dcsft_jax import mesh as mesh_lib
-from dcsft_jax import multihost
+from dcsft_jax import multihost, preemption
 from dcsft_jax import run_config
 from dcsft_jax import stages as stages_lib
 from dcsft_jax import verify
 from dcsft_jax import workdir as workdir_lib
-from dcsft_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A Python config file (configs/dcsft.py).",
                                           lock_config=True)
@@ -107,40 +104,11 @@ def run(config) -> dict:
   if config.data.max_image_pixels:
     # PIL refuses images over twice MAX_IMAGE_PIXELS (DecompressionBombError, a bad record).
     PIL.Image.MAX_IMAGE_PIXELS = config.data.max_image_pixels // 2
-  with _stop_between_saves():
+  with preemption.handled():
     _check_answer_budget(config, names)
     wd = workdir_lib.Workdir(config.workdir, seeds=config.seeds, algorithms=run_config.rl_algorithms(config))
     with workdir_lib.locked_by_process_0(wd):
       return _run_stages(config, names, Context(wd, mesh, opts))
-
-
-def _stop_message(signum: int) -> str:
-  what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "stopped by SIGTERM"
-  return (f"dcsft_jax: {what} outside a stage's own saving (loading, compiling, between stages): finished stages "
-          f"and saved checkpoints are kept; run the same command again to go on")
-
-
-@contextlib.contextmanager
-def _stop_between_saves():
-  """SIGTERM/SIGINT while no stage handles them (the stages that save on a signal install their own
-  handlers and restore this one): one line, and out with 128 + the signal, as the default action's
-  status. Out at once rather than by an exception, which a signal can land in the middle of any
-  Python code (a garbage-collection callback swallows it); every write is atomic, so nothing
-  half-written is kept. One process only: several processes leave SIGTERM to JAX's preemption
-  sync, which tells every host."""
-  if jax.process_count() > 1:
-    yield
-    return
-
-  def stop(signum, frame):
-    os.write(2, (_stop_message(signum) + "\n").encode())
-    os._exit(128 + signum)
-  old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-  try:
-    yield
-  finally:
-    for s, h in old.items():
-      signal.signal(s, h)
 
 
 def _check_settings(config, wd: workdir_lib.Workdir, names: list[str]) -> str:
@@ -272,7 +240,7 @@ def _main(config) -> None:
     run(config)
   except run_config.ConfigError as e:
     raise errors.UserError(f"bad config: {e}") from e
-  except trainer.CheckpointSaveFailed as e:
+  except errors.CheckpointSaveFailed as e:
     # Out at once, skipping interpreter shutdown: the writes Orbax abandoned are still finishing, and
     # their callbacks into its closed event loop would print a traceback each during finalization.
     # The message is the cause; the trace is in the log file it names.
@@ -282,7 +250,7 @@ def _main(config) -> None:
     os._exit(1)
   except workdir_lib.WorkdirBusy as e:
     sys.exit(f"dcsft_jax: {e}")     # a busy workdir: the message is the cause
-  except trainer.Preempted as e:
+  except preemption.Preempted as e:
     logging.warning("%s", e)      # an expected stop, with its checkpoint: one line, no traceback
     sys.exit(e.exit_status)
 

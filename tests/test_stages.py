@@ -485,27 +485,22 @@ def test_stop_check_asks_the_preemption_sync_at_every_batch_of_a_multi_host_stag
   preemption sync after each batch with a count that only grows over the stage (per-set batch indices
   would restart at 0 and could never reach the agreed point), and stops where it says so."""
   import signal as signal_lib
-  from dcsft_jax.train import trainer
+  from dcsft_jax import preemption
   asked = []
-  monkeypatch.setattr(common.jax, "process_count", lambda: 2)
-  monkeypatch.setattr(trainer, "reached_preemption", lambda step: asked.append(step) or step == 3)
+  monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(preemption, "reached", lambda step: asked.append(step) or step == 3)
   before = signal_lib.getsignal(signal_lib.SIGTERM)
-  with common.stop_requests() as got:
-    assert signal_lib.getsignal(signal_lib.SIGTERM) is before and got == []    # JAX's handler stays
-    check = common.StopCheck(got)
-    assert [check(), check(), check()] == [None, None, signal_lib.SIGTERM]
+  with preemption.saving() as stop:
+    assert signal_lib.getsignal(signal_lib.SIGTERM) is before    # JAX's handler stays
+    assert [stop.next(), stop.next(), stop.next()] == [None, None, signal_lib.SIGTERM]
   assert asked == [1, 2, 3]
-  one = common.StopCheck([signal_lib.SIGINT])          # one process: the signal stop_requests caught
-  monkeypatch.setattr(common.jax, "process_count", lambda: 1)
-  assert one() == signal_lib.SIGINT
 
 
 def test_a_full_disk_when_the_trained_model_is_written_is_one_line(base_workdir, tmp_path, monkeypatch):
   """The run trained, its last checkpoint is saved, and writing the model directory fails for space:
   the same one line as a failed checkpoint, naming the directory and the step a re-run resumes from."""
   import errno
-  from dcsft_jax import checkpoint
-  from dcsft_jax.train import trainer
+  from dcsft_jax import checkpoint, errors
   wd = _fresh(base_workdir, tmp_path, "full")
   c = _config(wd)
   c.stages, c.cold_start.steps = "cold_start", 2
@@ -513,7 +508,7 @@ def test_a_full_disk_when_the_trained_model_is_written_is_one_line(base_workdir,
   def full(*a, **k):
     raise OSError(errno.ENOSPC, "No space left on device")
   monkeypatch.setattr(checkpoint, "save_model", full)
-  with pytest.raises(trainer.CheckpointSaveFailed, match=(
+  with pytest.raises(errors.CheckpointSaveFailed, match=(
       rf"^saving the model directory {wd}/cold_start_model failed at step 2 \(No space left on device\); the disk "
       rf"\(or quota\) is full: .* it resumes from step 2\. Full trace: {wd}/train/cold_start/logs/checkpoint_errors.log$")):
     main.run(c)

@@ -26,6 +26,7 @@ from dcsft_jax.data import batching, builtin  # noqa: E402
 from dcsft_jax.data.processor import Processor  # noqa: E402
 from dcsft_jax.models import qwen2_5_vl as M  # noqa: E402
 from dcsft_jax.models.qwen2_5_vl.config import tiny_config  # noqa: E402
+from dcsft_jax import preemption  # noqa: E402
 from dcsft_jax.train import optim, trainer  # noqa: E402
 
 cfg = tiny_config()
@@ -50,11 +51,11 @@ def digest(tree) -> str:
 
 def train(name: str, on_step=None) -> None:
   it = batching.BatchIterator(recs, proc, batch_size=4, buckets=buckets, shuffle=True, seed=1, epochs=None)
-  t = trainer.SFTTrainer(cfg, M.ModelOptions(), params, tc, mesh, os.path.join(workdir, name))
+  t = trainer.Trainer(cfg, M.ModelOptions(), params, tc, mesh, os.path.join(workdir, name))
   start = t.manager.latest_step() or 0
   try:
     out = t.fit(it, progress=False, on_step=on_step)
-  except trainer.Preempted as e:
+  except preemption.Preempted as e:
     print(json.dumps({"run": name, "preempted": e.step, "latest": t.manager.latest_step(), "message": str(e)}),
           flush=True)
     sys.exit(e.exit_status)

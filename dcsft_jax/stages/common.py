@@ -2,13 +2,10 @@
 the configured datasets, atomic files and progress bars."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import signal
 import sys
-import threading
 
 import jax
 
@@ -134,51 +131,6 @@ def write_json(path: str, obj) -> None:
 def write_text(path: str, text: str) -> None:
   if jax.process_index() == 0:
     atomic.write_text(path, text)
-
-
-@contextlib.contextmanager
-def stop_requests():
-  """For a stage that saves as it goes (scoring's journal): yields a list that receives the signal
-  number when SIGTERM or SIGINT arrives, so the stage finishes its batch, saves it and stops (raising
-  trainer.Preempted: exit 143 or 130, one line). One process in the main thread only: under
-  jax.distributed, JAX's own SIGTERM handler stays in place (dcsft_jax.train.trainer)."""
-  got: list[int] = []
-  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
-    yield got
-    return
-
-  def handler(signum, frame):
-    if got and signum == signal.SIGINT:
-      raise KeyboardInterrupt          # Ctrl-C again: stop at once
-    got.append(signum)
-  old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-  try:
-    yield got
-  finally:
-    for s, h in old.items():
-      signal.signal(s, h)
-
-
-class StopCheck:
-  """Asked after each finished unit of work (a batch) of a stage that saves as it goes: the signal to
-  stop with, or None. One process: what stop_requests caught. Several: the unit every process agreed
-  on through JAX's preemption sync (SIGTERM to any host reaches all of them there), counted over the
-  whole stage so the sync's step only grows within it (JAX agrees on one past the steps the processes
-  report at the notice, and a new stage starts its count again in every process alike), and asked by
-  every process at every unit, as the sync requires (all processes walk the same batches)."""
-
-  def __init__(self, got: list[int]):
-    self.got, self.count = got, 0
-
-  def __call__(self) -> int | None:
-    self.count += 1
-    if self.got:
-      return self.got[0]
-    if jax.process_count() > 1:
-      from dcsft_jax.train import trainer
-      if trainer.reached_preemption(self.count):
-        return signal.SIGTERM
-    return None
 
 
 class JsonlJournal:

@@ -11,10 +11,9 @@ import json
 import os
 import time
 
-from dcsft_jax import run_config, sampling, verify
+from dcsft_jax import preemption, run_config, sampling, verify
 from dcsft_jax.data import sources
 from dcsft_jax.stages import common
-from dcsft_jax.train import trainer
 
 def _image_name(rec) -> str:
   return rec.image if isinstance(rec.image, str) else f"<in-memory image {rec.id}>"
@@ -24,7 +23,7 @@ def greedy_results(config, ctx, model, records, source: str, *, desc: str, sampl
                    stop=None) -> tuple[list[dict], int]:
   """Greedy answers to `records`, verified -> (test_dp.py-shaped rows in record order, skipped).
 
-  stop: a common.StopCheck, asked after each batch; a signal from it ends the set early (raising
+  stop: a preemption.Stop, asked after each batch; a signal from it ends the set early (raising
   _SetStopped). None (the training curves): the trainer's own preemption handling applies."""
   e = config.evaluate
   sp = sampling.settings(model.directory, model.processor, repetition_penalty=e.repetition_penalty,
@@ -45,7 +44,7 @@ def greedy_results(config, ctx, model, records, source: str, *, desc: str, sampl
                                  "ground_truth": rec.answer, "model_output": texts[0], "correct": int(ok),
                                  "reason": why}))
         bar.update(1)
-      signum = stop() if stop is not None else None
+      signum = stop.next() if stop is not None else None
       if signum is not None:
         raise _SetStopped(signum)
   finally:
@@ -112,12 +111,12 @@ def run(config, ctx) -> dict:
   ood = [s.strip() for s in config.data.ood.split(",") if s.strip()]
   acc: dict[str, dict] = {}
   figures = {}
-  with common.stop_requests() as got:
+  with preemption.saving() as stop:
     try:
-      _evaluate_all(config, ctx, e, sets, acc, figures, common.StopCheck(got))
+      _evaluate_all(config, ctx, e, sets, acc, figures, stop)
     except _SetStopped as s:      # SIGTERM / Ctrl-C: finished sets are on disk, the one in hand is redone
       done = sum(len(v) for v in acc.values())
-      raise trainer.Preempted(done, ctx.wd.path("eval"), s.signum,
+      raise preemption.Preempted(done, ctx.wd.path("eval"), s.signum,
                               what=f"{done} finished evaluation set(s) in {ctx.wd.path('eval')}") from None
   md = table(acc, list(sets), ood)
   common.write_text(ctx.wd.accuracy_md, md)

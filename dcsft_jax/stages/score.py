@@ -11,11 +11,10 @@ import time
 
 import jax
 
-from dcsft_jax import sampling, verify
+from dcsft_jax import preemption, sampling, verify
 from dcsft_jax import fingerprint as fingerprint_lib
 from dcsft_jax.data import sources
 from dcsft_jax.stages import common
-from dcsft_jax.train import trainer
 
 def sampling_params(s, model) -> sampling.SamplingParams:
   return sampling.settings(model.directory, model.processor, repetition_penalty=s.repetition_penalty,
@@ -57,8 +56,7 @@ def run(config, ctx) -> dict:
   bar.update(done_rows)
   t0, n_new, answers = time.time(), 0, 0
   try:
-    with common.stop_requests() as got:
-      stop = common.StopCheck(got)
+    with preemption.saving() as stop:
       for out in gen.run(records, start_batch=resumed, iterator=it):
         rows = []
         for r, texts in zip(out.rows, out.texts):
@@ -72,9 +70,9 @@ def run(config, ctx) -> dict:
         bar.set_postfix(answers_per_s=f"{answers / max(time.time() - t0, 1e-9):.1f}")
         # SIGTERM / Ctrl-C (one process), or the batch every host agreed on: this batch is in the
         # journal; stop here.
-        signum = stop()
+        signum = stop.next()
         if signum is not None:
-          raise trainer.Preempted(out.index, journal.path, signum, unit="batch")
+          raise preemption.Preempted(out.index, journal.path, signum, unit="batch")
   finally:
     bar.close()
     journal.close()
