@@ -146,7 +146,7 @@ def test_grpo_with_the_iou_reward_moves_the_boxes_to_the_target(tmp_path):
   from dcsft_jax.data.processor import Processor
   from dcsft_jax.models import qwen2_5_vl as M
   from dcsft_jax.models.qwen2_5_vl.config import tiny_config
-  from dcsft_jax.train import grpo_trainer, optim, trainer
+  from dcsft_jax.train import optim, rollouts, trainer
   cfg = tiny_config()
   proc = Processor.tiny(cfg=cfg)
   C = digit_tasks.CELL
@@ -178,7 +178,7 @@ def test_grpo_with_the_iou_reward_moves_the_boxes_to_the_target(tmp_path):
                                                    total_steps=steps, weight_decay=0.0))
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   with mesh_lib.use(mesh):
-    t = grpo_trainer.GRPOTrainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path), sampling_params=sp,
+    t = rollouts.rl_trainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path), sampling_params=sp,
                                  records=recs, processor=proc, reward_fn=reward)
     h = t.fit(it, progress=False)["history"]
   first, last = np.mean([x["reward"] for x in h[:3]]), np.mean([x["reward"] for x in h[-3:]])

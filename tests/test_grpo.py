@@ -65,7 +65,8 @@ def test_equal_rewards_give_no_policy_gradient():
 @pytest.mark.parametrize("temperature", [1.0, 0.9])
 def test_completion_logprobs_equal_a_full_forward_of_each_sequence(temperature):
   """The shared-prefix teacher-forced log-probs equal those of each prompt + completion run alone,
-  log_softmax(logits / T) at the rollout temperature T (ms-swift's, for policy and reference)."""
+  log_softmax(logits / T) at the rollout temperature T (ms-swift's, for policy and reference), and so
+  do the next-token entropies the RL step logs."""
   from dcsft_jax.data import batching, builtin
   from dcsft_jax.data.processor import Processor
   from dcsft_jax.models import qwen2_5_vl as M
@@ -84,8 +85,8 @@ def test_completion_logprobs_equal_a_full_forward_of_each_sequence(temperature):
   G, T = 3, 5
   comp = np.asarray(jax.random.randint(jax.random.key(0), (2, G, T), 0, 400), np.int32)
   model = M.Qwen25VL(cfg)
-  ours = np.asarray(jax.jit(lambda p: grpo.completion_logprobs(model, p, a, jnp.asarray(comp),
-                                                               temperature=temperature))(params))
+  ours, entropy = map(np.asarray, jax.jit(lambda p: grpo.completion_logprobs(
+      model, p, a, jnp.asarray(comp), temperature=temperature, with_entropy=True))(params))
   forward = jax.jit(lambda p, ids, pos, imgs: model.apply({"params": p}, ids, pos, imgs))
   for b in range(2):
     n = int(a["lengths"][b])
@@ -101,6 +102,10 @@ def test_completion_logprobs_equal_a_full_forward_of_each_sequence(temperature):
       # each layer; a log-prob is logit - logsumexp, so its error scales with the logits (~10), not
       # with the log-prob: 1e-5 absolute is ~1e-6 of the terms.
       np.testing.assert_allclose(ours[b * G + g], ref, rtol=1e-5, atol=1e-5)
+      # The entropy figure (RL's "entropy"): -sum p log p of each position's distribution, in float64
+      # here; the same logits' error, times at most log V.
+      p64 = np.asarray(lp, np.float64)
+      np.testing.assert_allclose(entropy[b * G + g], -(np.exp(p64) * p64).sum(-1), rtol=1e-5, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- the jitted step
@@ -154,6 +159,8 @@ def test_step_matches_a_direct_computation_of_the_objective(stored_old):
   lp_at = lambda m, p: grpo.completion_logprobs(m, p, a, jnp.asarray(comp), temperature=temp)
   ref_lp = np.asarray(jax.jit(lambda p: lp_at(ref_model, p))(params))
   cur_lp = np.asarray(jax.jit(lambda p: lp_at(model, p))(params))
+  _, ent = jax.jit(lambda p: grpo.completion_logprobs(model, p, a, jnp.asarray(comp), temperature=temp,
+                                                      with_entropy=True))(params)
   r = rewards
   adv = (r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + 1e-4)
   m = cmask.reshape(-1, T).astype(np.float32)
@@ -200,6 +207,11 @@ def test_step_matches_a_direct_computation_of_the_objective(stored_old):
   assert float(metrics["completions"]) == 3 * G
   np.testing.assert_allclose(float(metrics["reward"]), rewards[:3].mean(), rtol=1e-6)
   np.testing.assert_allclose(float(metrics["zero_advantage"]), 1 / 3, rtol=1e-6)
+  # TRL's reward_std: the mean over the valid prompts' groups of each group's std (Bessel's).
+  np.testing.assert_allclose(float(metrics["reward_std"]), rewards[:3].std(1, ddof=1).mean(), rtol=1e-6)
+  # The policy's next-token entropy, each completion's mean over its loss tokens, averaged.
+  want_ent = ((np.asarray(ent) * m).sum(1) / m.sum(1))[:3 * G].mean()
+  np.testing.assert_allclose(float(metrics["entropy"]), want_ent, rtol=numerics.REASSOCIATION)
   assert float(metrics["kl"]) > 1e-6
   # SGD with lr 1 moved each adapter by its gradient: compare with w - (the hand-written gradient).
   want = jax.tree.map(lambda x, g: None if x is None else x - np.asarray(g), train0, want_grads,
@@ -215,7 +227,7 @@ def test_grpo_trainer_raises_the_reward(tmp_path):
   from dcsft_jax import sampling
   from dcsft_jax.data import batching
   from dcsft_jax.models import qwen2_5_vl as M
-  from dcsft_jax.train import grpo_trainer, optim, trainer
+  from dcsft_jax.train import optim, rollouts, trainer
   cfg, proc, recs, _ = _generation_batch(8)
   buckets = batching.auto_buckets(recs, proc, with_answers=False, max_buckets=1)
   it = batching.BatchIterator(recs, proc, batch_size=4, buckets=buckets, with_answers=False, shuffle=True,
@@ -230,7 +242,7 @@ def test_grpo_trainer_raises_the_reward(tmp_path):
   # One device: this test is about learning; sharded equals unsharded is shown for the shared step.
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   with mesh_lib.use(mesh):
-    t = grpo_trainer.GRPOTrainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path), sampling_params=sp,
+    t = rollouts.rl_trainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path), sampling_params=sp,
                                  records=recs, processor=proc, reward_fn=even)
     out = t.fit(it, progress=False)
   h = out["history"]
@@ -312,9 +324,9 @@ def test_num_iterations_reuses_rollouts_and_resumes_mid_cycle(tmp_path):
 
   def make(workdir):
     it, t = build(workdir)
-    run, gen = make.runs + 1, t.sampler.generate
+    run, gen = make.runs + 1, t.parts.source.sampler.generate
     make.runs = run
-    t.sampler = type("Counting", (), {"generate": lambda self, *a: calls.append(run) or gen(*a)})()
+    t.parts.source.sampler = type("Counting", (), {"generate": lambda self, *a: calls.append(run) or gen(*a)})()
     return it, t
   make.runs = 0
 
@@ -338,17 +350,17 @@ def test_num_iterations_reuses_rollouts_and_resumes_mid_cycle(tmp_path):
 
 
 def _lora_grpo_run(cfg, proc, recs, lora, tc, sp, mesh, **kw):
-  """make(workdir) -> (iterator, GRPOTrainer): the same LoRA GRPO run from scratch, every call."""
+  """make(workdir) -> (iterator, trainer): the same LoRA GRPO run from scratch, every call."""
   from dcsft_jax.data import batching
   from dcsft_jax.models import qwen2_5_vl as M
-  from dcsft_jax.train import grpo_trainer, trainer
+  from dcsft_jax.train import rollouts, trainer
 
   def make(workdir):
     buckets = batching.auto_buckets(recs, proc, with_answers=False, max_buckets=1)
     it = batching.BatchIterator(recs, proc, batch_size=4, buckets=buckets, with_answers=False, shuffle=True,
                                 seed=2, epochs=None)
     params = trainer.init_lora(M.unbox(M.init_params(cfg, rng=jax.random.PRNGKey(0))), cfg, lora, seed=1)
-    return it, grpo_trainer.GRPOTrainer(cfg, M.ModelOptions(), params, tc, mesh, str(workdir), sampling_params=sp,
+    return it, rollouts.rl_trainer(cfg, M.ModelOptions(), params, tc, mesh, str(workdir), sampling_params=sp,
                                         records=recs, processor=proc, **kw)
   return make
 

@@ -198,7 +198,8 @@ def test_a_dapo_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path):
   # each reward; the figures the RL step logs are there.
   assert all(r["truncated"] == 1.0 for r in h)
   assert all(-1.0 <= r["reward"] <= 0.0 for r in h) and any(r["reward"] > -1.0 for r in h)
-  assert all(k in h[0] for k in ("clip_low", "clip_high", "kl", "zero_advantage", "completion_tokens"))
+  assert all(k in h[0] for k in ("clip_low", "clip_high", "kl", "zero_advantage", "completion_tokens", "entropy",
+                                 "reward_std", "truncated"))
 
 
 @pytest.mark.slow

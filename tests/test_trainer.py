@@ -52,24 +52,24 @@ def test_killed_run_resumes_bit_identical(tmp_path, caplog):
   mesh = setups[0][4]
   with mesh_lib.use(mesh):
     cfg, params, it, tc, _ = setups[0]
-    ref = trainer.SFTTrainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path / "a"))
+    ref = trainer.Trainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path / "a"))
     out_a = ref.fit(it, progress=False)
     final_a = jax.tree.map(np.asarray, ref.params)
     cfg, params, it, tc, _ = setups[1]
-    t = trainer.SFTTrainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path / "b"))
+    t = trainer.Trainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path / "b"))
     with pytest.raises(Killed):
       t.fit(it, progress=False, on_step=die)
     assert t.manager.latest_step() == 4
     # Resuming those checkpoints on other data would mix two runs: refused, naming the difference,
     # before any weight is read or step compiled.
     cfg, params, it, tc, _ = setups[3]
-    other = trainer.SFTTrainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path / "b"),
+    other = trainer.Trainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path / "b"),
                                fingerprint={"data": "json:other.json"})
     with pytest.raises(ValueError, match=r"started with other settings: data None then, 'json:other.json' now"
                                          r".*--config.restart_stage=STAGE .*checkpoints"):
       other.fit(it, progress=False)
     cfg, params, it, tc, _ = setups[2]
-    t = trainer.SFTTrainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path / "b"))
+    t = trainer.Trainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path / "b"))
     out_b = t.fit(it, progress=False)
     final_b = jax.tree.map(np.asarray, t.params)
     # The finished run's last step (6) damaged, as by a crash mid-save: set aside, step 4 resumed, the
@@ -79,7 +79,7 @@ def test_killed_run_resumes_bit_identical(tmp_path, caplog):
     shutil.rmtree(step6)
     step6.mkdir()
     cfg, params, it, tc, _ = setups[4]
-    t = trainer.SFTTrainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path / "c"))
+    t = trainer.Trainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path / "c"))
     out_c = t.fit(it, progress=False)
     final_c = jax.tree.map(np.asarray, t.params)
     # Every step damaged (issue 27): each set aside with its line, then one line saying the run starts
@@ -89,7 +89,7 @@ def test_killed_run_resumes_bit_identical(tmp_path, caplog):
       shutil.rmtree(tmp_path / "d" / "checkpoints" / str(step))
       (tmp_path / "d" / "checkpoints" / str(step)).mkdir()
     cfg, params, it, tc, _ = setups[5]
-    t = trainer.SFTTrainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path / "d"))
+    t = trainer.Trainer(cfg, M.ModelOptions(), params, tc, mesh, str(tmp_path / "d"))
     with caplog.at_level(logging.WARNING):
       out_d = t.fit(it, progress=False)
     final_d = jax.tree.map(np.asarray, t.params)

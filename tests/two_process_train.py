@@ -27,7 +27,7 @@ assert it.local_rows == 2
 mesh = mesh_lib.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
 tc = trainer.TrainConfig(steps=2, batch_size=4, save_every=2, optim=optim.OptimConfig(total_steps=2))
 with mesh_lib.use(mesh):
-  t = trainer.SFTTrainer(cfg, M.ModelOptions(), params, tc, mesh, workdir)
+  t = trainer.Trainer(cfg, M.ModelOptions(), params, tc, mesh, workdir)
   out = t.fit(it, progress=False)
 print(f"process {jax.process_index()}/{jax.process_count()} devices {jax.device_count()} "
       f"steps {out['steps']} loss {out['history'][-1]['loss']:.6f} saved {t.manager.latest_step()}", flush=True)

@@ -23,7 +23,7 @@ from dcsft_jax.data import batching, sources
 from dcsft_jax.models.layers import LoraSpec
 from dcsft_jax.models.params import count_params
 from dcsft_jax.stages import common, evaluate
-from dcsft_jax.train import grpo_trainer, optim, rl, trainer
+from dcsft_jax.train import optim, rollouts, trainer
 from dcsft_jax.workdir import Workdir, run_name
 
 def lora_spec(s) -> LoraSpec | None:
@@ -118,7 +118,7 @@ def hparams(config, name: str, s) -> dict:
           "data": config.data.to_dict(), "mesh": config.mesh.to_dict()}
 
 
-def _fit(config, ctx, name: str, t: trainer.SFTTrainer, it, s, model: common.LoadedModel) -> dict:
+def _fit(config, ctx, name: str, t: trainer.Trainer, it, s, model: common.LoadedModel) -> dict:
   curve = Curve(config, ctx, name, model, t.opts) if s.eval_every > 0 else None
   if curve is not None and t.manager.latest_step() is None:
     curve(0, t.params)            # the starting model (adapters at zero): the curves' first point
@@ -177,7 +177,7 @@ def _sft_run(config, ctx, name: str, s, start_ref: str, start_key: str, spec, *,
   params = model.params
   if tc.lora is not None:
     params = trainer.init_lora(params, model.cfg, tc.lora, seed=seed, mesh=ctx.mesh, opts=ctx.model_options)
-  t = trainer.SFTTrainer(model.cfg, ctx.model_options, params, tc, ctx.mesh, ctx.wd.train(name),
+  t = trainer.Trainer(model.cfg, ctx.model_options, params, tc, ctx.mesh, ctx.wd.train(name),
                          fingerprint=_data_fingerprint(config, ctx, spec, records, model))
   params = model.params = None   # the trainer holds the weights now (a LoRA base perhaps in bf16)
   fit = _fit(config, ctx, name, t, it, s, model)
@@ -322,12 +322,12 @@ def _grpo_run(config, ctx, name: str, seed: int, algo: str = "grpo") -> dict:
   sp = sampling.settings(model.directory, model.processor, repetition_penalty=g.repetition_penalty,
                          pad_id=model.cfg.pad_token_id or 0, max_new_tokens=g.max_new_tokens,
                          num_samples=g.num_generations, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
-  t = grpo_trainer.GRPOTrainer(model.cfg, ctx.model_options, params, tc, ctx.mesh,
-                               ctx.wd.train(name), sampling_params=sp, records=records,
-                               processor=model.processor, beta=g.beta, clip_eps=g.clip_eps,
-                               algorithm=rl.configured(algo, beta=g.beta, clip_eps=g.clip_eps),
-                               num_iterations=g.num_iterations,
-                               fingerprint=_data_fingerprint(config, ctx, config.data.train, records, model))
+  parts = rollouts.parts(model.cfg, ctx.model_options, tc, ctx.mesh, ctx.wd.train(name), sampling_params=sp,
+                         records=records, processor=model.processor, beta=g.beta, clip_eps=g.clip_eps,
+                         algorithm=run_config.rl_algorithm(config, algo),
+                         num_iterations=g.num_iterations)
+  t = trainer.Trainer(model.cfg, ctx.model_options, params, tc, ctx.mesh, ctx.wd.train(name), parts,
+                      fingerprint=_data_fingerprint(config, ctx, config.data.train, records, model))
   params = model.params = None   # the trainer holds the weights now
   figures = _fit(config, ctx, name, t, it, g, model)
   h = history(ctx.wd, name)

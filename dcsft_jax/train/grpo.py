@@ -114,7 +114,8 @@ def make_loss(algo=None, *, beta: float = 0.04, clip_eps: float = 0.2, temperatu
   [b, G, T] (the rollout policy's). Log-probs are taken at `temperature`, the rollouts'. Returns the
   summed loss over the valid prompts' completions, {"count": what the algorithm's aggregation divides
   it by, "completions"} and per-completion sums ("kl", "clip_low", "clip_high", "clip_fraction",
-  "reward", "zero_advantage", "completion_tokens").
+  "reward", "reward_std" (its group's), "zero_advantage", "entropy" (the token mean of the policy's
+  next-token entropy), "completion_tokens", "truncated").
 
   The reference policy: `ref_params` when given (full fine-tuning keeps a frozen copy of the
   starting weights); otherwise the same params with the adapters switched off (LoRA: the base
@@ -132,7 +133,8 @@ def make_loss(algo=None, *, beta: float = 0.04, clip_eps: float = 0.2, temperatu
     prompt = {k: v for k, v in mb.items() if k not in ROLLOUT_KEYS}
     comp, mask, rewards = mb["completions"], mb["completion_mask"], mb["rewards"]
     b, G, T = comp.shape
-    logp = completion_logprobs(model, params, prompt, comp, rngs={"dropout": rng}, temperature=temperature)
+    logp, entropy = completion_logprobs(model, params, prompt, comp, rngs={"dropout": rng}, temperature=temperature,
+                                        with_entropy=True)
     if ref_params is None:
       if model.opts.lora is None:
         raise ValueError("GRPO with full fine-tuning needs the reference params (a frozen copy)")
@@ -156,19 +158,27 @@ def make_loss(algo=None, *, beta: float = 0.04, clip_eps: float = 0.2, temperatu
       figures = {k: v * jnp.sum(row) / jnp.maximum(jnp.sum(trained), 1.0) for k, v in figures.items()}
     r = rewards.astype(jnp.float32)
     zero = jnp.repeat(jnp.all(r == r[:, :1], axis=1).astype(jnp.float32), G)   # groups with A = 0
+    # Each completion carries its group's reward std (Bessel's, as the advantage's): summed over the
+    # completions and divided by their number, the mean std over groups (TRL's reward_std).
+    std = jnp.repeat(jnp.sqrt(jnp.sum((r - r.mean(axis=1, keepdims=True)) ** 2, axis=1) / max(G - 1, 1)), G)
+    mf = m.astype(jnp.float32)
+    token_entropy = (entropy * mf).sum(axis=1) / jnp.maximum(mf.sum(axis=1), 1.0)   # a completion's token mean
     # The loss is divided by its aggregation's count; the figures are per completion.
     return total, {
         "count": count, "completions": jnp.sum(row), **figures,
-        "reward": jnp.sum(r.reshape(-1) * row), "zero_advantage": jnp.sum(zero * row),
+        "reward": jnp.sum(r.reshape(-1) * row), "reward_std": jnp.sum(std * row),
+        "zero_advantage": jnp.sum(zero * row), "entropy": jnp.sum(token_entropy * row),
         "completion_tokens": jnp.sum(m.astype(jnp.float32).sum(axis=1) * row),
         **({"truncated": jnp.sum(mb["truncated"].astype(jnp.float32).reshape(-1) * row)} if "truncated" in mb else {})}
 
   return loss
 
 
-def completion_logprobs(model, params, prompt: dict, completions, *, rngs=None, temperature: float = 1.0):
+def completion_logprobs(model, params, prompt: dict, completions, *, rngs=None, temperature: float = 1.0,
+                        with_entropy: bool = False):
   """log p(completion token | prompt, earlier tokens) [B*G, T] under `model` with its logits divided
-  by `temperature` (the rollouts'), differentiable.
+  by `temperature` (the rollouts'), differentiable. with_entropy: also the entropy of each position's
+  next-token distribution [B*G, T] (a figure, outside the gradient), -sum_v p log p.
 
   prompt: a generation batch (input_ids, positions, attention_mask, lengths, rope_deltas and the
   image arrays) of B prompts; completions [B, G, T]. As in the sampler, the prompt (and its image)
@@ -194,15 +204,21 @@ def completion_logprobs(model, params, prompt: dict, completions, *, rngs=None, 
     hp, prefix = m.decode(h, prompt["positions"], mask=mask, cache=zeros(B, L), cache_index=0, visual=visual)
     last = jnp.take_along_axis(hp, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)     # [B, 1, D]
     temp = jnp.float32(temperature)
-    first = jax.nn.log_softmax(m.logits(last)[:, 0].astype(jnp.float32) / temp, axis=-1)    # [B, V]
-    first = jnp.take_along_axis(jnp.repeat(first, G, axis=0), comp[:, :1], axis=1)           # [B*G, 1]
+    first_all = jax.nn.log_softmax(m.logits(last)[:, 0].astype(jnp.float32) / temp, axis=-1)    # [B, V]
+    first = jnp.take_along_axis(jnp.repeat(first_all, G, axis=0), comp[:, :1], axis=1)           # [B*G, 1]
     start = jnp.repeat(lengths + prompt["rope_deltas"], G)
     pos = family.decode_positions(start, jnp.arange(T))
     own = jnp.tril(jnp.ones((T, T), bool))[None]
     hc, _ = m.decode(m.embed_inputs(comp)[0], pos, mask=(valid, own), cache=zeros(B * G, T), cache_index=0,
                      prefix=prefix)
-    rest = jax.nn.log_softmax(m.logits(hc[:, :-1]).astype(jnp.float32) / temp, axis=-1)
-    rest = jnp.take_along_axis(rest, comp[:, 1:, None], axis=-1)[..., 0]
-    return jnp.concatenate([first, rest], axis=1)
+    rest_all = jax.nn.log_softmax(m.logits(hc[:, :-1]).astype(jnp.float32) / temp, axis=-1)
+    rest = jnp.take_along_axis(rest_all, comp[:, 1:, None], axis=-1)[..., 0]
+    logp = jnp.concatenate([first, rest], axis=1)
+    if not with_entropy:
+      return logp
+    ent = lambda lp: -jnp.sum(jnp.exp(lp) * lp, axis=-1)
+    lp = jax.lax.stop_gradient
+    entropy = jnp.concatenate([jnp.repeat(ent(lp(first_all)), G)[:, None], ent(lp(rest_all))], axis=1)
+    return logp, entropy
 
   return model.apply({"params": params}, method=run, rngs=rngs)

@@ -153,18 +153,23 @@ ALGORITHMS: dict[str, Algorithm] = {
 }
 
 
-def configured(name: str, *, beta: float, clip_eps: float) -> Algorithm:
+def configured(name: str, *, beta: float, clip_eps: float, **overrides) -> Algorithm:
   """The algorithm a run named `name` trains with: 'grpo' is the paper's with the config's KL weight
-  and clip (grpo.beta, grpo.clip_eps); every other name is as published (ALGORITHMS)."""
+  and clip (grpo.beta, grpo.clip_eps); every other name is as published (ALGORITHMS). `overrides`
+  replace any part after that (config.grpo.overrides.NAME)."""
   if name == "grpo":
-    return algorithm("grpo", beta=float(beta), epsilon_low=float(clip_eps), epsilon_high=float(clip_eps))
-  return algorithm(name)
+    overrides = {"beta": float(beta), "epsilon_low": float(clip_eps), "epsilon_high": float(clip_eps), **overrides}
+  return algorithm(name, **overrides)
 
 
 def algorithm(name: str, **overrides) -> Algorithm:
   """The named algorithm, with any part replaced (e.g. algorithm("dapo", overlong_buffer=0.5))."""
   if name not in ALGORITHMS:
     raise ValueError(f"unknown RL algorithm {name!r}; the algorithms are {', '.join(ALGORITHMS)}")
+  fields = {f.name for f in dataclasses.fields(Algorithm)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"{', '.join(unknown)} is not a part of an algorithm; the parts are {', '.join(sorted(fields))}")
   return dataclasses.replace(ALGORITHMS[name], **overrides)
 
 

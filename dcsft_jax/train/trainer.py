@@ -1,21 +1,24 @@
-"""The SFT training loop: batches -> jitted step -> metrics, with Orbax checkpoints that resume exactly.
+"""The training loop: batches -> jitted step -> metrics, with Orbax checkpoints that resume exactly.
+
+One loop (`Trainer`) for SFT and for every RL algorithm: what differs comes in as `Parts` (the loss,
+the batch source, the reference weights, what else a save keeps), never as a subclass's hooks.
 
 A checkpoint holds the trainable leaves, the optimizer state, the step and the RNG (an Orbax
 `StandardSave`), and the data iterator's position plus the metrics so far (JSON). Frozen leaves
 (the base model under LoRA) are not saved again: they come from the model the run started from.
 Saving is asynchronous. A preemption notice (SIGTERM) makes the loop save at the end of a step and
-raise `Preempted`; in a multi-process run every process saves the same step (see `_catch_signals`).
+raise `Preempted` (dcsft_jax.preemption: the one signal handler, and the step every process of a
+multi-process run agrees to save).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-import signal
 import sys
 import time
 import traceback
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -23,8 +26,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from dcsft_jax import fingerprint as fingerprint_lib
+from dcsft_jax import preemption
 from dcsft_jax.data import batching
-from dcsft_jax.errors import UserError
+from dcsft_jax.errors import CheckpointSaveFailed, UserError
 from dcsft_jax.models import params as params_lib
 from dcsft_jax.models import registry
 from dcsft_jax.models.layers import LoraSpec, ModelOptions
@@ -120,24 +124,6 @@ def stack_micro(batches: Sequence[dict[str, np.ndarray]], cfg) -> dict[str, np.n
 TIMING_KEYS = ("tokens_per_s", "mfu", "step_seconds", "rollout_seconds")
 
 
-class Preempted(Exception):
-  """Raised after the save a preemption notice (SIGTERM) or a Ctrl-C asked for; running the same
-  command again resumes from that checkpoint. `exit_status` is 128 + the signal, the status a shell
-  and a scheduler expect from a process the signal ended."""
-
-  def __init__(self, step: int, directory: str, signum: int = signal.SIGTERM, unit: str = "step",
-               what: str | None = None):
-    reason = "interrupted" if signum == signal.SIGINT else "preempted"
-    what = what or f"{unit} {step} to {directory}"
-    super().__init__(f"{reason}: saved {what}; run the same command again to resume")
-    self.step, self.exit_status = step, 128 + signum
-
-
-class CheckpointSaveFailed(RuntimeError):
-  """A checkpoint could not be written (a full disk, a quota, a lost mount). Its message is one line:
-  the folder, the cause and what to do; Orbax's trace goes to logs/checkpoint_errors.log."""
-
-
 _DISK_FULL = ("No space left on device", "Disk quota exceeded", "File too large", "ENOSPC", "EDQUOT", "EFBIG")
 
 
@@ -208,18 +194,60 @@ def orbax_noise_to(trace: str) -> None:
     sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
 
 
-class SFTTrainer:
-  """Trains `params` (a full model or a LoRA-augmented one) on records; resumes from `ckpt_dir`."""
+@dataclasses.dataclass(frozen=True)
+class Parts:
+  """What one kind of training gives the loop (`Trainer`); the loop itself is the same for all of them.
+
+  loss         the step's loss, in sft.make_train_step's form (sft.sft_loss; grpo.make_loss(algorithm))
+  count_name   what the loss's count figure counts ("tokens"; "completions" for the RL figures)
+  source       source(batches, state) -> (the next step's host arrays [A, b, ...], figures), the figure
+               "_tokens_in" being the tokens the step reads; `batches` is the run's BatchIterator's
+               iterator and `state` the TrainState before the step (an RL source samples with it)
+  reference    the step takes a frozen copy of the starting weights as its last argument when the run
+               trains them all (an RL step's KL reference; with LoRA it reads the base without adapters)
+  postfix      postfix(metrics) -> the progress bar's figures
+  after_save   after_save(the kept checkpoint steps): what else a save keeps or drops (RL: old rollouts)
+  model_flops  whether 6N FLOPs per trained token counts the step's work (MFU); not when rollouts do
+  fingerprint  what else decides the run's numbers, kept with every checkpoint
+  """
+  loss: Callable = sft.sft_loss
+  count_name: str = "tokens"
+  source: Callable | None = None
+  reference: bool = False
+  postfix: Callable[[dict], dict] = lambda m: {"loss": f"{m['loss']:.4f}", "tok_s": f"{m['tokens_per_s']:.0f}"}
+  after_save: Callable[[Sequence[int]], None] | None = None
+  model_flops: bool = True
+  fingerprint: dict = dataclasses.field(default_factory=dict)
+
+
+def sft_parts(cfg, tc: TrainConfig) -> Parts:
+  """Supervised fine-tuning: micro-batches of the iterator's records, loss on the answer tokens."""
+  def source(batches, state):
+    host = stack_micro([next(batches).arrays for _ in range(tc.accum)], cfg)
+    if tc.loss_positions_only:
+      host["loss_index"], host["loss_select"] = sft.loss_positions(host["loss_mask"], host["valid"])
+    return host, {"_tokens_in": float(host["attention_mask"].sum())}
+  return Parts(source=source)
+
+
+class Trainer:
+  """Trains `params` (a full model or a LoRA-augmented one) on a batch iterator; resumes from `ckpt_dir`.
+
+  One loop for every kind of training: what differs (the loss, how a step's batch is made, what else
+  is saved) comes in `parts` (SFT's by default: sft_parts)."""
 
   def __init__(self, cfg, opts: ModelOptions, params, tc: TrainConfig, mesh, workdir: str,
-               loss=sft.sft_loss, count_name: str = "tokens", fingerprint: dict | None = None):
+               parts: Parts | None = None, fingerprint: dict | None = None):
     """`fingerprint`: what else decides the run (its data, its start model), kept with every checkpoint
-    beside the TrainConfig; resuming under a different one stops with the difference."""
+    beside the TrainConfig and the parts' own; resuming under a different one stops with the difference."""
     self.cfg, self.tc, self.mesh, self.workdir = cfg, tc, mesh, workdir
-    self.fingerprint = fingerprint_lib.of({"train": tc, **(fingerprint or {})})
+    self.parts = parts = parts or sft_parts(cfg, tc)
+    if parts.source is None:
+      raise ValueError("Parts.source is required (sft_parts gives SFT's)")
+    self.fingerprint = fingerprint_lib.of({"train": tc, **parts.fingerprint, **(fingerprint or {})})
     for k in ("save_every", "keep", "damaged_checkpoints", "stage"):   # no effect on the results
       self.fingerprint["train"].pop(k)
-    spec = step_spec(cfg, opts, tc, mesh, loss, count_name)
+    spec = step_spec(cfg, opts, tc, mesh, parts.loss, parts.count_name)
     self.opts, self.tx, self.mask, self.step_fn = spec.opts, spec.tx, spec.mask, spec.step_fn
     self.schedule = optim.schedule(tc.optim)
     self.n_params = params_lib.count_params(params)
@@ -228,26 +256,16 @@ class SFTTrainer:
     params = jax.device_put(params, sft.shardings(spec.params))
     rng = jax.random.key_data(jax.random.key(tc.seed))
     self.state = sft.init_state(params, self.tx, self.mask, rng, tc.base_dtype, layout=spec.layout)
-    self.loss = loss
+    # The frozen starting weights, when the step takes them: a real copy, since the state's leaves are
+    # donated to the step; stored like a LoRA run's frozen base (tc.frozen_dtype).
+    self.reference = None
+    if parts.reference and tc.lora is None:
+      copy = (lambda x: x.astype(tc.frozen_dtype)) if tc.frozen_dtype is not None else (lambda x: x.copy())
+      self.reference = jax.tree.map(copy, self.state.params)
     self.ckpt_dir = os.path.join(workdir, "checkpoints")
     self.manager = self._new_manager()
-    self._signal: int | None = None      # what a single-process run was sent (_catch_signals)
     # Model FLOPs per trained token (forward + backward), for MFU.
-    self._flops_per_token = 6 * self.n_params
-
-  # ------------------------------------------------------------------------- one step
-  def _host_batch(self, batches) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """The next step's host arrays [A, b, ...] and figures ("_tokens_in": tokens the step reads)."""
-    host = stack_micro([next(batches).arrays for _ in range(self.tc.accum)], self.cfg)
-    if self.loss is sft.sft_loss and self.tc.loss_positions_only:
-      host["loss_index"], host["loss_select"] = sft.loss_positions(host["loss_mask"], host["valid"])
-    return host, {"_tokens_in": float(host["attention_mask"].sum())}
-
-  def _run_step(self, batch):
-    return self.step_fn(self.state, batch)
-
-  def _postfix(self, m: dict) -> dict:
-    return {"loss": f"{m['loss']:.4f}", "tok_s": f"{m['tokens_per_s']:.0f}"}
+    self._flops_per_token = 6 * self.n_params if parts.model_flops else None
 
   # ------------------------------------------------------------------------- checkpoints
   def _saved(self):
@@ -264,6 +282,8 @@ class SFTTrainer:
         state=ocp.args.StandardSave(self._saved()),
         meta=ocp.args.JsonSave({"iterator": iterator_state, "history": history,
                                 "fingerprint": self.fingerprint})), force=True)
+    if self.parts.after_save is not None:
+      self.parts.after_save(self.manager.all_steps())
 
   def save_or_explain(self, fn, step: int, what: str | None = None):
     """fn() (a save, or waiting for the asynchronous one; `what`: another write, e.g. the finished
@@ -379,78 +399,58 @@ class SFTTrainer:
     writer = metrics_lib.MetricsWriter(os.path.join(self.workdir, "logs"), resume_step=int(self.state.step))
     if hparams:
       writer.hparams(hparams)
-    old = self._catch_signals()
     from tqdm import tqdm
     bar = tqdm(total=tc.steps, initial=int(self.state.step), desc="train", unit="step", dynamic_ncols=True,
                disable=not progress or jax.process_index() != 0)
     peak = peak_flops_per_device()
     batches = iter(iterator)
     step = int(self.state.step)
-    # Asked at the step the run starts from too: JAX's protocol agrees on one past the largest step any
-    # process last asked about, and a resumed run that had not asked yet (a notice while it compiles
-    # its first step) would count as 0 in a new process, so the agreed step 1 would never come. True
-    # here can only be a step >= 1, i.e. the checkpoint just restored: nothing to save.
-    stop = reached_preemption(step)
+    reference = () if self.reference is None else (self.reference,)
     try:
-      while step < tc.steps and not stop:
-        t0 = time.time()
-        host, info = self._host_batch(batches)
-        batch = {k: jax.make_array_from_process_local_data(
-            _batch_sharding(self.mesh, k, v.ndim), v) for k, v in host.items()}
-        t1 = time.time()
-        self.state, m = self._run_step(batch)
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        dt = time.time() - t1
-        step = int(self.state.step)
-        tokens_in = info.pop("_tokens_in")
-        m.update(info)
-        m["step_seconds"] = time.time() - t0
-        m["tokens_per_s"] = tokens_in * jax.process_count() / dt
-        m["mfu"] = (self._flops_per_token * m["tokens_per_s"] / (peak * jax.device_count())
-                    if peak and self._flops_per_token else None)
-        bar.update(1)
-        bar.set_postfix(self._postfix(m))
-        if on_step is not None:
-          m.update(on_step(step, m) or {})
-        history.append({"step": step, **{k: v for k, v in m.items() if v is not None}})
-        writer.write(step, {k: v for k, v in m.items() if v is not None})
-        # Every process asks at every step: the agreed step has to be one that each of them asks about.
-        stop = reached_preemption(step) or self._signal is not None
-        if step % tc.save_every == 0 or step == tc.steps or stop:
-          self.save_or_explain(lambda: self.save(iterator.state(), history), step)
-          writer.flush()
-      if stop:
-        self.save_or_explain(self.manager.wait_until_finished, step)
-        raise Preempted(step, self.ckpt_dir, self._signal or signal.SIGTERM)
+      with preemption.saving() as stop_check:
+        # Asked at the step the run starts from too: JAX's protocol agrees on one past the largest step any
+        # process last asked about, and a resumed run that had not asked yet (a notice while it compiles
+        # its first step) would count as 0 in a new process, so the agreed step 1 would never come. A
+        # stop here can only be a step >= 1, i.e. the checkpoint just restored: nothing to save.
+        stop = stop_check.at(step)
+        while step < tc.steps and stop is None:
+          t0 = time.time()
+          host, info = self.parts.source(batches, self.state)
+          batch = {k: jax.make_array_from_process_local_data(
+              _batch_sharding(self.mesh, k, v.ndim), v) for k, v in host.items()}
+          t1 = time.time()
+          self.state, m = self.step_fn(self.state, batch, *reference)
+          m = {k: float(v) for k, v in jax.device_get(m).items()}
+          dt = time.time() - t1
+          step = int(self.state.step)
+          tokens_in = info.pop("_tokens_in")
+          m.update(info)
+          m["step_seconds"] = time.time() - t0
+          m["tokens_per_s"] = tokens_in * jax.process_count() / dt
+          m["mfu"] = (self._flops_per_token * m["tokens_per_s"] / (peak * jax.device_count())
+                      if peak and self._flops_per_token else None)
+          bar.update(1)
+          bar.set_postfix(self.parts.postfix(m))
+          if on_step is not None:
+            m.update(on_step(step, m) or {})
+          history.append({"step": step, **{k: v for k, v in m.items() if v is not None}})
+          writer.write(step, {k: v for k, v in m.items() if v is not None})
+          # Every process asks at every step: the agreed step has to be one that each of them asks about.
+          stop = stop_check.at(step)
+          if step % tc.save_every == 0 or step == tc.steps or stop is not None:
+            self.save_or_explain(lambda: self.save(iterator.state(), history), step)
+            writer.flush()
+        if stop is not None:
+          self.save_or_explain(self.manager.wait_until_finished, step)
+          raise preemption.Preempted(step, self.ckpt_dir, stop)
     finally:
       bar.close()
       writer.close()
       try:
         self.save_or_explain(self.manager.wait_until_finished, step)
-      finally:        # a failed save raised here must not keep this run's signal handlers installed
-        for signum, handler in old.items():
-          signal.signal(signum, handler)
+      finally:
         iterator.close()
     return {"steps": int(self.state.step), "history": history}
-
-  def _catch_signals(self) -> dict:
-    """Installs the single-process SIGTERM and SIGINT handlers; returns the handlers they replace.
-
-    Only there. With several processes, jax.distributed.initialize() has started JAX's preemption
-    service, whose own (C++) SIGTERM handler tells the coordination service; the processes then
-    agree on a step to save at (one past the furthest one's), where `reached_preemption` reads True
-    in each. A Python handler would replace JAX's and make only its own process save, and the save
-    is collective: the others would wait in it forever. Ctrl-C there stays a KeyboardInterrupt."""
-    if jax.process_count() > 1 or not _main_thread():
-      return {}
-    return {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-
-  def _on_signal(self, signum, frame):
-    if signum == signal.SIGINT:
-      if self._signal is not None:
-        raise KeyboardInterrupt      # Ctrl-C again: stop at once, without the save
-      log.warning("Ctrl-C: saving at the end of this step, then stopping (Ctrl-C again to stop at once)")
-    self._signal = signum
 
   @property
   def params(self):
@@ -471,10 +471,15 @@ class StepSpec:
   step_fn: Any
 
 
+def train_options(opts: ModelOptions, tc: TrainConfig) -> ModelOptions:
+  """The model options a run's step traces with: the run's adapters, dropout only where LoRA has it."""
+  return dataclasses.replace(opts, lora=tc.lora, deterministic=tc.lora is None or tc.lora.dropout == 0.0)
+
+
 def step_spec(cfg, opts: ModelOptions, tc: TrainConfig, mesh, loss=sft.sft_loss,
               count_name: str = "tokens") -> StepSpec:
   from dcsft_jax import mesh as mesh_lib
-  opts = dataclasses.replace(opts, lora=tc.lora, deterministic=tc.lora is None or tc.lora.dropout == 0.0)
+  opts = train_options(opts, tc)
   params = mesh_lib.abstract_params(registry.of(cfg).init_params(cfg, opts, abstract=True), mesh)
   tx = optim.optimizer(tc.optim)
   mask = optim.trainable_mask(params, lora=tc.lora is not None, freeze_vit=tc.freeze_vit,
@@ -498,14 +503,6 @@ def _shared_step(cfg, opts, oc: optim.OptimConfig, loss, count_name: str, state_
   return _STEPS[key]
 
 
-def reached_preemption(step: int) -> bool:
-  """Whether `step` is the step JAX's preemption sync agreed on (False without jax.distributed)."""
-  try:
-    return multihost_utils.reached_preemption_sync_point(step)
-  except RuntimeError:        # jax.distributed with its preemption service switched off: no notices
-    return False
-
-
 class _CheckpointManager(ocp.CheckpointManager):
   """Orbax's CheckpointManager, except that it leaves JAX's preemption sync to the training loop.
 
@@ -517,11 +514,6 @@ class _CheckpointManager(ocp.CheckpointManager):
 
   def reached_preemption(self, step: int) -> bool:
     return False
-
-
-def _main_thread() -> bool:
-  import threading
-  return threading.current_thread() is threading.main_thread()
 
 
 def _batch_sharding(mesh, key: str, ndim: int):
