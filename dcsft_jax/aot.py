@@ -37,6 +37,7 @@ if __name__ == "__main__":
     targets_lib.prepare_environment(_attached == "yes" or (_attached == "auto" and targets_lib.hardware_present(_p)))
 
 # pylint: disable=wrong-import-position
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
@@ -215,11 +216,11 @@ def sft_program(config, name: str, section, cfg, opts, mesh, shape: Shape) -> Pr
 
 def grpo_programs(config, cfg, opts, mesh, shape: Shape, attached: bool = False) -> list[Program]:
   from dcsft_jax.stages import training
-  from dcsft_jax.train import grpo, rl, sft, trainer
+  from dcsft_jax.train import grpo, sft, trainer
   g = config.grpo
   tc = training.train_config(config, g, max(int(g.steps), 1), config.seed)
   # One step program per RL baseline of grpo.algorithms (the rollout programs are shared).
-  algos = {a: rl.configured(a, beta=g.beta, clip_eps=g.clip_eps) for a in run_config.rl_algorithms(config)}
+  algos = {a: run_config.rl_algorithm(config, a) for a in run_config.rl_algorithms(config)}
   specs = {a: trainer.step_spec(cfg, opts, tc, mesh, loss=grpo.make_loss(algo, temperature=float(g.temperature)),
                                 count_name="completions") for a, algo in algos.items()}
   spec = next(iter(specs.values()))
@@ -405,13 +406,30 @@ TRITON_NOTE = "cuBLAS GEMMs (compile-only XLA:GPU cannot autotune a Triton tilin
 def compile_lowered(lowered, attached: bool):
   """-> (compiled, note). XLA:GPU without a device cannot autotune its Triton GEMM tilings; on the
   hardware the autotuner drops a tiling that does not compile for a small matrix (the tiny model's)
-  and takes cuBLAS, which is what the retry asks for."""
+  and takes cuBLAS, which is what the retry asks for. Never through JAX's persistent compilation
+  cache: an executable for a device this process has no client for cannot be read back (JAX warns
+  on every such entry), and a process that also runs on its own devices would share the cache with it."""
+  with _without_persistent_cache():
+    try:
+      return lowered.compile(), ""
+    except Exception as e:  # pylint: disable=broad-except
+      if attached or "output tile sizes" not in str(e):
+        raise
+    return lowered.compile(compiler_options={"xla_gpu_enable_triton_gemm": False}), TRITON_NOTE
+
+
+@contextlib.contextmanager
+def _without_persistent_cache():
+  """JAX decides once per process whether its cache is used; reset_cache makes it decide again."""
+  from jax.experimental.compilation_cache import compilation_cache
+  was = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
   try:
-    return lowered.compile(), ""
-  except Exception as e:  # pylint: disable=broad-except
-    if attached or "output tile sizes" not in str(e):
-      raise
-  return lowered.compile(compiler_options={"xla_gpu_enable_triton_gemm": False}), TRITON_NOTE
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", was)
+    compilation_cache.reset_cache()
 
 
 def compile_program(p: Program, devices: targets_lib.Devices, mesh, rows: int | None = None) -> Result:

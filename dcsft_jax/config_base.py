@@ -11,6 +11,18 @@ import types
 import ml_collections
 
 
+def rl_overrides() -> ml_collections.ConfigDict:
+  """One section per named RL algorithm, a key per part of it, every key unset (None)."""
+  import dataclasses
+
+  from ml_collections import config_dict
+
+  from dcsft_jax.train import rl
+  fields = dataclasses.fields(rl.Algorithm)
+  return ml_collections.ConfigDict({name: {f.name: config_dict.placeholder(type(f.default)) for f in fields}
+                                    for name in rl.ALGORITHMS})
+
+
 def train_section(**overrides) -> ml_collections.ConfigDict:
   """One training run's settings. The paper: AdamW, lr 1e-5, warmup 0.1, batch 16 (1 x accum 2 x 8
   GPUs), ms-swift's cosine schedule, weight decay 0.1, clipping at 1.0; LoRA r32 a64 dropout .05.
@@ -152,6 +164,11 @@ def base() -> ml_collections.ConfigDict:
   # The RL baselines, each a run models/NAME (dcsft_jax/train/rl.py): grpo (the paper's, with beta and
   # clip_eps above), dr_grpo, dapo, gspo, rloo (as published: their own clip and KL).
   c.grpo.algorithms = "grpo"
+  # Any part of a baseline, per algorithm: --config.grpo.overrides.dapo.epsilon_high=0.3 (the fields of
+  # train/rl.py's Algorithm: advantage, ratio, aggregation, epsilon_low, epsilon_high, beta,
+  # dynamic_sampling, overlong, overlong_buffer). Unset: the algorithm's own; grpo's beta and clip
+  # are grpo.beta and grpo.clip_eps above.
+  c.grpo.overrides = rl_overrides()
 
   # Step 5: greedy evaluation of each NAME=MODEL on every data.eval set.
   c.evaluate = ml_collections.ConfigDict()

@@ -180,6 +180,8 @@ def _validate_training(config, stages) -> None:
   for a in names:
     _check(a in rl.ALGORITHMS, "grpo.algorithms", f"unknown algorithm {a!r}; the algorithms are {', '.join(rl.ALGORITHMS)}")
   _check(len(set(names)) == len(names), "grpo.algorithms", f"{g.algorithms!r} names an algorithm twice")
+  for a in names:
+    rl_algorithm(config, a)          # every override a part of that algorithm can take
   _check(isinstance(config.report.curve_limit, int) and config.report.curve_limit >= 0, "report.curve_limit",
          f"{config.report.curve_limit!r} must be an int >= 0")
   _check(bool(config.export.model), "export.model", "name the model to export (e.g. models/sft_em)")
@@ -308,6 +310,26 @@ def _validate_data(config, stages, check_files: bool = True) -> None:
 def rl_algorithms(config) -> tuple[str, ...]:
   """config.grpo.algorithms as names, in order."""
   return tuple(a.strip() for a in config.grpo.algorithms.split(",") if a.strip())
+
+
+def rl_overrides(config, name: str) -> dict:
+  """The parts config.grpo.overrides.NAME sets (the unset ones are None)."""
+  section = config.grpo.get("overrides", {}).get(name, {})
+  return {k: v for k, v in section.items() if v is not None}
+
+
+def rl_algorithm(config, name: str):
+  """The train/rl.py Algorithm the run named `name` trains with: the published one (grpo: with
+  grpo.beta and grpo.clip_eps), with any part config.grpo.overrides.NAME sets."""
+  from dcsft_jax.train import rl
+  g, over = config.grpo, rl_overrides(config, name)
+  key = f"grpo.overrides.{name}"
+  if name == "grpo" and "beta" in over:
+    raise ConfigError(f"{key}.beta: the paper's GRPO takes its KL weight from grpo.beta; set that instead")
+  try:
+    return rl.configured(name, beta=g.beta, clip_eps=g.clip_eps, **over)
+  except ValueError as e:
+    raise ConfigError(f"{key}: {e}") from None
 
 
 def evaluated_models(config) -> list[tuple[str, str]]:
