@@ -161,6 +161,36 @@ def test_a_variant_changes_the_objective_and_the_named_parts_refuse_unknown_name
     rl.Algorithm(overlong="soft", overlong_buffer=0)
 
 
+def test_any_part_of_a_named_algorithm_is_overridden_from_the_config_and_checked_before_work():
+  """grpo.overrides.NAME.PART: one key per Algorithm field, for every named algorithm, unset by default;
+  a set key changes that algorithm alone; a bad value is one ConfigError naming the key."""
+  import dataclasses
+  from dcsft_jax import config_base, run_config
+  c = config_base.base()
+  assert set(c.grpo.overrides) == set(rl.ALGORITHMS)
+  assert set(c.grpo.overrides.dapo) == {f.name for f in dataclasses.fields(rl.Algorithm)}
+  assert all(v is None for sec in c.grpo.overrides.values() for v in sec.values())
+  assert run_config.rl_algorithm(c, "dapo") == rl.ALGORITHMS["dapo"]
+  assert run_config.rl_algorithm(c, "grpo") == rl.configured("grpo", beta=c.grpo.beta, clip_eps=c.grpo.clip_eps)
+  c.grpo.overrides.dapo.epsilon_high = 0.3
+  c.grpo.overrides.dapo.dynamic_sampling = False
+  c.grpo.overrides.grpo.epsilon_high = 0.28           # clip-higher on the paper's GRPO
+  assert run_config.rl_algorithm(c, "dapo") == dataclasses.replace(rl.ALGORITHMS["dapo"], epsilon_high=0.3,
+                                                                   dynamic_sampling=False)
+  g = run_config.rl_algorithm(c, "grpo")
+  assert (g.epsilon_low, g.epsilon_high, g.beta) == (c.grpo.clip_eps, 0.28, c.grpo.beta)
+  assert run_config.rl_algorithm(c, "gspo") == rl.ALGORITHMS["gspo"]
+  c.grpo.overrides.gspo.ratio = "segment"
+  with pytest.raises(run_config.ConfigError, match=r"^grpo\.overrides\.gspo: unknown ratio 'segment'"):
+    run_config.rl_algorithm(c, "gspo")
+  c.grpo.overrides.gspo.ratio = None
+  c.grpo.overrides.grpo.beta = 0.1
+  with pytest.raises(run_config.ConfigError, match=r"grpo\.overrides\.grpo\.beta: .* from grpo\.beta; set that instead"):
+    run_config.rl_algorithm(c, "grpo")
+  with pytest.raises(ValueError, match="epsilon_hi is not a part of an algorithm; the parts are"):
+    rl.algorithm("dapo", epsilon_hi=0.3)
+
+
 def test_overlong_shaping_and_filter():
   assert rl.overlong_penalty([2, 3, 4, 5, 6], 6, 4).tolist() == [0.0, -0.25, -0.5, -0.75, -1.0]
   m = rl.truncated_mask(jnp.ones((3, 4)), [False, True, False])
