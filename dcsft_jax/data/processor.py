@@ -371,7 +371,8 @@ class Processor:
   def measure(self, image: ImageInput | None, question: str, answer: str | None = None, *,
               system_prompt: str | None = None, name: str | None = None) -> tuple[int, int]:
     """(patches, tokens) of `encode`'s output, reading only the image header: cheap enough to plan
-    the batches of a whole dataset before decoding any pixels."""
+    the batches of a whole dataset before decoding any pixels. `patches` is the room the image needs
+    in a batch: its own patches, or more where the family's vision layout needs it (Family.patch_room)."""
     patches = 0
     if image is not None:
       if isinstance(image, (str, os.PathLike, bytes)):
@@ -394,7 +395,10 @@ class Processor:
       patches = (rh // s.patch_size) * (rw // s.patch_size)
     text, _ = self.prompt_text(question, answer, with_image=image is not None, system_prompt=system_prompt)
     n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-    return patches, n + (patches // self.image_settings.merge_size ** 2 - 1 if image is not None else 0)
+    tokens = n + (patches // self.image_settings.merge_size ** 2 - 1 if image is not None else 0)
+    if image is not None:     # the room the family's layout needs (Qwen2.5-VL: a thin image's windows)
+      patches = self.family.patch_room((1, rh // s.patch_size, rw // s.patch_size), self.cfg.vision)
+    return patches, tokens
 
   def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
     return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=skip_special_tokens)

@@ -53,6 +53,7 @@ class Family:
   with_tiny_tokenizer: Callable[[Any], Any]   # cfg -> cfg with the tiny tokenizer's special ids
   image_keys: tuple[str, ...]                 # the batch's image arrays (pixel_values first)
   vision_layout: Callable[..., dict]          # (grids [(t, h, w) or None], vision cfg, P) -> arrays [n, P, ...]
+  patch_room: Callable[..., int]              # ((t, h, w), vision cfg) -> the patches the image needs in a batch
   rope_index: Callable[..., tuple]            # get_rope_index(ids [B, L], cfg, image_grid_thw=, ...) -> (positions, deltas)
   mm_token_types: Callable[..., np.ndarray]   # (ids, cfg) -> 0 text / 1 image / 2 video
   name_table: Callable[[Any], list]           # cfg -> [Entry]: every parameter's HF name

@@ -20,12 +20,14 @@ Inputs of `Qwen25VL.__call__`:
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dcsft_jax.models import attention as attn_lib
 from dcsft_jax.models import rope
 from dcsft_jax.models.layers import Linear, ModelOptions, RMSNorm, constrain as _constrain, normal_init as _init
+from dcsft_jax.models.qwen2_5_vl import rope as windows
 from dcsft_jax.models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, VisionConfig
 
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -39,7 +41,9 @@ class VisionBlock(nn.Module):
   opts: ModelOptions
 
   @nn.compact
-  def __call__(self, x, is_full, cos, sin, mask_full, mask_window):
+  def __call__(self, x, is_full, cos, sin, mask_full, window):
+    """window: the windowed blocks' attention layout, a [I, 1, P, P] mask (the masked form) or the
+    (slot of each patch [I, P], patch of each slot [I, S]) pair of window blocks (`window_slots`)."""
     c, o = self.cfg, self.opts
     lora = o.lora if (o.lora is not None and o.lora.vision) else None
     lin = lambda n, f, axes: Linear(f, axes, use_bias=True, dtype=o.dtype, param_dtype=o.param_dtype,
@@ -52,8 +56,15 @@ class VisionBlock(nn.Module):
     # Vision RoPE is applied in fp32 and cast back (transformers' apply_rotary_pos_emb_vision).
     q = rope.apply_rope(q.astype(jnp.float32), cos, sin).astype(o.dtype)
     k = rope.apply_rope(k.astype(jnp.float32), cos, sin).astype(o.dtype)
-    mask = jnp.where(is_full, mask_full, mask_window)
-    a = attn_lib.dot_product_attention(q, k, v, mask=mask, impl=o.attention, platform=o.platform)
+    attend = lambda mask: attn_lib.dot_product_attention(q, k, v, mask=mask, impl=o.attention, platform=o.platform)
+    if isinstance(window, tuple):      # window blocks: the windowed layers do only their windows' work
+      blocks = lambda: window_attention(q, k, v, *window, windows.window_block(c), o)
+      if isinstance(is_full, (bool, np.bool_)):       # one block on its own (benchmarks/prefill_flops.py)
+        a = attend(mask_full) if is_full else blocks()
+      else:                                           # the scanned stack: a layer's flag is traced
+        a = jax.lax.cond(is_full, lambda: attend(mask_full), blocks)
+    else:
+      a = attend(jnp.where(is_full, mask_full, window))
     x = x + lin("proj", D, ("heads", "embed"))(a.reshape(I, P, D))
     h = RMSNorm(1e-6, o.dtype, o.param_dtype, name="norm2")(x)
     g = lin("gate_proj", c.intermediate_size, ("embed", "mlp"))(h)
@@ -76,13 +87,17 @@ class VisionTower(nn.Module):
                name="patch_embed")(pixel_values)
     cos, sin = rope.vision_cos_sin(pos_hw, c.head_dim, c.rope_theta)
     same = lambda s: (s[:, :, None] == s[:, None, :])[:, None]       # [I, 1, P, P]
-    mask_full, mask_window = same(frame_seg), same(window_seg)
+    mask_full = same(frame_seg)
+    if windows.use_window_blocks(P, c):
+      window = window_slots(window_seg, windows.window_count(P, c), windows.window_block(c))
+    else:
+      window = same(window_seg)
     is_full = jnp.asarray(np.isin(np.arange(c.depth), np.asarray(c.fullatt_block_indexes)))
     block = nn.remat(VisionBlock, prevent_cse=False) if o.remat else VisionBlock
     blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                      length=c.depth, metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = blocks(c, o, name="blocks")(x, is_full, cos, sin, mask_full, mask_window)
+    x, _ = blocks(c, o, name="blocks")(x, is_full, cos, sin, mask_full, window)
     x = RMSNorm(1e-6, o.dtype, o.param_dtype, name="ln_q")(x)
     x = x.reshape(I, P // c.merge_unit, c.merge_unit * c.hidden_size)
     lora = o.lora if (o.lora is not None and o.lora.merger) else None
@@ -92,6 +107,44 @@ class VisionTower(nn.Module):
     x = Linear(c.out_hidden_size, ("embed", "mlp"), name="mlp_2", **kw)(x)
     valid = frame_seg[:, ::c.merge_unit] >= 0
     return x, valid
+
+
+def window_slots(window_seg, num_windows: int, block: int):
+  """Window ids [I, P] (-1 on padding) -> (slot of each patch [I, P], patch of each slot [I, S]), S =
+  num_windows x block: window w's patches fill slots w*block.. in their order; a padding patch's slot
+  is S (none), an empty slot's patch is P (none). The host checked every image has at most
+  num_windows windows (rope.vision_layout)."""
+  P = window_seg.shape[1]
+  S = num_windows * block
+
+  def one(seg):
+    real = seg >= 0
+    key = jnp.where(real, seg, jnp.iinfo(jnp.int32).max)
+    order = jnp.argsort(key, stable=True)                  # patches grouped by window, in their order
+    sk = key[order]
+    rank = jnp.arange(P) - jnp.searchsorted(sk, sk, side="left")
+    slot_sorted = jnp.where(real[order], jnp.where(real[order], sk, 0) * block + rank, S).astype(jnp.int32)
+    slot = jnp.zeros(P, jnp.int32).at[order].set(slot_sorted)
+    patch = jnp.full(S, P, jnp.int32).at[slot_sorted].set(order.astype(jnp.int32), mode="drop")
+    return slot, patch
+  return jax.vmap(one)(window_seg)
+
+
+def window_attention(q, k, v, slot, patch, block: int, o: ModelOptions):
+  """Attention within each window as [I * windows, block, block] blocks: q, k, v [I, P, H, hd] gather
+  into their window's slots, attend there (a partial window's empty slots masked), and gather back.
+  The same keys and weights as the masked P x P form, with the sums over 64 slots instead of P."""
+  I, P, H, hd = q.shape
+  S = patch.shape[1]
+  W = S // block
+  pad = lambda x: jnp.concatenate([x, jnp.zeros((I, 1, H, hd), x.dtype)], axis=1)
+  gather = lambda x: jnp.take_along_axis(pad(x), patch[:, :, None, None], axis=1).reshape(I * W, block, H, hd)
+  real = (patch < P).reshape(I * W, 1, 1, block)
+  # An empty slot's query sees itself too, so no row is fully masked (its output is never read).
+  mask = real | jnp.eye(block, dtype=bool)[None, None]
+  a = attn_lib.dot_product_attention(gather(q), gather(k), gather(v), mask=mask, impl=o.attention,
+                                     platform=o.platform).reshape(I, S, H, hd)
+  return jnp.take_along_axis(a, jnp.minimum(slot, S - 1)[:, :, None, None], axis=1)
 
 
 # ------------------------------------------------------------------------------------- text

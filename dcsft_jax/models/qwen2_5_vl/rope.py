@@ -74,6 +74,47 @@ def get_rope_index(input_ids: np.ndarray, cfg: Qwen25VLConfig, *, image_grid_thw
   return positions.astype(np.int32), deltas.astype(np.int32)
 
 
+# ----------------------------------------------------------------------------- window blocks
+# The windowed vision blocks attend within each window (window_merged^2 merged tokens: 64 patches in the
+# released models). With P patches per image they attend as [windows, 64, 64] blocks (model.py), not as
+# a masked P x P, when that is less work: a window's patches gather into a block of `window_block`
+# slots (a partial window's empty slots are masked), for up to `window_count(P)` windows per image.
+def window_block(vcfg: VisionConfig) -> int:
+  """Patches in one full window (64 for the released models)."""
+  return vcfg.window_merged ** 2 * vcfg.merge_unit
+
+
+def window_count(num_patches: int, vcfg: VisionConfig) -> int:
+  """Window blocks per image of `num_patches` patches: those of a square image of that size plus a row
+  of them, n (n + 1) for n windows a side. Images up to about 1:4 fit (a 9 x 36 merged grid at 1,296
+  patches); a thinner one takes a larger bucket (`patch_room`)."""
+  side = int(np.ceil(np.sqrt(num_patches / vcfg.merge_unit)))
+  n = -(-side // vcfg.window_merged)
+  return n * (n + 1)
+
+
+def use_window_blocks(num_patches: int, vcfg: VisionConfig) -> bool:
+  """Whether images of `num_patches` patches attend by window blocks (less work than the masked P x P)."""
+  slots = window_count(num_patches, vcfg) * window_block(vcfg)
+  return slots * window_block(vcfg) < num_patches * num_patches
+
+
+def windows_of(grid: Sequence[int], vcfg: VisionConfig) -> int:
+  t, h, w = (int(x) for x in grid)
+  m, ws = vcfg.spatial_merge_size, vcfg.window_merged
+  return t * (-(-(h // m) // ws)) * (-(-(w // m) // ws))
+
+
+def patch_room(grid: Sequence[int], vcfg: VisionConfig) -> int:
+  """The patches an image of `grid` needs in a batch: its own, or more when its windows outnumber
+  window_count at that size (a thin image), so that every bucket it can go to holds its windows."""
+  t, h, w = (int(x) for x in grid)
+  need, room = windows_of(grid, vcfg), t * h * w
+  while use_window_blocks(room, vcfg) and window_count(room, vcfg) < need:
+    room += vcfg.merge_unit
+  return room
+
+
 def vision_layout(grid_thw: Sequence[Sequence[int] | None], vcfg: VisionConfig, num_patches: int | None = None):
   """Per-patch layout of a set of images, each padded to `num_patches` patches (None: no image, all padding).
 
@@ -89,6 +130,12 @@ def vision_layout(grid_thw: Sequence[Sequence[int] | None], vcfg: VisionConfig, 
   P = max(sizes, default=0) if num_patches is None else num_patches
   if sizes and max(sizes) > P:
     raise ValueError(f"an image has {max(sizes)} patches, more than the padded size {P}")
+  if use_window_blocks(P, vcfg):
+    for g in grid_thw:
+      if g is not None and windows_of(g, vcfg) > window_count(P, vcfg):
+        raise ValueError(f"an image of grid {tuple(g)} has {windows_of(g, vcfg)} attention windows, more than the "
+                         f"{window_count(P, vcfg)} a batch of {P} patches holds; give it a bucket of at least "
+                         f"{patch_room(g, vcfg)} patches (batching.auto_buckets does)")
   n = len(sizes)
   pos_hw = np.zeros((n, P, 2), np.int32)
   frame_seg = np.full((n, P), -1, np.int32)

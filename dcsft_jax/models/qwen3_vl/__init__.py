@@ -24,6 +24,7 @@ FAMILY = Family(
     with_tiny_tokenizer=config.with_tiny_tokenizer,
     image_keys=("pixel_values", "pos_hw", "frame_seg", "pe_index", "pe_weight"),
     vision_layout=rope.vision_layout,
+    patch_room=lambda grid, vcfg: int(grid[0]) * int(grid[1]) * int(grid[2]),   # full attention only
     rope_index=rope.get_rope_index,
     mm_token_types=rope.mm_token_types,
     name_table=weights.name_table,
