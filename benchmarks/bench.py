@@ -580,7 +580,12 @@ def flop_estimate(shape: Shape) -> dict:
   n_img = P // v.merge_unit
   L = shape.pre_tokens + n_img + 2 + shape.question_tokens
   vis_block = 4 * v.hidden_size ** 2 + 3 * v.hidden_size * v.intermediate_size
-  vision = 2 * P * (v.patch_dim * v.hidden_size + v.depth * vis_block) + 2 * v.depth * 2 * P * P * v.hidden_size
+  vision = 2 * P * (v.patch_dim * v.hidden_size + v.depth * vis_block)
+  # Attention: P x P in the full-attention blocks; the windowed ones by window blocks where that is less
+  # work (models/qwen2_5_vl/rope.py), else the masked P x P.
+  n_full = len(v.fullatt_block_indexes)
+  window_keys = (rope.window_count(P, v) * rope.window_block(v) ** 2 / P if rope.use_window_blocks(P, v) else P)
+  vision += 2 * 2 * P * v.hidden_size * (n_full * P + (v.depth - n_full) * window_keys)
   merged = v.merge_unit * v.hidden_size
   vision += 2 * n_img * (merged * merged + merged * v.out_hidden_size)
   layer = t.hidden_size * t.head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads) \
