@@ -41,6 +41,8 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
       b2=0.95,                     # not transformers' 0.999)
       eps=1e-8,
       max_grad_norm=1.0,
+      adam_moments="float32",      # float32 | bfloat16: Adam's moments as stored between steps (half the
+                                   # optimizer state; the second moment stochastically rounded, train/optim.py)
       max_length=0,                # > 0: drop samples longer than this many tokens, image tokens
                                    # included (ms-swift's max_length; counted and reported), 0 = keep all
       lora=True,                   # False = full fine-tuning

@@ -133,6 +133,7 @@ def _validate_training(config, stages) -> None:
     _check(s.learning_rate > 0, f"{name}.learning_rate", f"{s.learning_rate!r} must be > 0")
     _check(0 <= s.warmup_ratio < 1, f"{name}.warmup_ratio", f"{s.warmup_ratio!r} must be in [0, 1)")
     _check(s.schedule in optim.SCHEDULES, f"{name}.schedule", f"{s.schedule!r} is not one of {optim.SCHEDULES}")
+    _check(s.adam_moments in optim.MOMENTS, f"{name}.adam_moments", f"{s.adam_moments!r} is not one of {optim.MOMENTS}")
     _check(s.weight_decay >= 0, f"{name}.weight_decay", f"{s.weight_decay!r} must be >= 0")
     for f in ("b1", "b2"):
       _check(0 <= s[f] < 1, f"{name}.{f}", f"{s[f]!r} must be in [0, 1)")

@@ -8,7 +8,9 @@ FIDELITY.md); what the paper leaves unset is the authors' code's (github.com/byy
 
 Config-file argument (big_vision style), the same keys for every paper config:
   --config=configs/paper/FILE.py:data_dir=DIR,image_root=OLD=NEW,hf_path=DIR,tfds_dir=DIR,workdir=DIR
-plus `source=json|tfds` for the ImageNet and RefCOCO configs.
+plus `source=json|tfds` for the ImageNet and RefCOCO configs, and `small_slice=true` for the smallest
+slices (8 x 16 GB, a TPU v5e-8): the full-SFT cold start keeps Adam's moments in bfloat16, which the
+7B needs to fit (BENCHMARKS.md's fit table; the loss effect is measured there too).
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ SOURCES = ("json", "tfds")
 def parse(arg: str | None, *, task: str, size: str, **extra) -> ml_collections.ConfigDict:
   """The config argument over this config's defaults (unknown keys are refused, naming the known ones)."""
   a = config_base.parse_arg(arg, data_dir="data/paper", image_root="", hf_path=f"models/{HF_NAMES[size]}",
-                            tfds_dir="", workdir=f"workdir/paper/{task}_qwen25vl_{size}", **extra)
+                            tfds_dir="", workdir=f"workdir/paper/{task}_qwen25vl_{size}", small_slice=False,
+                            **extra)
   if "source" in a and a.source not in SOURCES:
     raise ValueError(f"config argument source={a.source!r}: expected one of {', '.join(SOURCES)}")
   return a
@@ -64,6 +67,8 @@ def paper_base(a, size: str) -> ml_collections.ConfigDict:
   # freeze_vit false / freeze_aligner false.
   _train(c.cold_start, model="base_model", lora=False, steps=0, epochs=1.0)
   c.cold_start.save_every = 100        # §1.2: save every 100 steps (the 400-sample run has 25)
+  if a.small_slice:                    # fp32 moments: 12 bytes a parameter; bf16 moments: 8
+    c.cold_start.adam_moments = "bfloat16"
 
   # Step 2, difficulty scoring (§1.3): K = 8 samples, T 0.9, top-k 50, top-p 1.0, 128 new tokens.
   c.score.model = "cold_start_model"

@@ -52,7 +52,7 @@ def train_config(config, s, steps: int, seed: int, stage: str = "") -> trainer.T
       optim=optim.OptimConfig(learning_rate=float(s.learning_rate), warmup_ratio=float(s.warmup_ratio),
                               schedule=s.schedule, weight_decay=float(s.weight_decay), b1=float(s.b1),
                               b2=float(s.b2), eps=float(s.eps), max_grad_norm=float(s.max_grad_norm),
-                              total_steps=steps))
+                              total_steps=steps, moments=s.get("adam_moments", "float32")))
 
 
 def _iterator(config, records, processor, s, *, with_answers: bool, seed: int, source: str, key: str, mesh):

@@ -247,6 +247,8 @@ class Trainer:
     self.fingerprint = fingerprint_lib.of({"train": tc, **parts.fingerprint, **(fingerprint or {})})
     for k in ("save_every", "keep", "damaged_checkpoints", "stage"):   # no effect on the results
       self.fingerprint["train"].pop(k)
+    if tc.optim.moments == "float32":      # as before the option existed: those runs still resume
+      self.fingerprint["train"]["optim"].pop("moments", None)
     spec = step_spec(cfg, opts, tc, mesh, parts.loss, parts.count_name)
     self.opts, self.tx, self.mask, self.step_fn = spec.opts, spec.tx, spec.mask, spec.step_fn
     self.schedule = optim.schedule(tc.optim)
