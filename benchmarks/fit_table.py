@@ -5,8 +5,8 @@
       [--max_batch_targets=h100x1,h100x8] [--records=2048] [--existing_only] [-- EXTRA AOT FLAGS]
 
 A cell is the stage's binding program: fits (every program of the stage fits), its per-device GiB (the
-largest of the stage's programs) and the largest per-device micro-batch where searched (the smallest
-over the stage's programs). Runs already in DIR (their JSON, and parts NAME.TARGET.PART.json from
+largest of the stage's programs), the share of the budget it leaves (tight below aot.TIGHT_MARGIN, 5%)
+and the largest per-device micro-batch where searched (the smallest over the stage's programs). Runs already in DIR (their JSON, and parts NAME.TARGET.PART.json from
 `python -m dcsft_jax.aot --programs=STAGES --json=...`, merged program by program) are reused, so an
 interrupted table resumes; --existing_only makes the table from them alone ("not run" where a pair has none).
 """
@@ -95,7 +95,11 @@ def cell(programs: list[dict]) -> str:
   else:
     least = min(batched, key=lambda p: p["max_rows_per_device"])
     mb = ", max " + aot.max_rows_text(least["max_rows_per_device"], least.get("max_rows_at_least", False))
-  return f"{'yes' if fits else '**no**'} {gib:.1f}{mb}"
+  # Headroom: the share of the budget the largest program leaves (aot.TIGHT_MARGIN marks a tight fit).
+  budget = min((p.get("budget_bytes") or 0) for p in programs)
+  spare = 1.0 - max((p["bytes"].get("total") or 0) for p in programs) / budget if budget else None
+  room = "" if spare is None or not fits else f" ({aot.headroom_text(spare)} spare{', tight' if spare < aot.TIGHT_MARGIN else ''})"
+  return f"{'yes' if fits else '**no**'} {gib:.1f}{room}{mb}"
 
 
 def table(results: dict, configs: list[str], targets: list[str]) -> str:

@@ -146,6 +146,13 @@ class Program:
   note: str = ""
 
 
+# A program that fits with less than this share of the budget to spare is marked tight. Near the limit
+# XLA's plan is not monotone in the batch (BENCHMARKS.md: the 7B LoRA step on 8 H100s needs 57.7 GiB at
+# 320 rows and 64.1 at 321), and a real run adds what compile-only accounting does not see (the
+# allocator's fragmentation, a profiler's or a checkpoint's buffers): a few percent either way.
+TIGHT_MARGIN = 0.05
+
+
 @dataclasses.dataclass
 class Result:
   name: str
@@ -165,8 +172,19 @@ class Result:
   max_rows_per_device: int | None = None
   max_rows_at_least: bool = False       # the search stopped at its cap: a bigger batch may fit too
 
+  @property
+  def headroom(self) -> float | None:
+    """The share of the budget left over (negative: over it); None when not compiled."""
+    total = self.bytes.get("total") if self.compiled else None
+    return None if total is None or not self.budget_bytes else 1.0 - total / self.budget_bytes
+
+  @property
+  def tight(self) -> bool:
+    """Fits, with less than TIGHT_MARGIN of the budget to spare."""
+    return self.fits and self.headroom is not None and self.headroom < TIGHT_MARGIN
+
   def to_json(self) -> dict:
-    return dataclasses.asdict(self)
+    return {**dataclasses.asdict(self), "headroom": self.headroom, "tight": self.tight}
 
 
 def _stack(arrays: dict, accum: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -531,6 +549,15 @@ def max_rows_text(max_rows: int | None, at_least: bool) -> str:
   return "-" if max_rows is None else f"{'>=' if at_least else ''}{max_rows}"
 
 
+def fits_text(fits: bool, tight: bool) -> str:
+  return ("yes, tight" if tight else "yes") if fits else "NO"
+
+
+def headroom_text(headroom: float | None) -> str:
+  """The share of the budget to spare, for people: "12.3%" ("-" when not compiled)."""
+  return "-" if headroom is None else f"{100 * headroom:.1f}%"
+
+
 def report(results: list[Result], devices: targets_lib.Devices, info: dict) -> str:
   t = devices.target
   lines = [f"target {t.name}: {t.description}, {'attached' if devices.attached else 'compile-only'}, "
@@ -540,13 +567,14 @@ def report(results: list[Result], devices: targets_lib.Devices, info: dict) -> s
            f"{info['model']['dtype']}, params {info['model']['param_dtype']}, frozen in compute dtype "
            f"{info['model']['frozen_in_compute_dtype']}, remat {info['model']['remat']}", "",
            "| program | rows/device | shape | compile s | attention | arguments | outputs | temporaries | aliased "
-           "| total GiB | fits | max rows/device |", "|" + "---|" * 12]
+           "| total GiB | fits | headroom | max rows/device |", "|" + "---|" * 13]
   for r in results:
     b = r.bytes
     lines.append(f"| {r.name} | {r.rows_per_device} | {r.shape} | {r.seconds} | {r.attention} | "
                  f"{_gib(b.get('arguments'))} | {_gib(b.get('outputs'))} | {_gib(b.get('temporaries'))} | "
                  f"{_gib(b.get('aliased'))} | {_gib(b.get('total'))} | "
-                 f"{'yes' if r.fits else 'NO'} | {max_rows_text(r.max_rows_per_device, r.max_rows_at_least)} |")
+                 f"{fits_text(r.fits, r.tight)} | {headroom_text(r.headroom)} | "
+                 f"{max_rows_text(r.max_rows_per_device, r.max_rows_at_least)} |")
   for r in results:
     if r.error or r.note:
       lines.append(f"{r.name}: {r.error or r.note}")

@@ -24,6 +24,22 @@ def test_cells_say_fits_gib_and_the_smallest_max_batch():
   assert fit_table.cell([]) == "-"
 
 
+def test_a_cell_states_its_headroom_and_marks_a_tight_fit():
+  """The 3B cold start on one H100 fit at 58.98 of 59.33 GiB: 0.6% to spare, which a real run's other
+  buffers can exceed; below aot.TIGHT_MARGIN (5%) a cell says so."""
+  budget = {"budget_bytes": int(59.33 * GIB)}
+  assert fit_table.cell([{**_prog("cold_start", 58.98, max_rows=17), **budget}]) == \
+      "yes 59.0 (0.6% spare, tight), max 17"
+  assert fit_table.cell([{**_prog("finetune", 9.95), **budget}, {**_prog("finetune", 2.0), **budget}]) == \
+      "yes 9.9 (83.2% spare)"
+  assert fit_table.aot.TIGHT_MARGIN == 0.05
+  r = fit_table.aot.Result(name="x", stage="x", compiled=True, fits=True, attention="xla",
+                           bytes={"total": 96}, device_bytes=120, budget_bytes=100, seconds=0.0, rows=1,
+                           rows_per_device=1, shape="-")
+  assert r.tight and abs(r.headroom - 0.04) < 1e-12 and r.to_json()["tight"] is True
+  assert fit_table.aot.fits_text(r.fits, r.tight) == "yes, tight" and fit_table.aot.headroom_text(r.headroom) == "4.0%"
+
+
 def test_a_search_stopped_at_its_cap_says_at_least():
   assert fit_table.cell([_prog("score", 3.0, max_rows=512, at_least=True), _prog("score", 2.0, max_rows=900)]) \
       == "yes 3.0, max >=512"
