@@ -22,7 +22,7 @@ from ml_collections import config_flags
 import jax
 import PIL.Image
 
-from dcsft_jax import atomic, config_base, errors, fingerprint
+from dcsft_jax import atomic, compile_cache, config_base, errors, fingerprint
 from dcsft_jax import mesh as mesh_lib
 from dcsft_jax import multihost, preemption
 from dcsft_jax import run_config
@@ -87,6 +87,7 @@ def maybe_initialize_distributed(mode: str) -> None:
     explicit = {k: int(env[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
                 if env.get(v)}
     jax.distributed.initialize(**explicit)
+    compile_cache.configure()          # a multi-process run's executables apart from single processes'
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 

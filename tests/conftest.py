@@ -10,18 +10,19 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A persistent XLA compilation cache shared by the pytest workers, the subprocesses the tests start
-# (environment variables, so they inherit it) and later runs: most of the suite's time is compiling
-# the same step and sampler programs. JAX keys entries by program, flags, devices and versions, so a
-# stale entry is never used. DCSFT_TEST_JAX_CACHE= (empty) turns it off.
+# (an environment variable, so they inherit it) and later runs: most of the suite's time is compiling
+# the same step and sampler programs. dcsft_jax/compile_cache.py gives each kind of process (simulated
+# device count, process count) its own folder: JAX's keys do not tell them apart, and reading another
+# kind's executable aborted a worker. DCSFT_TEST_JAX_CACHE= (empty) turns it off.
 _cache = os.environ.get("DCSFT_TEST_JAX_CACHE",
-                        os.path.join(os.path.expanduser("~"), ".cache", "dcsft_jax", "xla-tests"))
+                        os.path.join(os.path.expanduser("~"), ".cache", "dcsft_jax", "xla-tests-v2"))
 if _cache:
-  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
+  os.environ.setdefault("DCSFT_COMPILATION_CACHE", _cache)
+  os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)    # set per process by dcsft_jax.compile_cache
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
   # A size limit turns on the cache's file lock around every read and write. Without it JAX writes an
-  # entry in place, and a worker or subprocess reading the same program's entry meanwhile gets a
-  # truncated executable, on which XLA aborts the process (seen once in CI: "Fatal Python error:
-  # Aborted" under compilation_cache.get_executable_and_time). 8 GiB: nothing is evicted in practice.
+  # entry in place, and a process reading the same program's entry meanwhile could get a truncated
+  # executable. 8 GiB: nothing is evicted in practice.
   os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 sys.path.insert(0, os.path.dirname(__file__))
 

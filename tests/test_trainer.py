@@ -318,7 +318,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line(tmp_path):
   import subprocess
   import sys
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "DCSFT_COMPILATION_CACHE"))}
   env.update(PYTHONPATH=repo, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   wd = tmp_path / "wd"
   cmd = [sys.executable, "-m", "dcsft_jax.main", "--config=configs/dcsft.py", f"--config.workdir={wd}",
