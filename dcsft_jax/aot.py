@@ -24,6 +24,7 @@ status is 1 when a program fails to compile or does not fit, and the message nam
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from dcsft_jax import targets as targets_lib
@@ -401,10 +402,14 @@ def _stage_names():
 # ------------------------------------------------------------------------------------------ compiling
 def _attention(compiled_text: str | None) -> str:
   """The attention kernel in a compiled program: cuDNN's fused attention shows as custom calls
-  (`__cudnn$fmha...`, one per attention in a scanned layer body, forward and backward); anything
-  else is XLA's own attention (models/attention.py's einsum path, the only one off the GPU)."""
+  (`__cudnn$fmha...`, one per attention in a scanned layer body, forward and backward), Splash on a
+  TPU as Mosaic kernels (`tpu_custom_call`, the only Pallas kernels the programs hold); anything else
+  is XLA's own attention (models/attention.py's einsum path)."""
   n = compiled_text.count("__cudnn$fmha") if compiled_text else 0
-  return f"cudnn ({n} fmha calls)" if n else "xla"
+  if n:
+    return f"cudnn ({n} fmha calls)"
+  n = len(re.findall(r'custom_call_target="tpu_custom_call"', compiled_text)) if compiled_text else 0
+  return f"splash ({n} kernel calls)" if n else "xla"
 
 
 def _memory(compiled) -> dict:
@@ -472,7 +477,7 @@ def compile_program(p: Program, devices: targets_lib.Devices, mesh, rows: int | 
                   seconds=round(time.time() - t0, 1), error=short[:500], **base)
   seconds = round(time.time() - t0, 1)
   b = _memory(compiled)
-  text = compiled.as_text() if devices.target.platform == "gpu" else None
+  text = compiled.as_text() if devices.target.platform in ("gpu", "tpu") else None
   return Result(compiled=True, fits=b["total"] <= devices.budget_bytes,
                 attention=_attention(text), bytes=b, device_bytes=devices.memory_bytes,
                 seconds=seconds, note=note, **base)

@@ -87,7 +87,7 @@ def base() -> ml_collections.ConfigDict:
                                      # the model without hf_path; with it, the shapes hf_path must have (checked)
   c.model.dtype = "float32"          # compute dtype: float32 | bfloat16
   c.model.param_dtype = "float32"    # master weights and optimizer state
-  c.model.attention = "auto"         # auto | xla | cudnn
+  c.model.attention = "auto"         # auto | xla | cudnn (GPU) | splash (TPU)
   c.model.remat = False              # recompute each layer in the backward pass (memory for compute)
   # Keep frozen weights (the base model under LoRA, GRPO's reference copy, and the whole model that
   # scoring and evaluation sample from) in `dtype` instead of `param_dtype`: half the memory in a bf16

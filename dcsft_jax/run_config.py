@@ -203,6 +203,10 @@ def validate_mesh(config, stages: list[str], mesh) -> None:
   """Checks every batch the stages will split over the mesh before the first stage starts (the
   stages check too, but only when they start, after the earlier ones have run)."""
   ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  kernel = {"cudnn": "gpu", "splash": "tpu"}.get(config.model.attention)
+  platform = mesh_lib.platform(mesh)
+  _check(kernel is None or platform == kernel or (kernel, platform) == ("gpu", "cuda"), "model.attention",
+         f"{config.model.attention!r} is a {kernel} kernel and this mesh's devices are {platform}; use 'auto'")
   curves = any(stage in stages and config[stage].eval_every > 0 for stage in TRAIN_SECTIONS)
   for stage in stages + (["evaluate"] if curves and "evaluate" not in stages else []):
     for key, rows in _SHARDED_BATCHES.get(stage, lambda c: [])(config):

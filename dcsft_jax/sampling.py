@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dcsft_jax.models import attention as attn_lib
 from dcsft_jax.models import registry
 from dcsft_jax.models.layers import ModelOptions
 
@@ -172,7 +173,8 @@ class Sampler:
     B, L = input_ids.shape
     cache = self.family.init_cache(self.cfg, B, L, self.cache_dtype)
     valid = attention_mask.astype(bool)
-    mask = jnp.tril(jnp.ones((L, L), bool))[None, None] & valid[:, None, None, :]
+    # Causal over each row's real tokens (rows are right-padded): the fused kernels take it as lengths.
+    mask = attn_lib.RightPadding(lengths.astype(jnp.int32))
 
     def run(m):
       h, visual = m.embed_inputs(input_ids, images)

@@ -187,6 +187,7 @@ def completion_logprobs(model, params, prompt: dict, completions, *, rngs=None, 
   """
   import jax
 
+  from dcsft_jax.models import attention as attn_lib
   from dcsft_jax.models import registry
   family = registry.of(model.cfg)
   B, L = prompt["input_ids"].shape
@@ -200,7 +201,7 @@ def completion_logprobs(model, params, prompt: dict, completions, *, rngs=None, 
   def run(m):
     h, visual = m.embed_inputs(prompt["input_ids"], images)
     zeros = lambda rows, n: family.init_cache(model.cfg, rows, n, dtype)
-    mask = jnp.tril(jnp.ones((L, L), bool))[None, None] & valid[:, None, None, :]
+    mask = attn_lib.RightPadding(lengths.astype(jnp.int32))        # causal over each row's real tokens
     hp, prefix = m.decode(h, prompt["positions"], mask=mask, cache=zeros(B, L), cache_index=0, visual=visual)
     last = jnp.take_along_axis(hp, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)     # [B, 1, D]
     temp = jnp.float32(temperature)

@@ -42,8 +42,9 @@ class VisionBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, is_full, cos, sin, mask_full, window):
-    """window: the windowed blocks' attention layout, a [I, 1, P, P] mask (the masked form) or the
-    (slot of each patch [I, P], patch of each slot [I, S]) pair of window blocks (`window_slots`)."""
+    """mask_full: the full blocks' Segments (each patch's frame). window: the windowed blocks' layout,
+    the Segments of the windows (the masked form) or the (slot of each patch [I, P], patch of each
+    slot [I, S]) pair of window blocks (`window_slots`)."""
     c, o = self.cfg, self.opts
     lora = o.lora if (o.lora is not None and o.lora.vision) else None
     lin = lambda n, f, axes: Linear(f, axes, use_bias=True, dtype=o.dtype, param_dtype=o.param_dtype,
@@ -64,7 +65,7 @@ class VisionBlock(nn.Module):
       else:                                           # the scanned stack: a layer's flag is traced
         a = jax.lax.cond(is_full, lambda: attend(mask_full), blocks)
     else:
-      a = attend(jnp.where(is_full, mask_full, window))
+      a = attend(attn_lib.Segments(jnp.where(is_full, mask_full.ids, window.ids)))
     x = x + lin("proj", D, ("heads", "embed"))(a.reshape(I, P, D))
     h = RMSNorm(1e-6, o.dtype, o.param_dtype, name="norm2")(x)
     g = lin("gate_proj", c.intermediate_size, ("embed", "mlp"))(h)
@@ -86,12 +87,11 @@ class VisionTower(nn.Module):
     x = Linear(c.hidden_size, ("patch", "embed"), dtype=o.dtype, param_dtype=o.param_dtype,
                name="patch_embed")(pixel_values)
     cos, sin = rope.vision_cos_sin(pos_hw, c.head_dim, c.rope_theta)
-    same = lambda s: (s[:, :, None] == s[:, None, :])[:, None]       # [I, 1, P, P]
-    mask_full = same(frame_seg)
+    mask_full = attn_lib.Segments(frame_seg)         # a patch sees its frame (its image's, on padding -1)
     if windows.use_window_blocks(P, c):
       window = window_slots(window_seg, windows.window_count(P, c), windows.window_block(c))
     else:
-      window = same(window_seg)
+      window = attn_lib.Segments(window_seg)
     is_full = jnp.asarray(np.isin(np.arange(c.depth), np.asarray(c.fullatt_block_indexes)))
     block = nn.remat(VisionBlock, prevent_cse=False) if o.remat else VisionBlock
     blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},

@@ -120,7 +120,7 @@ class VisionTower(nn.Module):
     pe = jnp.sum(table(pe_index).astype(jnp.float32) * pe_weight.astype(jnp.float32)[..., None], axis=-2)
     x = x + pe.astype(x.dtype)
     cos, sin = rope.vision_cos_sin(pos_hw, c.head_dim, c.rope_theta)
-    mask = (frame_seg[:, :, None] == frame_seg[:, None, :])[:, None]       # [I, 1, P, P]: within a frame
+    mask = attn_lib.Segments(frame_seg)                                    # within a frame
     slots = np.full((c.depth,), -1, np.int32)
     for j, i in enumerate(c.deepstack_visual_indexes):
       slots[i] = j
