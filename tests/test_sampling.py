@@ -303,6 +303,18 @@ def test_sampling_is_deterministic_and_seeded(tiny):
   np.testing.assert_array_equal(alone[0], a1[2])
 
 
+def test_remat_samples_the_same(tiny):
+  """With remat the scanned layers see a traced cache index: the prefill (a RightPadding mask over a
+  cache of the prompt's length) must take it, and sample what the plain model samples."""
+  cfg, params, processor, records = tiny
+  b = _batch(processor, records)
+  sp = sampling.SamplingParams(max_new_tokens=4, num_samples=2, temperature=0.9, top_k=50, pad_id=400)
+  keys = sampling.sample_keys(3, b.ids, 2)
+  plain = np.asarray(sampling.Sampler(cfg).generate(params, b.arrays, keys, sp)[0])
+  remat = np.asarray(sampling.Sampler(cfg, model_lib.ModelOptions(remat=True)).generate(params, b.arrays, keys, sp)[0])
+  np.testing.assert_array_equal(remat, plain)
+
+
 def test_sharded_sampler_equals_single_device(tiny):
   cfg, params, processor, records = tiny
   b = _batch(processor, records)

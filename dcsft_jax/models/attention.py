@@ -232,11 +232,13 @@ def decoder_attention(q, k, v, *, mask=None, cache=None, cache_index=0, prefix=N
   ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
   cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
   if isinstance(mask, RightPadding):
-    # A prefill: the prompt fills the whole cache from slot 0, so attending over the cache is causal
-    # attention over the prompt's own k, v (the fused kernels take it as lengths).
-    if not (isinstance(cache_index, int) and cache_index == 0 and cache["k"].shape[1] == q.shape[1]):
-      raise ValueError("a RightPadding mask with a cache is a prefill: cache_index 0 and a cache of the prompt's "
-                       f"length ({q.shape[1]}), got index {cache_index} and {cache['k'].shape[1]} slots")
+    # A prefill: the prompt fills the whole cache (a cache of exactly its length, so the write above
+    # starts at slot 0 whatever the index: XLA clamps it), and attending over the cache is causal
+    # attention over the prompt's own k, v (the fused kernels take it as lengths). The index may be
+    # traced (remat, scan), so the check is on the shapes.
+    if cache["k"].shape[1] != q.shape[1]:
+      raise ValueError("a RightPadding mask with a cache is a prefill: a cache of the prompt's length "
+                       f"({q.shape[1]}), got {cache['k'].shape[1]} slots")
     a = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask=mask, is_causal=True, impl=impl,
                               platform=platform)
     return a, {"k": ck, "v": cv}
