@@ -4,8 +4,9 @@ A preemption notice is SIGTERM, Ctrl-C is SIGINT. What the handler does depends 
 
 - Inside a `saving()` section (a training loop, scoring, evaluation: work that saves as it goes) it
   records the signal. The section asks its `Stop` after each unit of work (a step, a batch), saves
-  that unit and raises `Preempted`: exit 128 + the signal, one line saying how to resume. Ctrl-C a
-  second time stops at once, without the save.
+  that unit and raises `Preempted`: exit 128 + the signal, one line saying how to resume (a signal
+  during the section's final save raises it as the section ends). Ctrl-C a second time stops at
+  once, without the save.
 - Anywhere else (loading, compiling, between stages) the process leaves at once with 128 + the
   signal and one line. Out at once rather than by an exception, which a signal can land in the
   middle of any Python code (a garbage-collection callback swallows it); every write is atomic, so
@@ -57,6 +58,7 @@ class _State:
   previous: dict = {}    # the handlers handled() replaced
   sections = 0           # nesting depth of saving()
   got: int | None = None  # the signal a saving section received
+  asked = 0              # stop checks asked in this process (the preemption sync's count)
 
 
 def handler(signum, frame) -> None:
@@ -98,39 +100,40 @@ def handled():
 
 
 class Stop:
-  """Asked after each finished unit of work of a saving section: the signal to stop with, or None.
+  """Asked after each finished unit of work of a saving section (a step, a batch): the signal to stop
+  with, or None.
 
   One process: the signal the handler recorded. Several: SIGTERM at the unit every process agreed on
-  through JAX's preemption sync (a notice to any host reaches all of them there). The sync needs every
-  process to ask at every unit with a count that only grows within the section: a trainer asks with
-  its step (`at`), a stage with the units done so far in it (`next`)."""
+  through JAX's preemption sync (a notice to any host reaches all of them there). JAX agrees on one past
+  the largest count any process had reported, and remembers counts for the whole process, so the count
+  asked with is the process's: every ask of every section adds one (`_State.asked`). All processes run
+  the same stages over the same steps and batches, so their counts stay in step."""
 
-  def __init__(self):
-    self.count = 0
-
-  def at(self, unit: int) -> int | None:
+  def __call__(self) -> int | None:
+    _State.asked += 1
     if _State.got is not None:
       return _State.got
-    return signal.SIGTERM if reached(unit) else None
-
-  def next(self) -> int | None:
-    self.count += 1
-    return self.at(self.count)
+    return signal.SIGTERM if reached(_State.asked) else None
 
 
 @contextlib.contextmanager
 def saving():
-  """A section that saves on a signal and stops: yields its `Stop`."""
+  """A section that saves on a signal and stops: yields its `Stop`. A signal recorded after the
+  section's last ask (while its final save was written) is not lost: the outermost section, ending
+  normally with its work saved, raises Preempted for it."""
   with handled():
     if _State.sections == 0:
       _State.got = None
     _State.sections += 1
+    late = None
     try:
       yield Stop()
     finally:
       _State.sections -= 1
       if _State.sections == 0:
-        _State.got = None
+        late, _State.got = _State.got, None
+    if late is not None:
+      raise Preempted(0, "", late, what="everything it had done (the signal came as it finished)")
 
 
 def reached(step: int) -> bool:

@@ -50,32 +50,50 @@ def test_stages_and_main_do_not_import_the_trainer_for_preemption():
 
 
 def test_a_signal_in_a_saving_section_is_recorded_and_the_section_stops_at_its_next_unit():
+  """A section that stops where its Stop says raises Preempted itself (the stages and the trainer do);
+  here the sections end normally after the signal, so the end of the outermost one raises it."""
   before = signal.getsignal(signal.SIGTERM)
   with preemption.handled():
     assert signal.getsignal(signal.SIGTERM) is preemption.handler
     assert signal.getsignal(signal.SIGINT) is preemption.handler
-    with preemption.saving() as stop:
-      assert stop.next() is None
-      os.kill(os.getpid(), signal.SIGTERM)
-      with preemption.saving() as inner:      # a curve's evaluation inside a training step: one record
-        assert inner.next() == signal.SIGTERM
-      assert stop.at(7) == signal.SIGTERM
-      os.kill(os.getpid(), signal.SIGTERM)    # a second notice changes nothing
-      assert stop.next() == signal.SIGTERM
-      with pytest.raises(KeyboardInterrupt):  # a Ctrl-C while it saves: out at once
+    with pytest.raises(preemption.Preempted) as e:
+      with preemption.saving() as stop:
+        assert stop() is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        with preemption.saving() as inner:      # a curve's evaluation inside a training step: one record
+          assert inner() == signal.SIGTERM
+        assert stop() == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)    # a second notice changes nothing
+        assert stop() == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):  # a Ctrl-C while it saves: out at once
+          os.kill(os.getpid(), signal.SIGINT)
+    assert e.value.exit_status == 143
+    with pytest.raises(preemption.Preempted) as e:
+      with preemption.saving() as stop:         # a new section starts clean
+        assert stop() is None
         os.kill(os.getpid(), signal.SIGINT)
-    with preemption.saving() as stop:         # a new section starts clean
-      assert stop.next() is None
-      os.kill(os.getpid(), signal.SIGINT)
-      assert stop.next() == signal.SIGINT
-      with pytest.raises(KeyboardInterrupt):  # Ctrl-C again: at once
-        os.kill(os.getpid(), signal.SIGINT)
+        assert stop() == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C again: at once
+          os.kill(os.getpid(), signal.SIGINT)
+    assert e.value.exit_status == 130
     assert signal.getsignal(signal.SIGTERM) is preemption.handler     # the run's handler stays
   assert signal.getsignal(signal.SIGTERM) is before                   # and leaves with it
   # A section on its own (the trainer used as a library) installs the handler for itself.
   with preemption.saving():
     assert signal.getsignal(signal.SIGTERM) is preemption.handler
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_signal_during_a_sections_final_save_is_not_lost():
+  """The last ask said go on, then a notice came while the final save was written: the section ends
+  (its work saved) and raises Preempted for it, rather than the run going on to its next stage."""
+  with pytest.raises(preemption.Preempted, match="^preempted: saved everything it had done") as e:
+    with preemption.saving() as stop:
+      assert stop() is None
+      os.kill(os.getpid(), signal.SIGTERM)       # during the "final save"
+  assert e.value.exit_status == 143
+  with preemption.saving() as stop:               # and the next section starts clean
+    assert stop() is None
 
 
 def test_a_signal_outside_any_saving_section_exits_at_once_with_one_line():

@@ -44,7 +44,7 @@ def greedy_results(config, ctx, model, records, source: str, *, desc: str, sampl
                                  "ground_truth": rec.answer, "model_output": texts[0], "correct": int(ok),
                                  "reason": why}))
         bar.update(1)
-      signum = stop.next() if stop is not None else None
+      signum = stop() if stop is not None else None
       if signum is not None:
         raise _SetStopped(signum)
   finally:

@@ -70,7 +70,7 @@ def run(config, ctx) -> dict:
         bar.set_postfix(answers_per_s=f"{answers / max(time.time() - t0, 1e-9):.1f}")
         # SIGTERM / Ctrl-C (one process), or the batch every host agreed on: this batch is in the
         # journal; stop here.
-        signum = stop.next()
+        signum = stop()
         if signum is not None:
           raise preemption.Preempted(out.index, journal.path, signum, unit="batch")
   finally:

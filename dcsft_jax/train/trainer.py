@@ -410,11 +410,10 @@ class Trainer:
     reference = () if self.reference is None else (self.reference,)
     try:
       with preemption.saving() as stop_check:
-        # Asked at the step the run starts from too: JAX's protocol agrees on one past the largest step any
-        # process last asked about, and a resumed run that had not asked yet (a notice while it compiles
-        # its first step) would count as 0 in a new process, so the agreed step 1 would never come. A
-        # stop here can only be a step >= 1, i.e. the checkpoint just restored: nothing to save.
-        stop = stop_check.at(step)
+        # Asked before the first step too: a notice that came while the run restored or compiled stops
+        # it here, with nothing new to save (what was restored is on disk). Every process asks here and
+        # after every step, so their counts (preemption.Stop) stay in step.
+        stop = stop_check()
         while step < tc.steps and stop is None:
           t0 = time.time()
           host, info = self.parts.source(batches, self.state)
@@ -438,12 +437,13 @@ class Trainer:
           history.append({"step": step, **{k: v for k, v in m.items() if v is not None}})
           writer.write(step, {k: v for k, v in m.items() if v is not None})
           # Every process asks at every step: the agreed step has to be one that each of them asks about.
-          stop = stop_check.at(step)
+          stop = stop_check()
           if step % tc.save_every == 0 or step == tc.steps or stop is not None:
             self.save_or_explain(lambda: self.save(iterator.state(), history), step)
             writer.flush()
+        # The last save finishes inside the section: a signal meanwhile is recorded, not fatal.
+        self.save_or_explain(self.manager.wait_until_finished, step)
         if stop is not None:
-          self.save_or_explain(self.manager.wait_until_finished, step)
           raise preemption.Preempted(step, self.ckpt_dir, stop)
     finally:
       bar.close()
