@@ -100,13 +100,13 @@ def layer_flops(cfg, grid: int, text_tokens: int = 28) -> dict:
   vit, dec = first(params["visual"]["blocks"]), first(params["layers"])
   cos, sin = rope_lib.vision_cos_sin(jnp.asarray(lay["pos_hw"]), v.head_dim, v.rope_theta)
   fseg, wseg = jnp.asarray(lay["frame_seg"]), jnp.asarray(lay["window_seg"])
-  same = lambda s: (s[:, :, None] == s[:, None, :])[:, None]
+  from dcsft_jax.models.attention import Segments
   x = jax.ShapeDtypeStruct((1, P, v.hidden_size), jnp.float32)
   block = model_lib.VisionBlock(v, ModelOptions())
-  run = lambda full, window: lambda p, h: block.apply({"params": p}, h, full, cos, sin, same(fseg), window)[0]
+  run = lambda full, window: lambda p, h: block.apply({"params": p}, h, full, cos, sin, Segments(fseg), window)[0]
   slots = model_lib.window_slots(wseg, rope.window_count(P, v), rope.window_block(v))
-  out = {"vit_full_block": _flops(run(True, same(wseg)), vit, x),
-         "vit_windowed_block_masked": _flops(run(False, same(wseg)), vit, x),
+  out = {"vit_full_block": _flops(run(True, Segments(wseg)), vit, x),
+         "vit_windowed_block_masked": _flops(run(False, Segments(wseg)), vit, x),
          "vit_windowed_block_blocks": _flops(run(False, slots), vit, x)}
   L = text_tokens + P // v.merge_unit
   layer = model_lib.DecoderLayer(t, ModelOptions())

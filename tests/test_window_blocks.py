@@ -85,6 +85,13 @@ def test_a_thin_image_gets_a_bucket_that_holds_its_windows():
                                        rf"bucket of at least {room} patches"):
     rope.vision_layout([thin], v, 1296)
   rope.vision_layout([thin, square], v, room)
+  # A thin strip small enough to be masked at its own size (2 x 50 patches, 7 windows) must not land in
+  # a larger bucket that attends by blocks with fewer slots than its windows (the review's case).
+  strip = (1, 2, 50)
+  r = rope.patch_room(strip, v)
+  assert rope.windows_of(strip, v) == 7 and r > 100
+  for P in range(r, r + 2000, 4):
+    rope.vision_layout([strip], v, P)
   # The batcher's buckets come from the room (Processor.measure), so such a record never meets the error.
   assert batching.choose(batching.make_buckets([1296, room], 64), room, 10) == 1
 

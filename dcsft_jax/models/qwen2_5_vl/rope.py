@@ -107,10 +107,12 @@ def windows_of(grid: Sequence[int], vcfg: VisionConfig) -> int:
 
 def patch_room(grid: Sequence[int], vcfg: VisionConfig) -> int:
   """The patches an image of `grid` needs in a batch: its own, or more when its windows outnumber
-  window_count at that size (a thin image), so that every bucket it can go to holds its windows."""
+  window_count at that size (a thin image), so that every bucket it can go to holds its windows
+  (window_count grows with the size, and a larger bucket may attend by window blocks where the
+  image's own size would not)."""
   t, h, w = (int(x) for x in grid)
   need, room = windows_of(grid, vcfg), t * h * w
-  while use_window_blocks(room, vcfg) and window_count(room, vcfg) < need:
+  while window_count(room, vcfg) < need:
     room += vcfg.merge_unit
   return room
 
