@@ -2,10 +2,10 @@
 
 JAX's own cache (JAX_COMPILATION_CACHE_DIR) keys an entry by the program, the XLA flags, the devices
 and the versions, but leaves `--xla_force_host_platform_device_count` out of its key and does not tell
-a process of a jax.distributed run from a single process. An executable compiled in a process with
-one simulated CPU device count, read back in a process with another, aborted the reader (seen in CI
-as "Fatal Python error: Aborted" under compilation_cache.get_executable_and_time). So every kind of
-process gets its own subfolder of DIR: the simulated device count, and the process count once
+a process of a jax.distributed run from a single process, so such processes read each other's
+executables. That is the likely cause of a test worker that aborted in CI ("Fatal Python error:
+Aborted" under compilation_cache.get_executable_and_time, three times in the same test, not reproduced
+on demand). So every kind of process gets its own subfolder of DIR: the simulated device count, and the process count once
 jax.distributed is up. `configure()` runs when dcsft_jax is imported (before any compile in the
 project's processes) and again after jax.distributed.initialize (main.maybe_initialize_distributed).
 """
