@@ -22,9 +22,15 @@ from dcsft_jax import mesh as mesh_lib
 from dcsft_jax.train import metrics, optim, trainer
 
 
+_BASE = {}
+
+
 def _setup(workdir, lora=None):
   cfg = tiny_config()
-  params = M.unbox(M.init_params(cfg, rng=jax.random.PRNGKey(0)))
+  # One random model per process, each setup its own host copy (a trainer donates its buffers).
+  if "params" not in _BASE:
+    _BASE["params"] = jax.tree.map(np.asarray, M.unbox(M.init_params(cfg, rng=jax.random.PRNGKey(0))))
+  params = jax.tree.map(np.array, _BASE["params"])
   if lora is not None:
     params = trainer.init_lora(params, cfg, lora, seed=1)
   proc = Processor.tiny(cfg=cfg)

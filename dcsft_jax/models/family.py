@@ -109,7 +109,11 @@ class Family:
       return jax.eval_shape(fn, params_lib.abstract_key() if rng is None else rng)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     if mesh is None:
-      return fn(rng)
+      # Kept leaves (fresh LoRA adapters) come from one jitted program per (model, options) in a
+      # process, the same values as op by op: a test or tool that makes several adapters in a row then
+      # never reads the op-by-op programs back from the persistent compilation cache, which crashed a
+      # test worker (the full init stays op by op: its values are what every test's model is).
+      return fn(rng) if keep is None else _local_init(self, cfg, opts, keep)(rng)
     return self.init_program(cfg, opts, mesh, keep)(rng)
 
   def init_program(self, cfg, opts: ModelOptions, mesh, keep=None):
@@ -154,3 +158,8 @@ def _init_program(family: Family, cfg, opts: ModelOptions, mesh, keep=None):
   fn = family._init_fn(cfg, opts, keep)
   abstract = jax.eval_shape(fn, params_lib.abstract_key())
   return jax.jit(lambda r: params_lib.unbox(fn(r)), out_shardings=mesh_lib.param_shardings(abstract, mesh))
+
+
+@functools.lru_cache(maxsize=None)
+def _local_init(family: Family, cfg, opts: ModelOptions, keep):
+  return jax.jit(family._init_fn(cfg, opts, keep))
