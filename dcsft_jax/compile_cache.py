@@ -2,11 +2,11 @@
 
 JAX's own cache (JAX_COMPILATION_CACHE_DIR) keys an entry by the program, the XLA flags, the devices
 and the versions, but leaves `--xla_force_host_platform_device_count` out of its key and does not tell
-a process of a jax.distributed run from a single process, so such processes read each other's
-executables. That is the likely cause of a test worker that aborted in CI ("Fatal Python error:
-Aborted" under compilation_cache.get_executable_and_time, three times in the same test, not reproduced
-on demand). So every kind of process gets its own subfolder of DIR: the simulated device count, and the process count once
-jax.distributed is up. `configure()` runs when dcsft_jax is imported (before any compile in the
+a process of a jax.distributed run from a single process, so such processes would read each other's
+executables. So every kind of process gets its own subfolder of DIR: the simulated device count, and
+the process count once jax.distributed is up. (A test worker that aborted in CI reading a cached
+executable was first put down to this; it recurred with these folders, always reading op-by-op init
+programs back, and models/family.py now jits the adapters' init instead.) `configure()` runs when dcsft_jax is imported (before any compile in the
 project's processes) and again after jax.distributed.initialize (main.maybe_initialize_distributed).
 """
 from __future__ import annotations
